@@ -1,0 +1,112 @@
+"""The ``shortcut`` command: LightningCLI with group metrics, checkpoints and a test pass after ``fit``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace, lazy_instance
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from shortcut_lightning.callbacks import GroupMetrics
+from shortcut_lightning.data import GroupDataModule
+from shortcut_lightning.errors import ShortcutError
+from shortcut_lightning.module import ShortcutClassifier
+
+
+class ShortcutCLI(LightningCLI):
+    """``shortcut fit|validate|test|predict --config CONFIG``.
+
+    Always on: ``group_metrics`` (:class:`GroupMetrics`) and ``checkpoint`` (``ModelCheckpoint``,
+    best by ``val/mean`` plus ``last.ckpt``), each configurable under its own key. The number of
+    classes is linked from the data into the model. TensorBoard logs go to ``runs/<name>/version_<n>``.
+    After ``fit`` the best checkpoint is tested when the data has a test split (``--test_after_fit``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault(
+            "trainer_defaults", {"logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="shortcut")}
+        )
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(ShortcutClassifier, GroupDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(GroupMetrics, "group_metrics")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/mean",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "epoch{epoch:03d}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=True, help="test the best checkpoint after fit"
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """``fit --ckpt_path .../version_N/checkpoints/x.ckpt`` continues in that run's log directory.
+
+        So TensorBoard curves continue and ``ModelCheckpoint`` keeps its best-k bookkeeping.
+        """
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        ckpt = config.get("ckpt_path")
+        logger = config.get("trainer", {}).get("logger")
+        if self.subcommand != "fit" or not ckpt or not isinstance(logger, Namespace):
+            return
+        path = Path(ckpt).expanduser().resolve()
+        run_dir = path.parent.parent
+        if path.parent.name != "checkpoints" or not run_dir.name.startswith("version_"):
+            return
+        if (
+            logger.get("class_path", "").endswith("TensorBoardLogger")
+            and logger.init_args.get("version") is None
+        ):
+            logger.init_args.save_dir = str(run_dir.parent.parent)
+            logger.init_args.name = run_dir.parent.name
+            logger.init_args.version = run_dir.name
+
+    def after_fit(self) -> None:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        if not config.get("test_after_fit", True) or self.trainer.interrupted:
+            return
+        if "test" not in getattr(self.datamodule, "splits", ()):
+            return
+        best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
+
+
+def user_error(exc: BaseException) -> ShortcutError | None:
+    """Our input error behind ``exc``: jsonargparse wraps errors raised while it builds the classes."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ShortcutError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``shortcut`` console script; our input errors print as one line, exit 2."""
+    try:
+        ShortcutCLI(args=args)
+    except Exception as exc:
+        error = user_error(exc)
+        if error is None:
+            raise
+        print(f"shortcut: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""The datamodule contract every stage relies on: groups, counts and plain passes over a split."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Sampler
+
+from shortcut_lightning.data.datasets import GroupDataset
+from shortcut_lightning.data.samplers import SAMPLERS, BalancedSampler, EvalShardSampler
+from shortcut_lightning.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+class GroupDataModule(L.LightningDataModule):
+    """Base of our datamodules: labelled splits with ``group = target * n_spurious + spurious``.
+
+    Subclasses implement :meth:`make_dataset`, :attr:`splits`, :attr:`class_names` and
+    :attr:`spurious_names`. Everything else (loaders, samplers, counts, checks) lives here.
+
+    Args:
+        root: folder that holds the data (unused by generated data).
+        image_size: side of the square images fed to the model.
+        batch_size: samples per batch, for every split.
+        num_workers: DataLoader worker processes.
+        sampler: training sampler, ``default`` (shuffle), ``class_balanced`` or ``group_balanced``.
+        seed: seed of the training sampler's per-epoch draws.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        image_size: int = 224,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        sampler: str = "default",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if sampler not in SAMPLERS:
+            raise DataError(f"data.sampler {sampler!r} is unknown: choose one of {', '.join(SAMPLERS)}")
+        for name, value, low in (
+            ("image_size", image_size, 8),
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+        ):
+            if value < low:
+                raise DataError(f"data.{name} must be at least {low}, got {value}")
+        self.root = root
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.sampler = sampler
+        self.seed = seed
+        self._datasets: dict[tuple[str, bool], GroupDataset] = {}
+        self._checked = False
+
+    # -- what a subclass provides ---------------------------------------------------------------
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """Splits that hold samples, among ``train``, ``val``, ``test``."""
+        raise NotImplementedError
+
+    @property
+    def class_names(self) -> Sequence[str]:
+        raise NotImplementedError
+
+    @property
+    def spurious_names(self) -> Sequence[str]:
+        raise NotImplementedError
+
+    def make_dataset(self, split: str, augment: bool) -> GroupDataset:
+        raise NotImplementedError
+
+    # -- derived facts --------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def n_spurious(self) -> int:
+        return len(self.spurious_names)
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_classes * self.n_spurious
+
+    @property
+    def group_names(self) -> list[str]:
+        """``<class>_<spurious>`` for every group id, in id order."""
+        return [f"{c}_{s}" for c in self.class_names for s in self.spurious_names]
+
+    @property
+    def has_masks(self) -> bool:
+        return self.dataset("train" if "train" in self.splits else self.splits[0]).has_masks
+
+    def dataset(self, split: str, augment: bool = False) -> GroupDataset:
+        """The dataset of ``split`` (cached), with training or evaluation transforms."""
+        if split not in self.splits:
+            raise DataError(f"split {split!r} is not in this dataset; it has {', '.join(self.splits)}")
+        key = (split, augment)
+        if key not in self._datasets:
+            self._datasets[key] = self.make_dataset(split, augment)
+        return self._datasets[key]
+
+    def group_counts(self, split: str) -> torch.Tensor:
+        """Samples per group id in ``split`` (zeros for absent groups)."""
+        return torch.bincount(self.dataset(split).groups, minlength=self.num_groups)
+
+    # -- loaders --------------------------------------------------------------------------------
+    def dataloader(
+        self, split: str, augment: bool = False, shuffle: bool = False, sampler: Sampler | None = None
+    ) -> DataLoader:
+        """A loader over ``split``. Unshuffled loaders shard across DDP ranks without repeats."""
+        ds = self.dataset(split, augment)
+        if sampler is None:
+            sampler = (
+                BalancedSampler(ds.targets, ds.groups, seed=self.seed)
+                if shuffle
+                else EvalShardSampler(len(ds))
+            )
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.dataset("train", augment=True)
+        return self.dataloader(
+            "train", augment=True, sampler=BalancedSampler(ds.targets, ds.groups, self.sampler, self.seed)
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self.dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.dataloader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.dataloader("test")
+
+    # -- checks ---------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self._checked:
+            return
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}[
+            stage
+        ]
+        for split in needed:
+            if split not in self.splits:
+                raise DataError(
+                    f"`{stage}` needs a {split!r} split but the data has only {', '.join(self.splits)}; "
+                    "see docs/datasets.md for the split column"
+                )
+        for split in ("val", "test"):
+            if split not in self.splits:
+                continue
+            counts = self.group_counts(split)
+            empty = [self.group_names[g] for g in range(self.num_groups) if counts[g] == 0]
+            if empty:
+                rank_zero_warn(
+                    f"group(s) {', '.join(empty)} have no samples in the {split} split: worst-group accuracy "
+                    f"skips them; add samples of those groups to {split} to evaluate them"
+                )
+        self._checked = True
+
+    def state_dict(self) -> dict:
+        return {}

@@ -1,0 +1,81 @@
+"""Samplers that are deterministic per (seed, epoch) and shard themselves across DDP ranks.
+
+They subclass ``DistributedSampler`` so Lightning uses them as they are (it wraps any other sampler),
+and Lightning's ``set_epoch`` call makes a resumed run draw the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
+
+from shortcut_lightning.errors import DataError
+
+SAMPLERS = ("default", "class_balanced", "group_balanced")
+
+
+def world() -> tuple[int, int]:
+    """(number of processes, this process's rank); (1, 0) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class BalancedSampler(DistributedSampler):
+    """Shuffles (``default``) or draws with replacement so every class or group is equally likely.
+
+    Args:
+        targets: class label per sample.
+        groups: group label per sample.
+        mode: ``default`` | ``class_balanced`` | ``group_balanced``.
+        seed: base seed; the permutation of epoch ``e`` depends on ``(seed, e)`` only.
+    """
+
+    def __init__(
+        self, targets: torch.Tensor, groups: torch.Tensor, mode: str = "default", seed: int = 0
+    ) -> None:
+        if mode not in SAMPLERS:
+            raise DataError(f"sampler {mode!r} is unknown: choose one of {', '.join(SAMPLERS)}")
+        replicas, rank = world()
+        super().__init__(range(len(targets)), num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
+        self.mode = mode
+        labels = {"class_balanced": targets, "group_balanced": groups}.get(mode)
+        self.weights = None
+        if labels is not None:
+            counts = torch.bincount(labels).double()
+            self.weights = 1.0 / counts[labels]
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        n = len(self.dataset)
+        if self.weights is None:
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.multinomial(self.weights, n, replacement=True, generator=g)
+        order = order.tolist()
+        order += order[: self.total_size - n]
+        return iter(order[self.rank : self.total_size : self.num_replicas])
+
+
+class EvalShardSampler(DistributedSampler):
+    """In-order evaluation shards without the padding repeats of ``DistributedSampler``.
+
+    Every sample is seen exactly once across ranks, so summed metric states are exact under DDP.
+    Ranks may hold one batch more or less; nothing in our evaluation steps synchronises per batch.
+    """
+
+    def __init__(self, n: int) -> None:
+        replicas, rank = world()
+        super().__init__(range(n), num_replicas=replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(self.rank, n, self.num_replicas))
+        self.total_size = n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples

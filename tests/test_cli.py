@@ -1,0 +1,98 @@
+"""The `shortcut` CLI end to end on tiny synthetic data, its errors, and kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shortcut_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_ARGS = [
+    "--data.n_train", "96", "--data.n_val", "37", "--data.n_test", "41", "--data.batch_size", "16",
+    "--model.backbone", "test_resnet", "--trainer.enable_progress_bar", "false",
+]  # fmt: skip
+
+
+def run_cli(tmp_path: Path, *extra: str, subcommand: str = "fit", config: str = "synthetic_erm.yaml") -> Path:
+    """Runs the CLI in-process; returns the run's log directory."""
+    save_dir = tmp_path / "runs"
+    main([subcommand, "--config", str(ROOT / "configs" / config), *TINY_ARGS,
+          "--trainer.logger.init_args.save_dir", str(save_dir), *extra])  # fmt: skip
+    return max(save_dir.glob("*/version_*"), key=lambda p: p.stat().st_mtime)
+
+
+def test_fit_then_test_end_to_end(tmp_path, capsys):
+    log_dir = run_cli(tmp_path, "--trainer.max_epochs", "2")
+    report = json.loads((log_dir / "metrics.json").read_text())
+    assert report["split"] == "test"
+    assert set(report["groups"]) == {"backslash_land", "backslash_water", "slash_land", "slash_water"}
+    assert sum(g["n"] for g in report["groups"].values()) == 41
+    accs = [g["acc"] for g in report["groups"].values()]
+    assert report["wga"] == pytest.approx(min(accs))
+    assert json.loads((log_dir / "metrics_val.json").read_text())["split"] == "val"
+    assert (log_dir / "checkpoints" / "last.ckpt").is_file() and (log_dir / "config.yaml").is_file()
+    assert "test accuracy by group" in capsys.readouterr().out
+    events = list(log_dir.glob("events.out.tfevents.*"))
+    assert events, "TensorBoard logs are written"
+
+
+def test_validate_a_checkpoint(tmp_path, capsys):
+    log_dir = run_cli(tmp_path, "--trainer.max_epochs", "1", "--test_after_fit", "false")
+    assert not (log_dir / "metrics.json").exists()
+    ckpt = log_dir / "checkpoints" / "last.ckpt"
+    val_dir = run_cli(tmp_path, "--ckpt_path", str(ckpt), subcommand="validate")
+    assert json.loads((val_dir / "metrics.json").read_text())["split"] == "val"
+    assert "val accuracy by group" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "config,args,message",
+    [
+        ("waterbirds_erm.yaml", ["--data.root", "/nonexistent/waterbirds"], r"/nonexistent/waterbirds does not exist.*docs/datasets.md"),
+        ("synthetic_erm.yaml", ["--model.backbone", "resnet181"], r"unknown backbone 'resnet181'"),
+        ("synthetic_erm.yaml", ["--data.spurious", "texture"], r"data.spurious 'texture'"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_with_the_fix(tmp_path, capsys, config, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs" / config), *args,
+              "--trainer.logger.init_args.save_dir", str(tmp_path)])  # fmt: skip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("shortcut: error:")
+    import re
+
+    assert re.search(message, err), err
+
+
+def test_every_config_parses():
+    for config in sorted((ROOT / "configs").glob("*.yaml")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(config), "--print_config"])
+        assert exit_info.value.code == 0, config.name
+
+
+def test_killed_run_resumes_to_the_same_metrics(tmp_path):
+    """SIGKILL mid-epoch in a subprocess, resume from last.ckpt, compare with an uninterrupted run."""
+    epochs = ["--trainer.max_epochs", "3"]
+    straight = run_cli(tmp_path / "straight", *epochs)
+    crashed_dir = tmp_path / "crashed" / "runs"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "shortcut_lightning", "fit", "--config", str(ROOT / "configs" / "synthetic_erm.yaml"),
+         *TINY_ARGS, *epochs, "--trainer.logger.init_args.save_dir", str(crashed_dir),
+         "--trainer.callbacks+=helpers.KillAt", "--trainer.callbacks.epoch=2", "--trainer.callbacks.batch=2"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    last = next(crashed_dir.glob("*/version_*/checkpoints/last.ckpt"))
+    resumed = run_cli(tmp_path / "crashed", *epochs, "--ckpt_path", str(last))
+    want = json.loads((straight / "metrics.json").read_text())
+    got = json.loads((resumed / "metrics.json").read_text())
+    assert got == want

@@ -1,0 +1,31 @@
+"""GroupMetrics under Lightning DDP (2 CPU processes, gloo, ddp_spawn) equals one process."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import torch
+
+from shortcut_lightning import GroupMetrics, ShortcutClassifier, SyntheticShortcuts
+
+
+def _validate(tmp_path, devices: int) -> dict:
+    torch.manual_seed(0)
+    model = ShortcutClassifier("test_resnet")
+    # n_val is odd: ranks get uneven shards, and no sample may be counted twice
+    dm = SyntheticShortcuts(n_train=32, n_val=37, n_test=8, image_size=32, batch_size=8)
+    kwargs = {"strategy": "ddp_spawn"} if devices > 1 else {}
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, default_root_dir=tmp_path, logger=False,
+        enable_progress_bar=False, callbacks=[GroupMetrics(print_table=False)], **kwargs,
+    )  # fmt: skip
+    trainer.validate(model, datamodule=dm)
+    return json.loads((tmp_path / "metrics.json").read_text())
+
+
+def test_group_metrics_ddp_equals_single_process(tmp_path):
+    single = _validate(tmp_path / "one", devices=1)
+    double = _validate(tmp_path / "two", devices=2)
+    assert sum(g["n"] for g in double["groups"].values()) == 37
+    assert double == single
