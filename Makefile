@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/shortcut fit --config configs/synthetic_erm.yaml
+	$(BIN)/shortcut fit --config configs/synthetic_dfr.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

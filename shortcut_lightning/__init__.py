@@ -1,6 +1,6 @@
 """shortcut_lightning: find and remove shortcut learning in image classifiers with PyTorch Lightning."""
 
-from shortcut_lightning.callbacks import GroupMetrics
+from shortcut_lightning.callbacks import DeepFeatureReweighting, EmbeddingProjector, GroupMetrics
 from shortcut_lightning.data import ISIC, CelebA, MetadataDataModule, SyntheticShortcuts, Waterbirds
 from shortcut_lightning.errors import DataError, ModelError, ShortcutError
 from shortcut_lightning.metrics import GroupAccuracy
@@ -13,6 +13,8 @@ __all__ = [
     "ISIC",
     "CelebA",
     "DataError",
+    "DeepFeatureReweighting",
+    "EmbeddingProjector",
     "GroupAccuracy",
     "GroupMetrics",
     "MetadataDataModule",

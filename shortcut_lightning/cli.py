@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import Namespace, lazy_instance
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -23,7 +25,8 @@ class ShortcutCLI(LightningCLI):
     Always on: ``group_metrics`` (:class:`GroupMetrics`) and ``checkpoint`` (``ModelCheckpoint``,
     best by ``val/mean`` plus ``last.ckpt``), each configurable under its own key. The number of
     classes is linked from the data into the model. TensorBoard logs go to ``runs/<name>/version_<n>``.
-    After ``fit`` the best checkpoint is tested when the data has a test split (``--test_after_fit``).
+    After ``fit`` the best checkpoint is tested when the data has a test split (``--test_after_fit``);
+    when a stage rewrote the model at the end of ``fit`` (DFR), the rewritten model is tested.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -80,8 +83,34 @@ class ShortcutCLI(LightningCLI):
             return
         if "test" not in getattr(self.datamodule, "splits", ()):
             return
+        # a stage that rewrote the model at the end of fit (e.g. DFR) is tested as it is now
+        staged = any(getattr(cb, "changes_model_at_fit_end", False) for cb in self.trainer.callbacks)
         best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
+        ckpt = None if staged or not best else best
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
+
+    def after_predict(self) -> None:
+        """Writes ``predictions.csv`` (test split) to the log directory."""
+        predictions = self.trainer.predict_loop.predictions
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective under DDP
+        if predictions and self.trainer.is_global_zero:
+            path = log_dir / "predictions.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_predictions(predictions, path)
+            print(f"predictions written to {path}")
+
+
+def write_predictions(predictions: list[dict[str, Any]], path: Path) -> None:
+    """One CSV row per sample: index, target, group, pred and the logits."""
+    rows = {k: torch.cat([p[k] for p in predictions]) for k in ("index", "target", "group", "pred", "logits")}
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        n_logits = rows["logits"].shape[1]
+        writer.writerow(["index", "target", "group", "pred", *[f"logit_{k}" for k in range(n_logits)]])
+        for i in range(len(rows["index"])):
+            writer.writerow(
+                [int(rows[k][i]) for k in ("index", "target", "group", "pred")] + rows["logits"][i].tolist()
+            )
 
 
 def user_error(exc: BaseException) -> ShortcutError | None:

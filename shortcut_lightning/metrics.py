@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -103,15 +103,21 @@ def group_report(result: dict[str, Tensor], group_names: Sequence[str], split: s
     return report
 
 
-def format_group_table(report: dict[str, Any]) -> str:
-    """A plain-text table of one report: a row per group, then the summaries."""
-    width = max([len(n) for n in report["groups"]] + [13])
-    lines = [f"{report['split']} accuracy by group", f"{'group':<{width}}  {'acc':>6}  {'n':>6}"]
-    for name, g in report["groups"].items():
-        acc = "  -   " if g["acc"] is None else f"{g['acc']:6.3f}"
-        lines.append(f"{name:<{width}}  {acc}  {g['n']:>6}")
-    lines.append("-" * (width + 16))
+def format_group_table(columns: Mapping[str, dict[str, Any]]) -> str:
+    """A plain-text table: a row per group and per summary, a column per report (e.g. before/after a stage)."""
+    reports = list(columns.values())
+    first = reports[0]
+    width = max([len(n) for n in first["groups"]] + [13])
+    heads = "  ".join(f"{label:>7}" for label in columns)
+    lines = [f"{first['split']} accuracy by group", f"{'group':<{width}}  {heads}  {'n':>6}"]
+
+    def cell(value: float | None) -> str:
+        return f"{'-':>7}" if value is None else f"{value:7.3f}"
+
+    for name, group in first["groups"].items():
+        accs = "  ".join(cell(r["groups"][name]["acc"]) for r in reports)
+        lines.append(f"{name:<{width}}  {accs}  {group['n']:>6}")
+    lines.append("-" * (width + 9 * len(reports) + 8))
     for key in SUMMARY_KEYS:
-        value = report[key]
-        lines.append(f"{key:<{width}}  {'  -   ' if value is None else f'{value:6.3f}'}")
+        lines.append(f"{key:<{width}}  " + "  ".join(cell(r[key]) for r in reports))
     return "\n".join(lines)

@@ -8,6 +8,9 @@ import signal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, default_collate
+
+from shortcut_lightning.data import SyntheticShortcuts
 
 
 class SquaredLogitPenalty(Callback):
@@ -47,3 +50,44 @@ class KillAt(Callback):
 
 def head_norm(model: torch.nn.Module) -> float:
     return float(model.head.weight.norm())
+
+
+class PlainResNet(L.LightningModule):
+    """A LightningModule that knows nothing of shortcut_lightning: torchvision ResNet-18, CE loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import torchvision
+
+        self.net = torchvision.models.resnet18(num_classes=2)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch["image"]), batch["target"])
+
+    def validation_step(self, batch, batch_idx):
+        return self(batch["image"])
+
+    def test_step(self, batch, batch_idx):
+        return self(batch["image"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _drop_group(samples):
+    batch = default_collate(samples)
+    batch.pop("group")
+    return batch
+
+
+class NoGroupSynthetic(SyntheticShortcuts):
+    """Synthetic data whose batches carry no group labels (as if unannotated)."""
+
+    def dataloader(self, split, augment=False, shuffle=False, sampler=None):
+        loader = super().dataloader(split, augment, shuffle, sampler)
+        return DataLoader(
+            loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler, collate_fn=_drop_group
+        )

@@ -49,6 +49,9 @@ def test_validate_a_checkpoint(tmp_path, capsys):
     val_dir = run_cli(tmp_path, "--ckpt_path", str(ckpt), subcommand="validate")
     assert json.loads((val_dir / "metrics.json").read_text())["split"] == "val"
     assert "val accuracy by group" in capsys.readouterr().out
+    pred_dir = run_cli(tmp_path, "--ckpt_path", str(ckpt), subcommand="predict")
+    rows = (pred_dir / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "index,target,group,pred,logit_0,logit_1" and len(rows) == 1 + 41
 
 
 @pytest.mark.parametrize(

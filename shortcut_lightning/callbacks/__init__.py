@@ -1,5 +1,7 @@
 """Stages as Lightning callbacks: each attaches to ``ShortcutClassifier`` or to a module of yours."""
 
+from shortcut_lightning.callbacks.dfr import DeepFeatureReweighting
+from shortcut_lightning.callbacks.embedding_projector import EmbeddingProjector
 from shortcut_lightning.callbacks.group_metrics import GroupMetrics
 
-__all__ = ["GroupMetrics"]
+__all__ = ["DeepFeatureReweighting", "EmbeddingProjector", "GroupMetrics"]

@@ -183,4 +183,4 @@ class GroupMetrics(Callback):
         if final:
             (log_dir / "metrics.json").write_text(text)
             if self.print_table:
-                print("\n" + format_group_table(report) + "\n", flush=True)
+                print("\n" + format_group_table({"acc": report}) + "\n", flush=True)

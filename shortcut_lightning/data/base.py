@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -11,9 +12,19 @@ from torch.utils.data import DataLoader, Sampler
 
 from shortcut_lightning.data.datasets import GroupDataset
 from shortcut_lightning.data.samplers import SAMPLERS, BalancedSampler, EvalShardSampler
-from shortcut_lightning.errors import DataError
+from shortcut_lightning.errors import DataError, ShortcutError
 
 SPLITS = ("train", "val", "test")
+
+
+def require_group_datamodule(datamodule: Any, stage: str) -> GroupDataModule:
+    """The datamodule a stage makes its own passes with; it must be one of ours (named splits, groups)."""
+    if not isinstance(datamodule, GroupDataModule):
+        raise ShortcutError(
+            f"{stage} needs a datamodule of shortcut_lightning.data (it makes its own passes over named splits "
+            f"and labels samples by group); got {type(datamodule).__name__}"
+        )
+    return datamodule
 
 
 class GroupDataModule(L.LightningDataModule):

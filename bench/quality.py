@@ -1,0 +1,81 @@
+"""Group accuracies of a config over several seeds, through the `shortcut` CLI (not part of CI).
+
+    python bench/quality.py --config configs/synthetic_erm.yaml --seeds 0 1 2 [-- extra CLI args]
+
+Each seed sets the model seed, the sampler seed and the synthetic data seed, runs `shortcut fit`
+(which tests the best checkpoint, or the model a stage rewrote), and reads the run's metrics.json;
+with DFR also dfr.json's test report of the model before the refit. Prints a mean +- std table
+and writes bench/results/quality_<config>[_<tag>].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from shortcut_lightning.cli import main as cli_main
+from shortcut_lightning.metrics import SUMMARY_KEYS
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def run(config: str, seed: int, save_dir: Path, extra: list[str]) -> tuple[dict, dict | None, float]:
+    start = time.perf_counter()
+    cli_main(
+        ["fit", "--config", config, "--seed_everything", str(seed), "--data.seed", str(seed),
+         "--data.data_seed", str(seed), "--trainer.logger.init_args.save_dir", str(save_dir),
+         "--trainer.logger.init_args.version", f"seed{seed}", "--trainer.enable_progress_bar", "false", *extra]
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    run_dir = next(save_dir.glob(f"*/seed{seed}"))
+    stage = run_dir / "dfr.json"  # a stage that reports the model before it ran
+    before = json.loads(stage.read_text())["before"]["test"] if stage.is_file() else None
+    return json.loads((run_dir / "metrics.json").read_text()), before, seconds
+
+
+def summarise(reports: list[dict]) -> dict:
+    out = {}
+    for key in SUMMARY_KEYS:
+        values = [r[key] for r in reports if r[key] is not None]
+        if values:
+            out[key] = {"mean": statistics.mean(values), "std": statistics.pstdev(values)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--runs", default="runs/bench", help="where the runs' logs go")
+    parser.add_argument("extra", nargs="*", help="extra CLI arguments, after --")
+    args = parser.parse_args()
+    name = Path(args.config).stem + (f"_{args.tag}" if args.tag else "")
+    reports, befores, seconds = [], [], []
+    for seed in args.seeds:
+        report, before, sec = run(args.config, seed, Path(args.runs) / name, args.extra)
+        reports.append(report)
+        befores.append(before)
+        seconds.append(sec)
+    summary = summarise(reports)
+    before_summary = summarise(befores) if all(befores) else None
+    OUT.mkdir(exist_ok=True)
+    result = {"config": args.config, "extra": args.extra, "seeds": args.seeds, "summary": summary,
+              "before_stage": before_summary, "wall_s": seconds, "reports": reports,
+              "reports_before_stage": befores}  # fmt: skip
+    (OUT / f"quality_{name}.json").write_text(json.dumps(result, indent=2))
+    print(f"\n{name}: {len(args.seeds)} seeds, {statistics.mean(seconds):.0f} s per run (fit + test)")
+    for key, stat in summary.items():
+        line = f"  {key:<14} {stat['mean']:.3f} +- {stat['std']:.3f}"
+        if before_summary and key in before_summary:
+            line += f"   (before the stage: {before_summary[key]['mean']:.3f} +- {before_summary[key]['std']:.3f})"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

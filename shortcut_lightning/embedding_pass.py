@@ -1,0 +1,109 @@
+"""One pass over a split: penultimate embeddings, logits and labels, gathered across DDP ranks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from shortcut_lightning.errors import ShortcutError
+
+LABELS = ("target", "group", "spurious", "index")
+
+
+@dataclass
+class Embeddings:
+    """Rows sorted by ``index`` (the sample's row in its split), one per sample, on the CPU."""
+
+    features: Tensor
+    logits: Tensor
+    target: Tensor
+    group: Tensor
+    spurious: Tensor
+    index: Tensor
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def subset(self, rows: Tensor) -> Embeddings:
+        return Embeddings(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+
+class InputCapture:
+    """Forward pre-hook that keeps the input of a module (the head: the penultimate embedding)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.value: Tensor | None = None
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.value = args[0]
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+@torch.no_grad()
+def collect_embeddings(
+    pl_module: L.LightningModule, loader: Iterable[dict[str, Tensor]], head: nn.Module, desc: str
+) -> Embeddings:
+    """Embeds every batch of ``loader`` with ``pl_module`` in eval mode (restored afterwards).
+
+    ``pl_module(images)`` must return logits computed through ``head``. Under DDP each rank embeds
+    its shard; the shards are gathered and de-duplicated by ``index`` so every rank returns the
+    whole split, identically.
+    """
+    was_training = pl_module.training
+    pl_module.eval()
+    capture = InputCapture(head)
+    parts: dict[str, list[Tensor]] = {k: [] for k in ("features", "logits", *LABELS)}
+    try:
+        show = getattr(getattr(pl_module, "_trainer", None), "is_global_zero", True)
+        for batch in tqdm(loader, desc=desc, leave=False, disable=not show):
+            logits = pl_module(batch["image"].to(pl_module.device))
+            if capture.value is None:
+                raise ShortcutError(
+                    f"the model's forward did not call its head {type(head).__name__}: name the head"
+                )
+            parts["features"].append(capture.value.flatten(1).float().cpu())
+            parts["logits"].append(logits.float().cpu())
+            for key in LABELS:  # a label the data lacks (e.g. no group annotations) is -1
+                value = batch.get(key) if isinstance(batch, dict) else None
+                parts[key].append(
+                    torch.full((len(logits),), -1) if value is None else torch.as_tensor(value).cpu()
+                )
+    finally:
+        capture.remove()
+        pl_module.train(was_training)
+    local = {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
+    gathered = _gather(pl_module, local)
+    if (gathered["index"] < 0).any():  # no sample indices: keep the loader's order
+        return Embeddings(**gathered)
+    order = torch.argsort(gathered["index"])
+    sorted_index = gathered["index"][order]
+    keep = torch.ones_like(order, dtype=torch.bool)
+    keep[1:] = sorted_index[1:] != sorted_index[:-1]  # drop any repeats a padding sampler added
+    rows = order[keep]
+    return Embeddings(**{k: v[rows] for k, v in gathered.items()})
+
+
+def _gather(pl_module: L.LightningModule, local: dict[str, Tensor]) -> dict[str, Tensor]:
+    trainer = getattr(pl_module, "_trainer", None)
+    if trainer is None or trainer.world_size == 1:
+        return local
+    strategy = trainer.strategy
+    n = torch.tensor([len(local["index"])], device=pl_module.device)
+    sizes = strategy.all_gather(n).flatten().tolist()
+    longest = int(max(sizes))
+    out = {}
+    for key, value in local.items():
+        padded = torch.zeros((longest, *value.shape[1:]), dtype=value.dtype)
+        padded[: len(value)] = value
+        everything = strategy.all_gather(padded.to(pl_module.device)).cpu()  # [world, longest, ...]
+        out[key] = torch.cat([everything[r, : int(sizes[r])] for r in range(len(sizes))])
+    return out

@@ -1,0 +1,165 @@
+"""The DFR protocol on embeddings (Kirichenko et al., reference code deep_feature_reweighting).
+
+Tuning: split the held-out embeddings 50/50, balance one half by subsampling every group (or class)
+to the smallest, standardise, fit L1 logistic regression (liblinear) for each C, pick C by the
+worst-group accuracy on the other half. Final: average the fits on ``num_refits`` fresh balanced
+subsamples of the whole held-out split, standardised by a scaler fit on ``scaler_x``. The result is
+folded into one plain linear layer over the raw embeddings.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import sklearn
+from packaging.version import Version
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.multiclass import OneVsRestClassifier
+from sklearn.preprocessing import StandardScaler
+
+from shortcut_lightning.errors import DataError
+
+C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
+
+
+@dataclass
+class LinearHead:
+    """``logits = x @ weight.T + bias`` over raw (unstandardised) embeddings, ``weight`` [K, d]."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+    c: float
+    tuning: dict[float, float] = field(default_factory=dict)
+    zero_fraction: float = 0.0
+    refit_zero_fraction: float = 0.0
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return (x @ self.weight.T + self.bias).argmax(1)
+
+
+def balanced_indices(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Rows of a random subsample with every label value cut to the count of the rarest one."""
+    values = np.unique(labels)
+    rows = [rng.permutation(np.flatnonzero(labels == v)) for v in values]
+    smallest = min(len(r) for r in rows)
+    return np.sort(np.concatenate([r[:smallest] for r in rows]))
+
+
+def check_balance_labels(labels: np.ndarray, names: Sequence[str], what: str, split: str) -> None:
+    """Every present label needs 2+ samples: one per half of the tuning split."""
+    counts = np.bincount(labels, minlength=len(names))
+    for k, n in enumerate(counts):
+        if 0 < n < 2:
+            raise DataError(
+                f"{what} {names[k]!r} has {n} sample in the {split} split; DFR balances by subsampling to the "
+                f"smallest {what} and needs at least 2 per {what}: add samples or refit on another split"
+            )
+
+
+def worst_accuracy(pred: np.ndarray, target: np.ndarray, labels: np.ndarray) -> float:
+    """Lowest accuracy over the label values present (groups or classes)."""
+    return min(float((pred[labels == v] == target[labels == v]).mean()) for v in np.unique(labels))
+
+
+# scikit-learn 1.8 deprecated ``penalty`` in favour of ``l1_ratio``; older releases lack the latter's meaning
+L1 = {"l1_ratio": 1.0} if Version(sklearn.__version__) >= Version("1.8") else {"penalty": "l1"}
+
+
+def l1_logistic_regression(c: float, seed: int, num_classes: int) -> LogisticRegression | OneVsRestClassifier:
+    """L1 logistic regression with liblinear, one-vs-rest beyond two classes (as liblinear always did)."""
+    model = LogisticRegression(C=c, solver="liblinear", random_state=seed, **L1)
+    return model if num_classes <= 2 else OneVsRestClassifier(model)
+
+
+def _fit(
+    c: float, seed: int, num_classes: int, x: np.ndarray, y: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(coef [K or 1, d], intercept) of a fit; ``K`` rows for one-vs-rest."""
+    model = l1_logistic_regression(c, seed, num_classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(x, y)
+    if isinstance(model, OneVsRestClassifier):
+        return (
+            np.concatenate([e.coef_ for e in model.estimators_]),
+            np.concatenate([e.intercept_ for e in model.estimators_]),
+        )
+    return model.coef_, model.intercept_
+
+
+def _predict(coef: np.ndarray, intercept: np.ndarray, x: np.ndarray) -> np.ndarray:
+    scores = x @ coef.T + intercept
+    return (scores[:, 0] > 0).astype(int) if scores.shape[1] == 1 else scores.argmax(1)
+
+
+def _as_multiclass(
+    coef: np.ndarray, intercept: np.ndarray, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Binary liblinear gives one row (class 1 vs 0): split it into two symmetric logit rows."""
+    if num_classes == 2 and coef.shape[0] == 1:
+        return np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
+    return coef, intercept
+
+
+def tune_c(
+    x: np.ndarray,
+    y: np.ndarray,
+    balance: np.ndarray,
+    c_grid: Sequence[float],
+    rng: np.random.Generator,
+    seed: int,
+    num_classes: int,
+) -> dict[float, float]:
+    """Worst-``balance``-label accuracy of each C on the held-out half, as in the reference's tuning."""
+    order = rng.permutation(len(x))
+    half = len(x) // 2
+    held, train = order[:half], order[half:]
+    train = train[balanced_indices(balance[train], rng)]
+    scaler = StandardScaler().fit(x[train])
+    x_train, x_held = scaler.transform(x[train]), scaler.transform(x[held])
+    scores = {}
+    for c in c_grid:
+        coef, intercept = _fit(c, seed, num_classes, x_train, y[train])
+        scores[float(c)] = worst_accuracy(_predict(coef, intercept, x_held), y[held], balance[held])
+    return scores
+
+
+def fit_dfr(
+    x: np.ndarray,
+    y: np.ndarray,
+    balance: np.ndarray,
+    scaler_x: np.ndarray,
+    num_classes: int,
+    c_grid: Sequence[float] = C_GRID,
+    num_refits: int = 20,
+    seed: int = 0,
+) -> LinearHead:
+    """Tune C, average ``num_refits`` balanced refits, fold the standardisation into the weights."""
+    rng = np.random.default_rng(seed)
+    tuning = tune_c(x, y, balance, c_grid, rng, seed, num_classes)
+    best = max(tuning, key=lambda c: tuning[c])  # ties go to the first, i.e. largest C of the grid
+    scaler = StandardScaler().fit(scaler_x)
+    coefs, intercepts, zero = [], [], []
+    for _ in range(num_refits):
+        rows = balanced_indices(balance, rng)
+        raw_coef, raw_intercept = _fit(best, seed, num_classes, scaler.transform(x[rows]), y[rows])
+        coef, intercept = _as_multiclass(raw_coef, raw_intercept, num_classes)
+        coefs.append(coef)
+        intercepts.append(intercept)
+        zero.append(float((raw_coef == 0).mean()))
+    coef, intercept = np.mean(coefs, axis=0), np.mean(intercepts, axis=0)
+    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+    weight = coef / scale
+    bias = intercept - weight @ scaler.mean_
+    return LinearHead(
+        weight=weight,
+        bias=bias,
+        c=best,
+        tuning=tuning,
+        zero_fraction=float((coef == 0).all(axis=0).mean()),
+        refit_zero_fraction=float(np.mean(zero)),
+    )

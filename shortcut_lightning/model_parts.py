@@ -1,0 +1,51 @@
+"""Finding the parts of any model a stage needs: a named layer, the classification head."""
+
+from __future__ import annotations
+
+import difflib
+
+from torch import nn
+
+from shortcut_lightning.errors import ModelError
+
+
+def find_module(model: nn.Module, path: str, argument: str = "layer") -> nn.Module:
+    """``model.<path>`` by dotted name; an unknown name lists the nearest valid ones."""
+    modules = dict(model.named_modules())
+    if path in modules:
+        return modules[path]
+    names = [n for n in modules if n]
+    close = difflib.get_close_matches(path, names, n=5, cutoff=0.5) or names[:5]
+    raise ModelError(
+        f"{argument} {path!r} is not a module of {type(model).__name__}; nearest names: {', '.join(close)}"
+    )
+
+
+def find_head(model: nn.Module, path: str | None = None, argument: str = "head") -> nn.Linear:
+    """The final linear classifier: ``path`` if given, else timm's ``get_classifier()``, else the last ``nn.Linear``.
+
+    The model may be a LightningModule wrapping the network: its ``head`` attribute or a child's
+    ``get_classifier()`` are found too.
+    """
+    if path is not None:
+        head = find_module(model, path, argument)
+    else:
+        head = _timm_classifier(model)
+        if head is None:
+            linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+            head = linears[-1] if linears else None
+    if not isinstance(head, nn.Linear):
+        found = "nothing" if head is None else type(head).__name__
+        raise ModelError(
+            f"cannot find the classification head of {type(model).__name__} (found {found}, need an nn.Linear): "
+            f"name it with the callback's `{argument}` argument, e.g. {argument}='net.fc'"
+        )
+    return head
+
+
+def _timm_classifier(model: nn.Module) -> nn.Module | None:
+    for module in (model, *model.children()):
+        get = getattr(module, "get_classifier", None)
+        if callable(get):
+            return get()
+    return None
