@@ -1,6 +1,11 @@
 """shortcut_lightning: find and remove shortcut learning in image classifiers with PyTorch Lightning."""
 
-from shortcut_lightning.callbacks import DeepFeatureReweighting, EmbeddingProjector, GroupMetrics
+from shortcut_lightning.callbacks import (
+    DeepFeatureReweighting,
+    EmbeddingProjector,
+    GroupMetrics,
+    SpuriousScore,
+)
 from shortcut_lightning.data import ISIC, CelebA, MetadataDataModule, SyntheticShortcuts, Waterbirds
 from shortcut_lightning.errors import DataError, ModelError, ShortcutError
 from shortcut_lightning.metrics import GroupAccuracy
@@ -22,6 +27,7 @@ __all__ = [
     "PenaltyProvider",
     "ShortcutClassifier",
     "ShortcutError",
+    "SpuriousScore",
     "SyntheticShortcuts",
     "Waterbirds",
     "total_penalty",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from typing import Any
 
 import lightning as L
 import torch
@@ -12,6 +11,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from shortcut_lightning.errors import ShortcutError
+from shortcut_lightning.hooks import InputCapture
 
 LABELS = ("target", "group", "spurious", "index")
 
@@ -32,20 +32,6 @@ class Embeddings:
 
     def subset(self, rows: Tensor) -> Embeddings:
         return Embeddings(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
-
-
-class InputCapture:
-    """Forward pre-hook that keeps the input of a module (the head: the penultimate embedding)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.value: Tensor | None = None
-        self.handle = module.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        self.value = args[0]
-
-    def remove(self) -> None:
-        self.handle.remove()
 
 
 @torch.no_grad()

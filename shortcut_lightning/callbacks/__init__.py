@@ -3,5 +3,6 @@
 from shortcut_lightning.callbacks.dfr import DeepFeatureReweighting
 from shortcut_lightning.callbacks.embedding_projector import EmbeddingProjector
 from shortcut_lightning.callbacks.group_metrics import GroupMetrics
+from shortcut_lightning.callbacks.spurious_score import SpuriousScore
 
-__all__ = ["DeepFeatureReweighting", "EmbeddingProjector", "GroupMetrics"]
+__all__ = ["DeepFeatureReweighting", "EmbeddingProjector", "GroupMetrics", "SpuriousScore"]

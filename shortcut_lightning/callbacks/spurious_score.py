@@ -1,0 +1,329 @@
+"""``SpuriousScore``: the neuron spurious score (s-score) of every penultimate neuron, and s-score pruning."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from shortcut_lightning.data.base import require_group_datamodule
+from shortcut_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from shortcut_lightning.embedding_pass import collect_embeddings
+from shortcut_lightning.errors import DataError, ModelError
+from shortcut_lightning.hooks import InputCapture, OutputCapture
+from shortcut_lightning.metrics import GroupAccuracy, format_group_table, group_report
+from shortcut_lightning.model_parts import find_head, find_module
+from shortcut_lightning.xai.gradcam import is_pooled_layer, neuron_gradcam, spurious_scores
+
+MASK_SOURCES = "MetadataDataModule reads them from a mask_filename column (docs/datasets.md); SyntheticShortcuts has them"
+
+
+def find_pooled_layer(model: nn.Module, head: nn.Module, images: Tensor) -> str:
+    """Dotted name of the shallowest module whose output the penultimate embedding is the average pool of."""
+    captures = {
+        name: OutputCapture(m) for name, m in model.named_modules() if name and not isinstance(m, nn.Linear)
+    }
+    embedding = InputCapture(head)
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for c in captures.values():
+            c.remove()
+        embedding.remove()
+    z = embedding.value.flatten(1)
+    found = [
+        name
+        for name, c in captures.items()
+        if isinstance(c.value, Tensor) and c.value.ndim == 4 and is_pooled_layer(c.value, z)
+    ]
+    if not found:
+        raise ModelError(
+            "cannot find the layer whose global average pool is the penultimate embedding: name the Grad-CAM "
+            "layer with SpuriousScore(layer=...), e.g. layer='net.layer4'"
+        )
+    return min(found, key=lambda n: n.count("."))
+
+
+def check_resolution(model: nn.Module, layer: nn.Module, name: str, image: Tensor) -> None:
+    """A 1x1 map is uniform over the image: its s-score would only be the mask's share of the image."""
+    capture = OutputCapture(layer)
+    try:
+        with torch.no_grad():
+            model(image)
+    finally:
+        capture.remove()
+    if capture.value.ndim == 4 and capture.value.shape[-2:] == (1, 1):
+        raise ModelError(
+            f"layer {name!r} has a 1x1 map at {tuple(image.shape[-2:])} px input, so every Grad-CAM map covers the "
+            "whole image and the s-score degenerates to the mask's area share: use larger images, a layer "
+            "with a spatial map, or a backbone with a smaller output stride (model.backbone_kwargs: "
+            "{output_stride: 8} for timm ResNets)"
+        )
+
+
+class SpuriousScore(Callback):
+    """Neuron spurious score of seed paper 001 (section 3.3) for every penultimate neuron.
+
+    Over ``n_samples`` samples of ``split`` whose spurious mask is not empty: the Grad-CAM map of each
+    penultimate neuron at ``layer`` (by default the last block, whose average pool is the embedding:
+    all maps from one forward pass), upsampled to the image, scaled to max 1 and binarised at
+    ``alpha``; the s-score is the share of that focus region inside the spurious mask, averaged over
+    the samples. Writes ``sscore.csv`` (neuron, score, head weight norm), ``sscore.json`` (summary,
+    pruning report), a histogram and the mean to TensorBoard, and ``sscore_heatmaps.png``: the maps
+    of a low, a mid and a high s-score neuron over a few images (seed 001, Fig. 4).
+
+    ``prune_above``: zero the head weights of neurons scoring above it (seed 001, Table 4) and report
+    group accuracy before and after on ``report_splits``.
+
+    Runs at the end of ``fit``, and in ``validate``/``test`` once before the loop. The samples are the
+    same on every DDP rank and the computation deterministic, so every rank gets the same scores.
+
+    Args:
+        split: where the samples come from (``train``, as in seed 001).
+        n_samples: samples with a non-empty mask (seed 001: 50).
+        alpha: binarisation threshold on the max-scaled map.
+        layer: dotted name of the Grad-CAM layer; default: found.
+        head: dotted name of the head; default: found.
+        prune_above: zero the head weights of neurons with a higher s-score.
+        seed: which samples are drawn.
+        interpolation: upsampling of the maps (``bilinear`` or ``nearest``).
+        report_splits: splits reported before and after pruning.
+
+    Example::
+
+        trainer = L.Trainer(max_epochs=6, callbacks=[SpuriousScore(prune_above=0.7)])
+        trainer.fit(ShortcutClassifier("resnet18"), datamodule=SyntheticShortcuts())
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        n_samples: int = 50,
+        alpha: float = 0.5,
+        layer: str | None = None,
+        head: str | None = None,
+        prune_above: float | None = None,
+        seed: int = 0,
+        interpolation: str = "bilinear",
+        report_splits: tuple[str, ...] = ("val", "test"),
+    ) -> None:
+        if not 0.0 < alpha <= 1.0:
+            raise ModelError(f"alpha must lie in (0, 1], got {alpha}")
+        if n_samples < 1:
+            raise ModelError(f"n_samples must be at least 1, got {n_samples}")
+        self.split = split
+        self.n_samples = n_samples
+        self.alpha = alpha
+        self.layer = layer
+        self.head_path = head
+        self.prune_above = prune_above
+        self.seed = seed
+        self.interpolation = interpolation
+        self.report_splits = tuple(report_splits)
+        self.result: dict[str, Any] = {}
+        self._done_in_memory = False
+
+    @property
+    def changes_model_at_fit_end(self) -> bool:
+        return self.prune_above is not None
+
+    # -- when ----------------------------------------------------------------------------------
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.score(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._before_evaluation(trainer, pl_module)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._before_evaluation(trainer, pl_module)
+
+    def _before_evaluation(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path is not None or not self._done_in_memory:
+            self.score(trainer, pl_module)
+
+    # -- what ----------------------------------------------------------------------------------
+    def samples(self, dm: Any) -> dict[str, Tensor]:
+        """``n_samples`` samples of ``split`` with a non-empty mask, in a seeded order: images, masks, index."""
+        dataset = dm.dataset(self.split)
+        if not dataset.has_masks:
+            raise DataError(
+                f"SpuriousScore needs spurious-region masks, but the {self.split} split of {type(dm).__name__} has "
+                f"none: {MASK_SOURCES}"
+            )
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        picked = []
+        for i in tqdm(order, desc="s-score: picking masked samples", leave=False, mininterval=2):
+            sample = dataset[i]
+            if sample["mask"].any():
+                picked.append(sample)
+                if len(picked) == self.n_samples:
+                    break
+        if not picked:
+            raise DataError(f"no sample of the {self.split} split has a non-empty spurious mask")
+        return {k: torch.stack([torch.as_tensor(s[k]) for s in picked]) for k in ("image", "mask", "index")}
+
+    def score(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Scores every penultimate neuron; prunes if asked; returns (and keeps) the report."""
+        dm = require_group_datamodule(getattr(trainer, "datamodule", None), "SpuriousScore")
+        head = find_head(pl_module, self.head_path)
+        batch = self.samples(dm)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            images = batch["image"].to(pl_module.device)
+            layer_name = self.layer or find_pooled_layer(pl_module, head, images[:2])
+            layer = find_module(pl_module, layer_name, "layer")
+            check_resolution(pl_module, layer, layer_name, images[:1])
+            maps = [
+                neuron_gradcam(pl_module, images[i : i + 8], layer, head) for i in range(0, len(images), 8)
+            ]
+        finally:
+            pl_module.train(was_training)
+        all_maps = torch.cat([m.maps for m in maps]).cpu()
+        scores = spurious_scores(all_maps, batch["mask"], self.alpha, self.interpolation)
+        used = head.weight.detach().abs().sum(0).cpu() > 0
+        report: dict[str, Any] = {
+            "split": self.split,
+            "n_samples": len(batch["index"]),
+            "sample_index": batch["index"].tolist(),
+            "alpha": self.alpha,
+            "layer": layer_name,
+            "one_pass": maps[0].fast,
+            "mean": float(scores.mean()),
+            "mean_used_neurons": float(scores[used].mean()) if used.any() else None,
+            "n_neurons": len(scores),
+            "n_used_neurons": int(used.sum()),
+            "ranges": {
+                "low (<0.2)": int((scores < 0.2).sum()),
+                "mid": int(((scores >= 0.2) & (scores <= 0.7)).sum()),
+                "high (>0.7)": int((scores > 0.7).sum()),
+            },
+        }
+        if self.prune_above is not None:
+            report["pruning"] = self._prune(trainer, pl_module, dm, head, scores)
+        self.result = report
+        self._done_in_memory = True
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
+        self._write(trainer, log_dir, report, scores, head, batch, all_maps)
+        return report
+
+    def _prune(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, dm: Any, head: nn.Linear, scores: Tensor
+    ) -> dict:
+        pruned = (scores > self.prune_above).nonzero().flatten()
+        counts = dm.group_counts("train") if "train" in dm.splits else None
+        embeddings = {
+            s: collect_embeddings(pl_module, dm.dataloader(s), head, desc=f"s-score pruning: embedding {s}")
+            for s in self.report_splits
+            if s in dm.splits
+        }
+        with torch.no_grad():
+            head.weight[:, pruned.to(head.weight.device)] = 0.0
+        report: dict[str, Any] = {
+            "threshold": self.prune_above,
+            "neurons": pruned.tolist(),
+            "before": {},
+            "after": {},
+        }
+        weight, bias = (
+            head.weight.detach().cpu().double(),
+            None if head.bias is None else head.bias.detach().cpu().double(),
+        )
+        for split, emb in embeddings.items():
+            after = emb.features.double() @ weight.T + (0 if bias is None else bias)
+            for key, logits in (("before", emb.logits), ("after", after)):
+                metric = GroupAccuracy(dm.num_groups, dm.num_classes, counts, sync_on_compute=False)
+                metric.update(logits, emb.target, emb.group)
+                report[key][split] = group_report(metric.compute(), dm.group_names, split)
+        return report
+
+    # -- output --------------------------------------------------------------------------------
+    @rank_zero_only
+    def _write(
+        self,
+        trainer: L.Trainer,
+        log_dir: Path,
+        report: dict[str, Any],
+        scores: Tensor,
+        head: nn.Linear,
+        batch: dict[str, Tensor],
+        maps: Tensor,
+    ) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / "sscore.json").write_text(json.dumps(report, indent=2))
+        norms = head.weight.detach().norm(dim=0).cpu()
+        with (log_dir / "sscore.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["neuron", "s_score", "head_weight_norm"])
+            for i, (s, w) in enumerate(zip(scores.tolist(), norms.tolist(), strict=True)):
+                writer.writerow([i, f"{s:.6f}", f"{w:.6g}"])
+        figure = heatmap_grid(batch, maps, scores)
+        figure.savefig(log_dir / "sscore_heatmaps.png", dpi=100)
+        scalars = {"sscore/mean": report["mean"]}
+        if "pruning" in report:
+            for key in ("before", "after"):
+                for split, r in report["pruning"][key].items():
+                    if r["wga"] is not None:
+                        scalars[f"sscore_pruning/{split}/wga_{key}"] = r["wga"]
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=trainer.global_step)
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_histogram("sscore/neurons", scores, global_step=trainer.global_step)
+                logger.experiment.add_figure("sscore/heatmaps", figure, global_step=trainer.global_step)
+        print(
+            f"\ns-score over {report['n_samples']} {self.split} samples at {report['layer']}: mean {report['mean']:.3f}, "
+            f"{report['ranges']}",
+            flush=True,
+        )
+        if "pruning" in report:
+            print(f"pruned {len(report['pruning']['neurons'])} neurons with s-score > {self.prune_above}")
+            for split, before in report["pruning"]["before"].items():
+                table = format_group_table({"before": before, "pruned": report["pruning"]["after"][split]})
+                print("\n" + table + "\n", flush=True)
+
+
+def heatmap_grid(batch: dict[str, Tensor], maps: Tensor, scores: Tensor, n_images: int = 5) -> Any:
+    """Rows: the lowest-, median- and highest-scoring neuron; columns: images with the neuron's map on top."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    order = torch.argsort(scores)
+    rows = {"low": order[0], "mid": order[len(order) // 2], "high": order[-1]}
+    n = min(n_images, len(maps))
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    figure = Figure(figsize=(2 * n, 2.1 * len(rows)))
+    FigureCanvasAgg(figure)
+    size = tuple(batch["image"].shape[-2:])
+    for r, (label, neuron) in enumerate(rows.items()):
+        up = torch.nn.functional.interpolate(
+            maps[:n, neuron : neuron + 1], size=size, mode="bilinear", align_corners=False
+        )
+        for c in range(n):
+            ax = figure.add_subplot(len(rows), n, r * n + c + 1)
+            image = (batch["image"][c].cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+            ax.imshow(image)
+            heat = up[c, 0].numpy()
+            ax.imshow(heat / heat.max() if heat.max() > 0 else heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            ax.contour(
+                batch["mask"][c, 0].numpy().astype(np.float32), levels=[0.5], colors="white", linewidths=0.6
+            )
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(f"{label}: n{int(neuron)}\ns={float(scores[neuron]):.2f}", fontsize=8)
+    figure.suptitle("Grad-CAM of penultimate neurons (white: spurious mask)", fontsize=9)
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,114 @@
+"""Grad-CAM of every penultimate neuron at a chosen layer, and the neuron spurious score (s-score).
+
+Grad-CAM of penultimate neuron ``z_i`` at layer ``A`` (C x h x w): ``relu(sum_k alpha_ik A_k)`` with
+``alpha_ik = mean_hw dz_i/dA_k``. When ``z`` is the global average pool of ``A`` (a CNN's last block),
+``dz_i/dA_k = delta_ik / (h w)`` is constant over space, so the map is ``relu(A_i) / (h w)``: every
+neuron's map comes from ONE forward pass. Other layers use a batched Jacobian (one backward per chunk
+of neurons, vectorised over them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from shortcut_lightning.hooks import InputCapture, OutputCapture
+
+
+@dataclass
+class NeuronMaps:
+    """Grad-CAM maps [N, K, h, w] of K penultimate neurons at the layer's resolution; ``fast``: the one-pass path."""
+
+    maps: Tensor
+    neurons: Tensor
+    fast: bool
+
+
+def _forward(model: nn.Module, layer: nn.Module, head: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """(layer output A [N,C,h,w], penultimate z [N,d]) of one forward pass."""
+    out, inp = OutputCapture(layer), InputCapture(head)
+    try:
+        model(images)
+    finally:
+        out.remove()
+        inp.remove()
+    if out.value is None or inp.value is None:
+        raise RuntimeError("the forward pass did not run through the chosen layer and the head")
+    return out.value, inp.value.flatten(1)
+
+
+def is_pooled_layer(activation: Tensor, features: Tensor) -> bool:
+    """Whether ``features`` is the global average pool of ``activation`` (the one-pass condition)."""
+    if activation.ndim != 4 or activation.shape[:2] != features.shape:
+        return False
+    return torch.allclose(activation.mean(dim=(2, 3)), features, rtol=1e-5, atol=1e-6)
+
+
+def neuron_gradcam(
+    model: nn.Module,
+    images: Tensor,
+    layer: nn.Module,
+    head: nn.Module,
+    neurons: Tensor | None = None,
+    chunk: int = 64,
+) -> NeuronMaps:
+    """Grad-CAM maps of penultimate neurons (``neurons``; default all) at ``layer`` for a batch.
+
+    The model is used as it is (call it in eval mode). Gradients are enabled locally, also inside
+    Lightning's ``inference_mode`` evaluation loops.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        x = images.clone()
+        activation, features = _forward(model, layer, head, x)
+        if neurons is None:
+            neurons = torch.arange(features.shape[1])
+        neurons = neurons.to(features.device)
+        if is_pooled_layer(activation, features):
+            maps = activation.detach()[:, neurons].relu() / (activation.shape[2] * activation.shape[3])
+            return NeuronMaps(maps, neurons.cpu(), fast=True)
+        parts = []
+        for start in range(0, len(neurons), chunk):
+            ids = neurons[start : start + chunk]
+            cotangents = torch.zeros(
+                (len(ids), *features.shape), device=features.device, dtype=features.dtype
+            )
+            cotangents[torch.arange(len(ids)), :, ids] = 1.0
+            (grads,) = torch.autograd.grad(
+                features, activation, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True
+            )  # [K, N, C, h, w]
+            alpha = grads.mean(dim=(3, 4), keepdim=True)
+            cams = (alpha * activation.detach().unsqueeze(0)).sum(dim=2).relu()  # [K, N, h, w]
+            parts.append(cams.transpose(0, 1))
+        return NeuronMaps(torch.cat(parts, dim=1), neurons.cpu(), fast=False)
+
+
+def binarize(maps: Tensor, size: tuple[int, int], alpha: float, mode: str = "bilinear") -> Tensor:
+    """Upsample maps [N,K,h,w] to ``size``, scale each to max 1, keep pixels >= ``alpha`` (empty maps stay empty)."""
+    corners = {} if mode == "nearest" else {"align_corners": False}
+    up = F.interpolate(maps, size=size, mode=mode, **corners)
+    peak = up.amax(dim=(2, 3), keepdim=True)
+    scaled = torch.where(peak > 0, up / peak.clamp(min=1e-12), torch.zeros_like(up))
+    return (scaled >= alpha) & (peak > 0)
+
+
+def spurious_overlap(binary: Tensor, masks: Tensor) -> Tensor:
+    """Per sample and neuron, the share of the focus region inside the spurious mask [N, K] (0 if no focus)."""
+    focus = binary.flatten(2).sum(-1).float()
+    inside = (binary & masks.bool()).flatten(2).sum(-1).float()
+    return torch.where(focus > 0, inside / focus.clamp(min=1), torch.zeros_like(focus))
+
+
+def spurious_scores(maps: Tensor, masks: Tensor, alpha: float, mode: str = "bilinear") -> Tensor:
+    """s-score of each neuron [K]: the overlap of its binarised Grad-CAM with the spurious mask, averaged over samples.
+
+    ``maps`` [N,K,h,w] from :func:`neuron_gradcam`, ``masks`` [N,1,H,W] bool. Samples are processed one
+    at a time so the upsampled maps of all neurons never sit in memory together.
+    """
+    rows = []
+    for j in range(len(maps)):
+        binary = binarize(maps[j : j + 1].float(), tuple(masks.shape[-2:]), alpha, mode)
+        rows.append(spurious_overlap(binary, masks[j : j + 1].to(binary.device)))
+    return torch.cat(rows).mean(dim=0)
