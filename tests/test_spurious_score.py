@@ -84,4 +84,6 @@ def test_unknown_layer_lists_nearest_names(tiny_synthetic, tmp_path):
 def test_a_one_by_one_layer_is_refused(tiny_synthetic, tmp_path):
     dm = tiny_synthetic(image_size=16)  # test_resnet's last block is 1x1 at 16 px
     with pytest.raises(ModelError, match="1x1 map"):
-        _trainer(tmp_path, [SpuriousScore(n_samples=2)]).validate(ShortcutClassifier("test_resnet"), datamodule=dm)
+        _trainer(tmp_path, [SpuriousScore(n_samples=2)]).validate(
+            ShortcutClassifier("test_resnet"), datamodule=dm
+        )
