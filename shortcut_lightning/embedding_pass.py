@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
+from typing import Any
 
 import lightning as L
 import torch
@@ -12,6 +13,7 @@ from tqdm.auto import tqdm
 
 from shortcut_lightning.errors import ShortcutError
 from shortcut_lightning.hooks import InputCapture
+from shortcut_lightning.metrics import GroupAccuracy, group_report
 
 LABELS = ("target", "group", "spurious", "index")
 
@@ -93,3 +95,24 @@ def _gather(pl_module: L.LightningModule, local: dict[str, Tensor]) -> dict[str,
         everything = strategy.all_gather(padded.to(pl_module.device)).cpu()  # [world, longest, ...]
         out[key] = torch.cat([everything[r, : int(sizes[r])] for r in range(len(sizes))])
     return out
+
+
+def head_change_reports(
+    dm: Any, embeddings: dict[str, Embeddings], weight: Tensor, bias: Tensor | None
+) -> dict[str, dict[str, Any]]:
+    """Group reports of each split before (the logits of the pass) and after a new head ``weight``/``bias``.
+
+    Only the head changes, so the embeddings of the pass serve both. Every DDP rank holds the gathered
+    split already, so the metric does not sum across ranks.
+    """
+    counts = dm.group_counts("train") if "train" in dm.splits else None
+    weight = torch.as_tensor(weight, dtype=torch.float64).cpu()
+    shift = 0 if bias is None else torch.as_tensor(bias, dtype=torch.float64).cpu()
+    reports: dict[str, dict[str, Any]] = {"before": {}, "after": {}}
+    for split, emb in embeddings.items():
+        after = emb.features.double() @ weight.T + shift
+        for key, logits in (("before", emb.logits), ("after", after)):
+            metric = GroupAccuracy(dm.num_groups, dm.num_classes, counts, sync_on_compute=False)
+            metric.update(logits, emb.target, emb.group)
+            reports[key][split] = group_report(metric.compute(), dm.group_names, split)
+    return reports

@@ -14,10 +14,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
 from shortcut_lightning.data.base import require_group_datamodule
-from shortcut_lightning.embedding_pass import Embeddings, collect_embeddings
+from shortcut_lightning.embedding_pass import Embeddings, collect_embeddings, head_change_reports
 from shortcut_lightning.errors import DataError, ModelError, ShortcutError
 from shortcut_lightning.last_layer import C_GRID, LinearHead, check_balance_labels, fit_dfr
-from shortcut_lightning.metrics import GroupAccuracy, format_group_table, group_report
+from shortcut_lightning.metrics import format_group_table
 from shortcut_lightning.model_parts import find_head
 
 BALANCE = ("groups", "classes")
@@ -160,10 +160,8 @@ class DeepFeatureReweighting(Callback):
         return trainer.strategy.broadcast(fitted, src=0)
 
     def _report(self, dm: Any, embeddings: dict[str, Embeddings], fitted: LinearHead) -> dict[str, Any]:
-        counts = dm.group_counts("train") if "train" in dm.splits else None
-        weight = torch.as_tensor(fitted.weight, dtype=torch.float64)
-        bias = torch.as_tensor(fitted.bias, dtype=torch.float64)
-        report: dict[str, Any] = {
+        reported = {s: e for s, e in embeddings.items() if s in self.report_splits}
+        return {
             "c": fitted.c,
             "tuning_worst_accuracy": {str(c): acc for c, acc in fitted.tuning.items()},
             "balance": self.balance,
@@ -172,20 +170,8 @@ class DeepFeatureReweighting(Callback):
             "num_refits": self.num_refits,
             "head_zero_fraction": fitted.zero_fraction,
             "refit_zero_fraction": fitted.refit_zero_fraction,
-            "before": {},
-            "after": {},
+            **head_change_reports(dm, reported, torch.as_tensor(fitted.weight), torch.as_tensor(fitted.bias)),
         }
-        for split in self.report_splits:
-            if split not in embeddings:
-                continue
-            emb = embeddings[split]
-            after_logits = emb.features.double() @ weight.T + bias
-            for key, logits in (("before", emb.logits), ("after", after_logits)):
-                # every rank holds the gathered split already: no cross-rank sum
-                metric = GroupAccuracy(dm.num_groups, dm.num_classes, counts, sync_on_compute=False)
-                metric.update(logits, emb.target, emb.group)
-                report[key][split] = group_report(metric.compute(), dm.group_names, split)
-        return report
 
     def _log_dir(self, trainer: L.Trainer) -> str:
         return trainer.log_dir or trainer.default_root_dir  # a collective under DDP: call on every rank

@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 
 from shortcut_lightning.data.base import require_group_datamodule
 from shortcut_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from shortcut_lightning.embedding_pass import collect_embeddings
+from shortcut_lightning.embedding_pass import collect_embeddings, head_change_reports
 from shortcut_lightning.errors import DataError, ModelError
 from shortcut_lightning.hooks import InputCapture, OutputCapture
-from shortcut_lightning.metrics import GroupAccuracy, format_group_table, group_report
+from shortcut_lightning.metrics import format_group_table
 from shortcut_lightning.model_parts import find_head, find_module
 from shortcut_lightning.xai.gradcam import is_pooled_layer, neuron_gradcam, spurious_scores
 
@@ -223,7 +223,6 @@ class SpuriousScore(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, dm: Any, head: nn.Linear, scores: Tensor
     ) -> dict:
         pruned = (scores > self.prune_above).nonzero().flatten()
-        counts = dm.group_counts("train") if "train" in dm.splits else None
         embeddings = {
             s: collect_embeddings(pl_module, dm.dataloader(s), head, desc=f"s-score pruning: embedding {s}")
             for s in self.report_splits
@@ -231,23 +230,12 @@ class SpuriousScore(Callback):
         }
         with torch.no_grad():
             head.weight[:, pruned.to(head.weight.device)] = 0.0
-        report: dict[str, Any] = {
+        bias = None if head.bias is None else head.bias.detach()
+        return {
             "threshold": self.prune_above,
             "neurons": pruned.tolist(),
-            "before": {},
-            "after": {},
+            **head_change_reports(dm, embeddings, head.weight.detach(), bias),
         }
-        weight, bias = (
-            head.weight.detach().cpu().double(),
-            None if head.bias is None else head.bias.detach().cpu().double(),
-        )
-        for split, emb in embeddings.items():
-            after = emb.features.double() @ weight.T + (0 if bias is None else bias)
-            for key, logits in (("before", emb.logits), ("after", after)):
-                metric = GroupAccuracy(dm.num_groups, dm.num_classes, counts, sync_on_compute=False)
-                metric.update(logits, emb.target, emb.group)
-                report[key][split] = group_report(metric.compute(), dm.group_names, split)
-        return report
 
     # -- output --------------------------------------------------------------------------------
     @rank_zero_only
