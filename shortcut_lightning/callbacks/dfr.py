@@ -10,9 +10,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
+from shortcut_lightning.callbacks.model_stage import ModelStage
 from shortcut_lightning.data.base import require_group_datamodule
 from shortcut_lightning.embedding_pass import Embeddings, collect_embeddings, head_change_reports
 from shortcut_lightning.errors import DataError, ModelError, ShortcutError
@@ -23,7 +23,7 @@ from shortcut_lightning.model_parts import find_head
 BALANCE = ("groups", "classes")
 
 
-class DeepFeatureReweighting(Callback):
+class DeepFeatureReweighting(ModelStage):
     """Deep Feature Reweighting (Kirichenko et al. 2023) with the reference protocol, as a callback.
 
     Embeds the refit split with evaluation transforms in eval mode, tunes the L1 strength C on a 50/50
@@ -73,6 +73,7 @@ class DeepFeatureReweighting(Callback):
             raise ShortcutError(f"balance {balance!r} is unknown: choose one of {', '.join(BALANCE)}")
         if num_refits < 1 or not c_grid:
             raise ShortcutError("num_refits must be at least 1 and c_grid must name at least one C")
+        super().__init__()
         self.split = split
         self.scaler_split = scaler_split
         self.balance = balance
@@ -82,27 +83,14 @@ class DeepFeatureReweighting(Callback):
         self.head_path = head
         self.report_splits = tuple(report_splits)
         self.result: dict[str, Any] = {}
-        self._refit_in_memory = False
 
     # -- when ----------------------------------------------------------------------------------
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.refit(trainer, pl_module)
+        super().on_fit_end(trainer, pl_module)
         trainer.save_checkpoint(Path(self._log_dir(trainer)) / "checkpoints" / "dfr.ckpt", weights_only=False)
 
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == "validate":
-            self._before_evaluation(trainer, pl_module)
-
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._before_evaluation(trainer, pl_module)
-
-    def _before_evaluation(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # weights just loaded from a checkpoint: refit them; the in-memory model: refit it once
-        if trainer.ckpt_path is not None or not self._refit_in_memory:
-            self.refit(trainer, pl_module)
-
     # -- what ----------------------------------------------------------------------------------
-    def refit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """Refit the head of ``pl_module`` in place; returns (and keeps) the report."""
         dm = require_group_datamodule(getattr(trainer, "datamodule", None), "DeepFeatureReweighting")
         head = find_head(pl_module, self.head_path)
@@ -128,7 +116,6 @@ class DeepFeatureReweighting(Callback):
             head.weight.copy_(torch.as_tensor(fitted.weight, dtype=head.weight.dtype))
             if head.bias is not None:
                 head.bias.copy_(torch.as_tensor(fitted.bias, dtype=head.bias.dtype))
-        self._refit_in_memory = True
         self.result = self._report(dm, embeddings, fitted)
         self._write(trainer, Path(self._log_dir(trainer)), self.result, fitted)
         return self.result

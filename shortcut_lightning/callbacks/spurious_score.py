@@ -10,12 +10,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from shortcut_lightning.callbacks.model_stage import ModelStage
 from shortcut_lightning.data.base import require_group_datamodule
 from shortcut_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from shortcut_lightning.embedding_pass import collect_embeddings, head_change_reports
@@ -72,7 +72,7 @@ def check_resolution(model: nn.Module, layer: nn.Module, name: str, image: Tenso
         )
 
 
-class SpuriousScore(Callback):
+class SpuriousScore(ModelStage):
     """Neuron spurious score of seed paper 001 (section 3.3) for every penultimate neuron.
 
     Over ``n_samples`` samples of ``split`` whose spurious mask is not empty: the Grad-CAM map of each
@@ -122,6 +122,7 @@ class SpuriousScore(Callback):
             raise ModelError(f"alpha must lie in (0, 1], got {alpha}")
         if n_samples < 1:
             raise ModelError(f"n_samples must be at least 1, got {n_samples}")
+        super().__init__()
         self.split = split
         self.n_samples = n_samples
         self.alpha = alpha
@@ -132,26 +133,10 @@ class SpuriousScore(Callback):
         self.interpolation = interpolation
         self.report_splits = tuple(report_splits)
         self.result: dict[str, Any] = {}
-        self._done_in_memory = False
 
     @property
     def changes_model_at_fit_end(self) -> bool:
         return self.prune_above is not None
-
-    # -- when ----------------------------------------------------------------------------------
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.score(trainer, pl_module)
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == "validate":
-            self._before_evaluation(trainer, pl_module)
-
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._before_evaluation(trainer, pl_module)
-
-    def _before_evaluation(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.ckpt_path is not None or not self._done_in_memory:
-            self.score(trainer, pl_module)
 
     # -- what ----------------------------------------------------------------------------------
     def samples(self, dm: Any) -> dict[str, Tensor]:
@@ -174,7 +159,7 @@ class SpuriousScore(Callback):
             raise DataError(f"no sample of the {self.split} split has a non-empty spurious mask")
         return {k: torch.stack([torch.as_tensor(s[k]) for s in picked]) for k in ("image", "mask", "index")}
 
-    def score(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """Scores every penultimate neuron; prunes if asked; returns (and keeps) the report."""
         dm = require_group_datamodule(getattr(trainer, "datamodule", None), "SpuriousScore")
         head = find_head(pl_module, self.head_path)
@@ -214,7 +199,6 @@ class SpuriousScore(Callback):
         if self.prune_above is not None:
             report["pruning"] = self._prune(trainer, pl_module, dm, head, scores)
         self.result = report
-        self._done_in_memory = True
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
         self._write(trainer, log_dir, report, scores, head, batch, all_maps)
         return report
