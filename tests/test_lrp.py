@@ -347,3 +347,42 @@ def test_plain_network_conserves():
     start = result.logits.gather(1, target[:, None])[:, 0]
     errors = relative_errors({"input": result.input.flatten(1).sum(1), "4": result.layers["4"].sum(1)}, start)
     assert max(errors.values()) < 1e-3, errors
+
+
+def stock_composite(name: str, model: nn.Module) -> object:
+    """zennit's own composite with our canonizers: the reference our faster rules must match."""
+    from zennit.composites import EpsilonGammaBox
+    from zennit.rules import Pass
+    from zennit.types import BatchNorm
+
+    kwargs = {"layer_map": [(BatchNorm, Pass())], "canonizers": canonizers_for(model)}
+    if name == "epsilon_plus_flat":
+        return EpsilonPlusFlat(**kwargs)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, -1, 1, 1), torch.tensor(IMAGENET_STD).view(1, -1, 1, 1)
+    return EpsilonGammaBox(low=-mean / std, high=(1 - mean) / std, **kwargs)
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_gamma_box"])
+@pytest.mark.parametrize("name", ["timm-resnet18", "tv-resnet50"])
+def test_fast_rules_give_zennits_relevance(models, name, composite):
+    model, x = models[name], images(3)
+    ours = relevance(model, x, 2, composite, ["layer3"])
+    stock = relevance(model, x, 2, stock_composite(composite, model), ["layer3"])
+    scale = stock.input.abs().max()
+    assert scale > 0
+    assert (ours.input - stock.input).abs().max() <= 1e-5 * scale
+    assert torch.allclose(ours.layers["layer3"], stock.layers["layer3"], rtol=1e-5, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_gamma_box"])
+def test_fast_rules_fall_back_on_negative_inputs(composite):
+    # the second conv reads BatchNorm output without a ReLU: its input has negative entries
+    torch.manual_seed(0)
+    model = with_bn_statistics(small_net(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)), size=16)
+    model[2] = nn.Identity()  # drop the ReLU after the first conv
+    x = images(2, 16)
+    with torch.no_grad():
+        assert (model[:2](x) < 0).any()
+    ours = relevance(model, x, 1, composite).input
+    stock = relevance(model, x, 1, stock_composite(composite, model)).input
+    assert (ours - stock).abs().max() <= 1e-5 * stock.abs().max()

@@ -29,13 +29,22 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
 from zennit.core import Composite
-from zennit.rules import Pass
-from zennit.types import BatchNorm
+from zennit.layer import Sum
+from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear
 
 from shortcut_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from shortcut_lightning.errors import ModelError, ShortcutError
 from shortcut_lightning.model_parts import find_module
 from shortcut_lightning.xai.canonizers import SUPPORTED_BLOCKS, canonizers_for
+from shortcut_lightning.xai.rules import (
+    EpsilonDirect,
+    FlatDirect,
+    GammaNonNegative,
+    NormDirect,
+    PassThrough,
+    ZBoxDirect,
+    ZPlusNonNegative,
+)
 
 COMPOSITES: dict[str, type[Composite]] = {
     "epsilon_plus_flat": EpsilonPlusFlat,
@@ -74,14 +83,27 @@ def make_composite(
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ShortcutError(f"unknown LRP composite {name!r}{hint}; choose one of {', '.join(COMPOSITES)}")
     # BatchNorms are merged into the conv before them and then compute the identity; some zennit versions
-    # give them Pass in their base layer map, others no rule: state it so every version does the same
-    kwargs: dict[str, Any] = {"layer_map": [(BatchNorm, Pass())], "canonizers": canonizers_for(model)}
+    # give them Pass in their base layer map, others no rule: state it so every version does the same.
+    # PassThrough and the conv rules are zennit's, minus work whose result is thrown away (xai/rules.py)
+    layer_map: list[tuple[Any, Any]] = [
+        (BatchNorm, PassThrough()),
+        (Activation, PassThrough()),
+        (Sum, NormDirect()),
+        (AvgPool, NormDirect()),
+        (nn.Linear, EpsilonDirect(epsilon=epsilon, zero_params=zero_params)),
+    ]
+    kwargs: dict[str, Any] = {"layer_map": layer_map, "canonizers": canonizers_for(model)}
     if COMPOSITES[name] is EpsilonGammaBox:
         m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         low = -m / s if low is None else low
         high = (1 - m) / s if high is None else high
         kwargs.update(gamma=gamma, low=low, high=high)
+        layer_map.append((Convolution, GammaNonNegative(gamma=gamma, zero_params=zero_params)))
+        kwargs["first_map"] = [(Convolution, ZBoxDirect(low=low, high=high, zero_params=zero_params))]
+    elif COMPOSITES[name] is EpsilonPlusFlat:
+        layer_map.append((Convolution, ZPlusNonNegative(zero_params=zero_params)))
+        kwargs["first_map"] = [(Linear, FlatDirect(zero_params=zero_params))]
     kwargs.update(epsilon=epsilon, zero_params=zero_params)
     return COMPOSITES[name](**kwargs)
 
