@@ -4,7 +4,8 @@
 
 Each seed sets the model seed, the sampler seed and the synthetic data seed, runs `shortcut fit`
 (which tests the best checkpoint, or the model a stage rewrote), and reads the run's metrics.json;
-with DFR also dfr.json's test report of the model before the refit. Prints a mean +- std table
+with DFR also dfr.json's test report of the model before the refit, with s-score pruning the report
+before pruning, and sscore.json's mean s-scores. Prints a mean +- std table
 and writes bench/results/quality_<config>[_<tag>].json.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -20,9 +22,14 @@ from shortcut_lightning.cli import main as cli_main
 from shortcut_lightning.metrics import SUMMARY_KEYS
 
 OUT = Path(__file__).resolve().parent / "results"
+SSCORE_KEYS = ("mean", "mean_used_neurons", "head_weighted_mean")
 
 
-def run(config: str, seed: int, save_dir: Path, extra: list[str]) -> tuple[dict, dict | None, float]:
+def run(
+    config: str, seed: int, save_dir: Path, extra: list[str]
+) -> tuple[dict, dict | None, dict | None, float]:
+    for stale in save_dir.glob(f"*/seed{seed}"):  # files of an earlier run must not be read as this one's
+        shutil.rmtree(stale)
     start = time.perf_counter()
     cli_main(
         ["fit", "--config", config, "--seed_everything", str(seed), "--data.seed", str(seed),
@@ -31,9 +38,16 @@ def run(config: str, seed: int, save_dir: Path, extra: list[str]) -> tuple[dict,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     run_dir = next(save_dir.glob(f"*/seed{seed}"))
-    stage = run_dir / "dfr.json"  # a stage that reports the model before it ran
-    before = json.loads(stage.read_text())["before"]["test"] if stage.is_file() else None
-    return json.loads((run_dir / "metrics.json").read_text()), before, seconds
+    before, sscore = None, None
+    if (run_dir / "dfr.json").is_file():  # a stage that reports the model before it ran
+        before = json.loads((run_dir / "dfr.json").read_text())["before"]["test"]
+    if (run_dir / "sscore.json").is_file():
+        report = json.loads((run_dir / "sscore.json").read_text())
+        sscore = {k: report[k] for k in SSCORE_KEYS}
+        if "pruning" in report:
+            before = before or report["pruning"]["before"]["test"]
+            sscore["pruned_neurons"] = len(report["pruning"]["neurons"])
+    return json.loads((run_dir / "metrics.json").read_text()), before, sscore, seconds
 
 
 def summarise(reports: list[dict]) -> dict:
@@ -56,18 +70,28 @@ def main() -> None:
     parser.add_argument("extra", nargs="*", help="extra CLI arguments, after --")
     args = parser.parse_args()
     name = Path(args.config).stem + (f"_{args.tag}" if args.tag else "")
-    reports, befores, seconds = [], [], []
+    reports, befores, sscores, seconds = [], [], [], []
     for seed in args.seeds:
-        report, before, sec = run(args.config, seed, Path(args.runs) / name, args.extra)
+        report, before, sscore, sec = run(args.config, seed, Path(args.runs) / name, args.extra)
         reports.append(report)
         befores.append(before)
+        sscores.append(sscore)
         seconds.append(sec)
     summary = summarise(reports)
+    sscore_summary = None
+    if all(sscores):
+        sscore_summary = {
+            k: {
+                "mean": statistics.mean(v[k] for v in sscores),
+                "std": statistics.pstdev(v[k] for v in sscores),
+            }
+            for k in SSCORE_KEYS
+        }
     before_summary = summarise(befores) if all(befores) else None
     OUT.mkdir(exist_ok=True)
     result = {"config": args.config, "extra": args.extra, "seeds": args.seeds, "summary": summary,
               "before_stage": before_summary, "wall_s": seconds, "reports": reports,
-              "reports_before_stage": befores}  # fmt: skip
+              "reports_before_stage": befores, "sscore": sscore_summary, "sscore_per_seed": sscores}  # fmt: skip
     (OUT / f"quality_{name}.json").write_text(json.dumps(result, indent=2))
     print(f"\n{name}: {len(args.seeds)} seeds, {statistics.mean(seconds):.0f} s per run (fit + test)")
     for key, stat in summary.items():
@@ -75,6 +99,8 @@ def main() -> None:
         if before_summary and key in before_summary:
             line += f"   (before the stage: {before_summary[key]['mean']:.3f} +- {before_summary[key]['std']:.3f})"
         print(line)
+    for key, stat in (sscore_summary or {}).items():
+        print(f"  s-score {key:<20} {stat['mean']:.3f} +- {stat['std']:.3f}")
 
 
 if __name__ == "__main__":

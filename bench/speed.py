@@ -7,6 +7,9 @@
   loop) on the embedded default's training set. Target <= 0.10.
 - ``sscore``: s-scores of all 512 penultimate neurons of a ResNet-18 over 50 masked samples, our
   one-pass Grad-CAM vs looping captum's LayerGradCam over the neurons (scores compared). Target >= 100x.
+- ``score``: a SCORE-regularized training epoch (10 penalised neurons of layer4) vs a plain ERM epoch
+  through the same Lightning stack (target <= 1.10); SCORE mining over 2 x 100 samples (ranking pass,
+  LRP, masked images, auto selection) vs one ERM epoch on the default training set (target <= 1).
 - ``lrp``: LRP input-relevance throughput (EpsilonPlusFlat, timm canonizers, batch 32) vs forward-only
   throughput of the same model and batch. Target >= 0.3x.
 """
@@ -17,6 +20,7 @@ import argparse
 import json
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,11 +73,11 @@ class EpochTimer(L.Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-def lightning_epoch(dm: SyntheticShortcuts, backbone: str, device: str) -> float:
+def lightning_epoch(dm: SyntheticShortcuts, backbone: str, device: str, callbacks: tuple = ()) -> float:
     timer = EpochTimer()
     trainer = L.Trainer(
         max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, callbacks=[timer], accelerator=device, devices=1,
+        enable_model_summary=False, callbacks=[timer, *callbacks], accelerator=device, devices=1,
     )  # fmt: skip
     trainer.fit(make_model(backbone), datamodule=dm)
     return timer.seconds
@@ -101,6 +105,48 @@ def bench_dfr(backbone: str, device: str, repeats: int) -> dict:
         "backbone": backbone, "n_train": len(train), "n_refit": len(val), "features": val.features.shape[1],
         "erm_epoch_s": epoch_s, "refit_s": refit_s, "runs_refit_s": times,
         "ratio": refit_s / epoch_s, "target": "<= 0.10",
+    }  # fmt: skip
+
+
+def bench_score(backbone: str, device: str, repeats: int, n: int, size: int) -> dict:
+    """SCORE: regularized vs plain epoch (same stack, alternating); mining vs one ERM epoch."""
+    from shortcut_lightning.callbacks import NeuronRegularization, SpuriousPositiveMining
+
+    dm = make_data(n, size)
+    lightning_epoch(dm, backbone, device)  # warm-up
+    plain, regularized = [], []
+    for _ in range(repeats):
+        plain.append(lightning_epoch(dm, backbone, device))
+        reg = NeuronRegularization(neurons=list(range(10)), layer="net.layer4", strength=1.0)
+        regularized.append(lightning_epoch(dm, backbone, device, (reg,)))
+    full = SyntheticShortcuts()
+    full.setup("fit")
+    epoch_s, _ = plain_epoch(full, backbone, device)
+    mining = SpuriousPositiveMining(top_m=100, report_splits=())
+    timed: dict[str, float] = {}
+    mine = mining.mine
+
+    def timed_mine(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        start = time.perf_counter()
+        result = mine(trainer, pl_module)
+        timed["mining_s"] = time.perf_counter() - start
+        return result
+
+    mining.mine = timed_mine
+    trainer = L.Trainer(
+        max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=False, callbacks=[mining], accelerator=device, devices=1,
+        default_root_dir=tempfile.mkdtemp(prefix="score_bench_"),
+    )  # fmt: skip
+    trainer.fit(make_model(backbone), datamodule=full)
+    return {
+        "benchmark": "SCORE: regularized epoch vs ERM epoch (Lightning, alternating); mining vs one ERM epoch",
+        "backbone": backbone, "n": n, "image_size": size, "device": device,
+        "erm_epoch_s": statistics.median(plain), "regularized_epoch_s": statistics.median(regularized),
+        "step_ratio": statistics.median(regularized) / statistics.median(plain), "step_target": "<= 1.10",
+        "runs_erm_s": plain, "runs_regularized_s": regularized,
+        "mining_s": timed["mining_s"], "erm_epoch_full_train_s": epoch_s, "n_train": len(full.dataset("train")),
+        "mining_ratio": timed["mining_s"] / epoch_s, "mining_target": "<= 1 (2 classes x 100 samples)",
     }  # fmt: skip
 
 
@@ -175,7 +221,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1280, help="training samples per ERM epoch (erm)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", default="erm,dfr,sscore,lrp", help="comma-separated benchmarks to run")
+    parser.add_argument(
+        "--only", default="erm,dfr,sscore,score,lrp", help="comma-separated benchmarks to run"
+    )
     parser.add_argument("--lrp-size", type=int, default=224, help="image side for the lrp benchmark")
     parser.add_argument("--sscore-neurons", type=int, default=None, help="captum loop over this many neurons")
     args = parser.parse_args()
@@ -200,6 +248,13 @@ def main() -> None:
         print(f"captum loop    {result['captum_s']:.2f} s")
         print(f"speed-up       {result['speedup']:.0f}x  (target >= 100), max |score difference| "
               f"{result['max_abs_score_difference']:.2e}")  # fmt: skip
+    if "score" in args.only:
+        result = bench_score(args.backbone, device, args.repeats, args.n, args.image_size)
+        (OUT / f"speed_score_{device}.json").write_text(json.dumps(result, indent=2))
+        print(f"\nSCORE ({args.backbone}, {device})")
+        print(f"regularized epoch / ERM epoch   {result['step_ratio']:.3f}  (target <= 1.10)")
+        print(f"mining {result['mining_s']:.1f} s / ERM epoch {result['erm_epoch_full_train_s']:.1f} s = "
+              f"{result['mining_ratio']:.2f}  (target <= 1)")  # fmt: skip
     if "lrp" in args.only:
         result = bench_lrp(args.backbone, args.lrp_size, args.repeats)
         (OUT / f"speed_lrp_{device}.json").write_text(json.dumps(result, indent=2))

@@ -9,11 +9,10 @@ from typing import Any
 
 import torch
 from jsonargparse import Namespace, lazy_instance
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from shortcut_lightning.callbacks import GroupMetrics
+from shortcut_lightning.callbacks import BestAndLastCheckpoint, GroupMetrics
 from shortcut_lightning.data import GroupDataModule
 from shortcut_lightning.errors import ShortcutError
 from shortcut_lightning.module import ShortcutClassifier
@@ -22,7 +21,7 @@ from shortcut_lightning.module import ShortcutClassifier
 class ShortcutCLI(LightningCLI):
     """``shortcut fit|validate|test|predict --config CONFIG``.
 
-    Always on: ``group_metrics`` (:class:`GroupMetrics`) and ``checkpoint`` (``ModelCheckpoint``,
+    Always on: ``group_metrics`` (:class:`GroupMetrics`) and ``checkpoint`` (:class:`BestAndLastCheckpoint`,
     best by ``val/mean`` plus ``last.ckpt``), each configurable under its own key. The number of
     classes is linked from the data into the model. TensorBoard logs go to ``runs/<name>/version_<n>``.
     After ``fit`` the best checkpoint is tested when the data has a test split (``--test_after_fit``);
@@ -40,7 +39,7 @@ class ShortcutCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(GroupMetrics, "group_metrics")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/mean",

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from shortcut_lightning.cli import main
 
@@ -99,3 +100,11 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     want = json.loads((straight / "metrics.json").read_text())
     got = json.loads((resumed / "metrics.json").read_text())
     assert got == want
+
+
+def test_last_checkpoint_follows_every_epoch_when_the_metric_stalls(tmp_path):
+    # lr 0: val/mean never improves after epoch 0, so only epoch 0 is a top-k save; last.ckpt must still move
+    log_dir = run_cli(tmp_path, "--trainer.max_epochs", "3", "--model.optimizer.init_args.lr", "0.0")
+    ckpts = log_dir / "checkpoints"
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["epoch"] == 2
+    assert [p.name for p in ckpts.glob("epoch*.ckpt")] == ["epoch000.ckpt"]

@@ -52,3 +52,29 @@ def test_dfr_ddp_gives_the_same_head_as_one_process(tmp_path):
         assert report_2[key] == report_1[key]
     # ranks embed other batch compositions: features agree to float noise, so the fits to ~1e-4
     torch.testing.assert_close(head_2, head_1, rtol=0, atol=2e-3)
+
+
+def _mine(tmp_path, devices: int) -> dict:
+    from shortcut_lightning.callbacks import SpuriousPositiveMining
+
+    torch.manual_seed(0)
+    model = ShortcutClassifier("test_resnet")
+    dm = SyntheticShortcuts(n_train=48, n_val=9, n_test=9, image_size=32, batch_size=8, spurious="patch")
+    mining = SpuriousPositiveMining(top_m=6, num_selected=3, n_confusers=3, num_neurons=4, report_splits=())
+    kwargs = {"strategy": "ddp_spawn"} if devices > 1 else {}
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+        default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        callbacks=[mining], **kwargs,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    return json.loads((tmp_path / "mining.json").read_text())
+
+
+def test_mining_ddp_selects_what_one_process_selects(tmp_path):
+    single = _mine(tmp_path / "one", devices=1)
+    double = _mine(tmp_path / "two", devices=2)
+    assert single["neurons"] and double["neurons"] == single["neurons"]
+    for name, entry in single["classes"].items():
+        for key in ("top_indices", "selected_indices", "neurons"):
+            assert double["classes"][name][key] == entry[key]

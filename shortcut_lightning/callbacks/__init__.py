@@ -1,8 +1,19 @@
 """Stages as Lightning callbacks: each attaches to ``ShortcutClassifier`` or to a module of yours."""
 
+from shortcut_lightning.callbacks.checkpoint import BestAndLastCheckpoint
 from shortcut_lightning.callbacks.dfr import DeepFeatureReweighting
 from shortcut_lightning.callbacks.embedding_projector import EmbeddingProjector
 from shortcut_lightning.callbacks.group_metrics import GroupMetrics
+from shortcut_lightning.callbacks.neuron_regularization import NeuronRegularization
+from shortcut_lightning.callbacks.spurious_positive_mining import SpuriousPositiveMining
 from shortcut_lightning.callbacks.spurious_score import SpuriousScore
 
-__all__ = ["DeepFeatureReweighting", "EmbeddingProjector", "GroupMetrics", "SpuriousScore"]
+__all__ = [
+    "BestAndLastCheckpoint",
+    "DeepFeatureReweighting",
+    "EmbeddingProjector",
+    "GroupMetrics",
+    "NeuronRegularization",
+    "SpuriousPositiveMining",
+    "SpuriousScore",
+]

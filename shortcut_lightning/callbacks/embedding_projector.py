@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 
 from shortcut_lightning.data.base import require_group_datamodule
 from shortcut_lightning.data.samplers import world
-from shortcut_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from shortcut_lightning.data.transforms import denormalize
 from shortcut_lightning.embedding_pass import Embeddings, collect_embeddings
 from shortcut_lightning.errors import DataError, ShortcutError
 from shortcut_lightning.model_parts import find_head
@@ -122,18 +122,16 @@ def thumbnails_of(
 ) -> Tensor:
     """[N, 3, size, size] images of ``dataset`` rows in [0, 1], ImageNet normalisation undone."""
     loader = DataLoader(Subset(dataset, list(rows)), batch_size=batch_size, num_workers=num_workers)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     out = []
     for batch in loader:
         images = batch["image"].float()
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        images = images[:, :3] * std + mean
+        images = denormalize(images[:, :3])
         images = F.interpolate(
             images, size=(size, size), mode="bilinear", antialias=True, align_corners=False
         )
-        out.append(images.clamp(0, 1))
+        out.append(images.clamp(0, 1))  # antialiasing can overshoot
     return torch.cat(out) if out else torch.empty(0, 3, size, size)
 
 

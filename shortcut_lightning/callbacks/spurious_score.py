@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from shortcut_lightning.callbacks.model_stage import ModelStage
 from shortcut_lightning.data.base import require_group_datamodule
-from shortcut_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from shortcut_lightning.data.transforms import denormalize
 from shortcut_lightning.embedding_pass import collect_embeddings, head_change_reports
 from shortcut_lightning.errors import DataError, ModelError
 from shortcut_lightning.hooks import InputCapture, OutputCapture
@@ -79,8 +79,9 @@ class SpuriousScore(ModelStage):
     penultimate neuron at ``layer`` (by default the last block, whose average pool is the embedding:
     all maps from one forward pass), upsampled to the image, scaled to max 1 and binarised at
     ``alpha``; the s-score is the share of that focus region inside the spurious mask, averaged over
-    the samples. Writes ``sscore.csv`` (neuron, score, head weight norm), ``sscore.json`` (summary,
-    pruning report), a histogram and the mean to TensorBoard, and ``sscore_heatmaps.png``: the maps
+    the samples. Writes ``sscore.csv`` (neuron, score, head weight norm), ``sscore.json`` (summary:
+    the mean over all neurons, over those the head reads, and weighted by the head's absolute weights,
+    which is the figure a head refit such as DFR can change; pruning report), a histogram and the mean to TensorBoard, and ``sscore_heatmaps.png``: the maps
     of a low, a mid and a high s-score neuron over a few images (seed 001, Fig. 4).
 
     ``prune_above``: zero the head weights of neurons scoring above it (seed 001, Table 4) and report
@@ -178,7 +179,8 @@ class SpuriousScore(ModelStage):
             pl_module.train(was_training)
         all_maps = torch.cat([m.maps for m in maps]).cpu()
         scores = spurious_scores(all_maps, batch["mask"], self.alpha, self.interpolation)
-        used = head.weight.detach().abs().sum(0).cpu() > 0
+        usage = head.weight.detach().abs().sum(0).cpu()  # how much the head reads each neuron
+        used = usage > 0
         report: dict[str, Any] = {
             "split": self.split,
             "n_samples": len(batch["index"]),
@@ -188,6 +190,7 @@ class SpuriousScore(ModelStage):
             "one_pass": maps[0].fast,
             "mean": float(scores.mean()),
             "mean_used_neurons": float(scores[used].mean()) if used.any() else None,
+            "head_weighted_mean": float((scores * usage).sum() / usage.sum()) if used.any() else None,
             "n_neurons": len(scores),
             "n_used_neurons": int(used.sum()),
             "ranges": {
@@ -274,8 +277,6 @@ def heatmap_grid(batch: dict[str, Tensor], maps: Tensor, scores: Tensor, n_image
     order = torch.argsort(scores)
     rows = {"low": order[0], "mid": order[len(order) // 2], "high": order[-1]}
     n = min(n_images, len(maps))
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     figure = Figure(figsize=(2 * n, 2.1 * len(rows)))
     FigureCanvasAgg(figure)
     size = tuple(batch["image"].shape[-2:])
@@ -285,7 +286,7 @@ def heatmap_grid(batch: dict[str, Tensor], maps: Tensor, scores: Tensor, n_image
         )
         for c in range(n):
             ax = figure.add_subplot(len(rows), n, r * n + c + 1)
-            image = (batch["image"][c].cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+            image = denormalize(batch["image"][c].cpu()).permute(1, 2, 0).numpy()
             ax.imshow(image)
             heat = up[c, 0].numpy()
             ax.imshow(heat / heat.max() if heat.max() > 0 else heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)

@@ -39,3 +39,10 @@ def tensor_transform(image_size: int, augment: bool) -> v2.Transform:
     if augment:
         steps.append(v2.RandomCrop(image_size, padding=max(1, image_size // 8), padding_mode="reflect"))
     return v2.Compose([*steps, *_to_float()])
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """Images [..., 3, H, W] normalised by our transforms back to [0, 1], for figures."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    return (images * std + mean).clamp(0, 1)

@@ -1,0 +1,172 @@
+"""``NeuronRegularization``: SCORE's fine-tuning that penalises the neurons spurious-positive samples light up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from shortcut_lightning.callbacks.spurious_positive_mining import SpuriousPositiveMining
+from shortcut_lightning.errors import ShortcutError
+from shortcut_lightning.hooks import OutputCapture
+from shortcut_lightning.model_parts import find_module
+
+NORMS = ("l1", "l2")
+
+
+class NeuronRegularization(Callback):
+    """Adds ``strength * mean activation of the selected neurons`` to the training loss (SCORE, step 2).
+
+    From ``start_epoch`` on, the selected channels of ``layer`` are pooled over space for every sample
+    of the batch and penalised (``norm="l1"``: mean absolute value, ``"l2"``: mean square) through the
+    penalty seam (:func:`~shortcut_lightning.penalties.total_penalty`), so there is one loss and one
+    backward, correct under DDP and AMP. The activation comes from the training forward itself (a hook),
+    not from an extra pass.
+
+    The neurons come from, in this order: ``neurons`` (with ``layer``), ``mining_file`` (a
+    ``mining.json`` of an earlier run, so a second run can reuse it), or the
+    :class:`SpuriousPositiveMining` callback of the same trainer. The whole network is fine-tuned;
+    ``finetune_from="net.layer3"`` freezes every parameter registered before that module (under DDP
+    this needs ``strategy="ddp_find_unused_parameters_true"``).
+
+    Logs ``train/penalty/neuron_regularization`` and ``score/selected_activation`` (the selected
+    neurons' mean pooled activation) per step and epoch. The run tests the model as fine-tuned
+    (choosing a checkpoint by validation accuracy could pick an epoch before the fine-tuning).
+
+    Example::
+
+        trainer = L.Trainer(max_epochs=9, callbacks=[
+            SpuriousPositiveMining(start_epoch=6),
+            NeuronRegularization(start_epoch=6, strength=1.0),
+        ])
+
+    Args:
+        start_epoch: first epoch with the penalty.
+        strength: the penalty's weight (lambda).
+        norm: ``l1`` or ``l2``.
+        neurons: channel indices of ``layer`` to penalise.
+        layer: dotted name of the layer ``neurons`` index.
+        mining_file: a ``mining.json`` to take layer and neurons from.
+        finetune_from: freeze the parameters registered before this module.
+    """
+
+    penalty_name = "neuron_regularization"
+    changes_model_at_fit_end = True  # test the fine-tuned model, not the best checkpoint by val accuracy
+
+    def __init__(
+        self,
+        start_epoch: int = 0,
+        strength: float = 1.0,
+        norm: str = "l1",
+        neurons: list[int] | None = None,
+        layer: str | None = None,
+        mining_file: str | None = None,
+        finetune_from: str | None = None,
+    ) -> None:
+        if norm not in NORMS:
+            raise ShortcutError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+        if strength < 0:
+            raise ShortcutError(f"strength must be >= 0, got {strength}")
+        if neurons is not None and layer is None:
+            raise ShortcutError("neurons=[...] index the channels of a layer: give layer='...' too")
+        if neurons is not None and not neurons:
+            raise ShortcutError("neurons is empty: nothing to regularise")
+        if mining_file is not None and not Path(mining_file).is_file():
+            raise ShortcutError(
+                f"mining_file {mining_file} does not exist; give the mining.json of a mining run"
+            )
+        self.start_epoch = start_epoch
+        self.strength = strength
+        self.norm = norm
+        self.explicit = (layer, list(neurons) if neurons is not None else None)
+        self.mining_file = mining_file
+        self.finetune_from = finetune_from
+        self.layer: str | None = None
+        self.neurons: list[int] | None = None
+        self._capture: OutputCapture | None = None
+        self._index: Tensor | None = None
+
+    # -- which neurons --------------------------------------------------------------------------
+    def _resolve(self, trainer: L.Trainer) -> tuple[str, list[int]]:
+        layer, neurons = self.explicit
+        if neurons is not None:
+            return str(layer), neurons
+        if self.mining_file is not None:
+            mined = json.loads(Path(self.mining_file).read_text())
+            if not mined.get("neurons"):
+                raise ShortcutError(f"{self.mining_file} selects no neuron: nothing to regularise")
+            return (layer or mined["layer"]), mined["neurons"]
+        miners = [cb for cb in trainer.callbacks if isinstance(cb, SpuriousPositiveMining)]
+        if not miners:
+            raise ShortcutError(
+                "NeuronRegularization has no neurons: give neurons=[...] with layer=..., a mining_file, or add "
+                "SpuriousPositiveMining to the trainer's callbacks"
+            )
+        if miners[0].neurons is None:
+            raise ShortcutError(
+                f"SpuriousPositiveMining has not run by epoch {trainer.current_epoch}: list it before "
+                f"NeuronRegularization and give it start_epoch <= {self.start_epoch}"
+            )
+        return str(miners[0].layer_name), list(miners[0].neurons)
+
+    def _activate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.layer, self.neurons = self._resolve(trainer)
+        module = find_module(pl_module, self.layer, "layer")
+        self._capture = OutputCapture(module)
+        self._index = torch.tensor(self.neurons, dtype=torch.long)
+        if self.finetune_from is not None:
+            frozen = freeze_before(pl_module, self.finetune_from)
+            rank_zero_info(
+                f"NeuronRegularization: froze {frozen} parameter tensors before {self.finetune_from}"
+            )
+        rank_zero_info(
+            f"NeuronRegularization: penalising neurons {self.neurons} of {self.layer} ({self.norm})"
+        )
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._capture is None and trainer.current_epoch >= self.start_epoch:
+            self._activate(trainer, pl_module)
+
+    def training_penalty(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, outputs: dict[str, Tensor]
+    ) -> Tensor | None:
+        if self._capture is None or self._capture.value is None:
+            return None
+        activation = self._capture.value
+        if self._index.max() >= activation.shape[1]:
+            raise ShortcutError(
+                f"NeuronRegularization: neuron {int(self._index.max())} does not exist in {self.layer}, which has "
+                f"{activation.shape[1]} channels"
+            )
+        pooled = activation.flatten(2).mean(2) if activation.ndim > 2 else activation
+        selected = pooled[:, self._index.to(pooled.device)]
+        value = selected.abs().mean() if self.norm == "l1" else selected.pow(2).mean()
+        pl_module.log("score/selected_activation", selected.detach().mean(), on_step=True, on_epoch=True)
+        return self.strength * value
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+
+
+def freeze_before(model: nn.Module, name: str) -> int:
+    """Freezes (``requires_grad=False``) every parameter registered before module ``name``; returns how many."""
+    module = find_module(model, name, "finetune_from")
+    first = next(module.parameters(), None)
+    if first is None:
+        raise ShortcutError(f"finetune_from={name!r} names a module without parameters")
+    frozen = 0
+    for param in model.parameters():
+        if param is first:
+            return frozen
+        param.requires_grad_(False)
+        frozen += 1
+    return frozen

@@ -1,0 +1,445 @@
+"""``SpuriousPositiveMining``: SCORE's search for samples the model gets right for a spurious reason (seed 002)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from shortcut_lightning.callbacks.embedding_projector import project_2d
+from shortcut_lightning.callbacks.spurious_score import MASK_SOURCES, find_pooled_layer
+from shortcut_lightning.data.base import require_group_datamodule
+from shortcut_lightning.embedding_pass import Embeddings, collect_embeddings, head_change_reports
+from shortcut_lightning.errors import ShortcutError
+from shortcut_lightning.hooks import InputCapture, OutputCapture
+from shortcut_lightning.metrics import format_group_table
+from shortcut_lightning.mining_figures import masked_embedding_view, review_sheet
+from shortcut_lightning.model_parts import find_head, find_module
+from shortcut_lightning.spurious_positives import (
+    confuser_similarity,
+    mask_images,
+    mask_overlap,
+    neuron_scores,
+    relevance_mask,
+    select_neurons,
+)
+from shortcut_lightning.xai import relevance
+
+SELECTIONS = ("auto", "oracle", "manual")
+
+
+class SpuriousPositiveMining(Callback):
+    """Finds spurious-positive samples per class with LRP and scores the neurons they light up (SCORE, step 1).
+
+    At ``start_epoch`` (before that epoch trains; 0 mines the model as loaded), per class ``c``: rank
+    the training samples of class ``c`` (evaluation transforms) by the class-``c`` logit and keep the
+    top ``top_m``; LRP relevance for ``c``; mask of the top ``top_q`` share of positive relevance;
+    masked image (the rest set to ``fill``); the model's prediction on it. Then ``num_selected``
+    spurious-positive samples are chosen by ``selection``:
+
+    * ``"manual"``: the dataset indices in ``manual_indices[c]``, picked from the review sheet;
+    * ``"oracle"``: the samples whose relevance mask lies most inside the ground-truth spurious mask
+      (at least ``oracle_min_overlap``); uses annotations, and every log line and file says so;
+    * ``"auto"``, needing no annotations: the *confusers* of class ``c`` are the ``n_confusers``
+      training samples of OTHER classes with the highest class-``c`` logit. Their class-``c`` evidence
+      cannot be ``c``'s object, which they lack, so it is a shortcut; the selected samples are the
+      top ones whose masked-region embedding is most similar to the confusers'. It needs the shortcut
+      to occur in a few samples of another class (Waterbirds, CelebA: yes; ISIC's patches: no, use
+      ``manual``).
+
+    With ``require_masked_prediction`` a candidate must still be predicted ``c`` from its masked image
+    alone. Neuron scores at ``layer``: ``s_j = mean over selected of a_j(x) * relu(R_j(x_masked))``
+    (pooled activation, per-channel relevance); the ``num_neurons`` best (or those above mean +
+    ``z_score`` std) per class, united, are what :class:`NeuronRegularization` penalises.
+
+    Writes ``mining.json`` (indices, neurons and scores, every parameter), ``review_<class>.png`` per
+    class (also to TensorBoard), ``masked_embeddings.png`` and ``checkpoints/before_mining.ckpt`` (resume
+    from it to rerun the stage with other choices, e.g. ``manual`` picks from the review sheet); prints the group table of ``report_splits``
+    before fine-tuning. Every rank computes the same selection from the gathered pass.
+
+    Example::
+
+        trainer = L.Trainer(max_epochs=9, callbacks=[
+            SpuriousPositiveMining(start_epoch=6, selection="auto"),
+            NeuronRegularization(start_epoch=6, strength=1.0),
+        ])
+        trainer.fit(ShortcutClassifier("resnet18", num_classes=2), datamodule=SyntheticShortcuts())
+
+    Args:
+        start_epoch: the epoch before which mining runs.
+        selection: ``auto``, ``oracle`` or ``manual``.
+        layer: dotted name of the layer whose neurons are scored; default: the block the embedding pools.
+        head: dotted name of the head; default: found.
+        top_m: top samples per class.
+        top_q: share of the pixels kept in a relevance mask.
+        dilation: pixels the masks grow by.
+        fill: value of the removed pixels (0 is the mean colour after normalisation).
+        num_selected: spurious-positive samples kept per class (``auto``, ``oracle``).
+        manual_indices: ``{class: [dataset indices]}`` for ``manual``.
+        n_confusers: other-class samples of the ``auto`` rule.
+        oracle_min_overlap: share of a mask inside the spurious region for ``oracle``.
+        require_masked_prediction: keep only candidates still predicted their class when masked.
+        num_neurons: neurons selected per class.
+        z_score: select by mean + z * std instead of ``num_neurons``.
+        classes: classes to mine (default all).
+        composite: LRP composite (:data:`~shortcut_lightning.xai.COMPOSITES`).
+        batch_size: samples per LRP batch.
+        report_splits: splits whose group table is printed and saved before fine-tuning.
+    """
+
+    def __init__(
+        self,
+        start_epoch: int = 0,
+        selection: str = "auto",
+        layer: str | None = None,
+        head: str | None = None,
+        top_m: int = 100,
+        top_q: float = 0.2,
+        dilation: int = 0,
+        fill: float = 0.0,
+        num_selected: int = 10,
+        manual_indices: dict[int, list[int]] | None = None,
+        n_confusers: int = 20,
+        oracle_min_overlap: float = 0.5,
+        require_masked_prediction: bool = True,
+        num_neurons: int | None = 10,
+        z_score: float | None = None,
+        classes: list[int] | None = None,
+        composite: str = "epsilon_plus_flat",
+        batch_size: int = 32,
+        report_splits: Sequence[str] = ("val", "test"),
+        neuron_samples: str = "selected",
+    ) -> None:
+        if selection not in SELECTIONS:
+            raise ShortcutError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+        if selection == "manual" and not manual_indices:
+            raise ShortcutError(
+                "selection='manual' needs manual_indices: {class: [dataset indices]} picked from review_<class>.png"
+            )
+        for name, value in (("top_m", top_m), ("num_selected", num_selected), ("n_confusers", n_confusers)):
+            if value < 1:
+                raise ShortcutError(f"{name} must be >= 1, got {value}")
+        if num_neurons is None and z_score is None:
+            raise ShortcutError("give num_neurons or z_score")
+        if not 0 < top_q <= 1:
+            raise ShortcutError(f"top_q must be in (0, 1], got {top_q}")
+        self.start_epoch = start_epoch
+        self.selection = selection
+        self.layer = layer
+        self.head = head
+        self.top_m = top_m
+        self.top_q = top_q
+        self.dilation = dilation
+        self.fill = fill
+        self.num_selected = num_selected
+        self.manual_indices = {int(k): [int(i) for i in v] for k, v in (manual_indices or {}).items()}
+        self.n_confusers = n_confusers
+        self.oracle_min_overlap = oracle_min_overlap
+        self.require_masked_prediction = require_masked_prediction
+        self.num_neurons = num_neurons
+        self.z_score = z_score
+        self.classes = classes
+        self.composite = composite
+        self.batch_size = batch_size
+        self.report_splits = tuple(report_splits)
+        if neuron_samples not in ("selected", "confusers"):
+            raise ShortcutError(f"neuron_samples must be 'selected' or 'confusers', got {neuron_samples!r}")
+        self.neuron_samples = neuron_samples
+        self.result: dict[str, Any] | None = None
+
+    @property
+    def uses_annotations(self) -> bool:
+        return self.selection == "oracle"
+
+    @property
+    def neurons(self) -> list[int] | None:
+        return None if self.result is None else self.result["neurons"]
+
+    @property
+    def layer_name(self) -> str | None:
+        return None if self.result is None else self.result["layer"]
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.result is None and trainer.current_epoch >= self.start_epoch:
+            self.mine(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"result": self.result}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.result = state_dict.get("result")
+
+    # -- mining ---------------------------------------------------------------------------------
+    def mine(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Runs the whole mining on the current model; returns (and keeps) the result."""
+        tag = " [oracle: uses spurious annotations]" if self.uses_annotations else ""
+        self._save_model_before(trainer)
+        dm = require_group_datamodule(getattr(trainer, "datamodule", None), "SpuriousPositiveMining")
+        head = find_head(pl_module, self.head)
+        dataset = dm.dataset("train")
+        classes = list(range(dm.num_classes)) if self.classes is None else [int(c) for c in self.classes]
+        self._check_manual(dataset, classes)
+        if self.selection == "oracle" and not dataset.has_masks:
+            raise ShortcutError(
+                f"selection='oracle' needs spurious-region masks and the train split of {type(dm).__name__} has "
+                f"none ({MASK_SOURCES}); or use selection='auto' or 'manual'"
+            )
+        probe = torch.stack([dataset[i]["image"] for i in range(min(2, len(dataset)))]).to(pl_module.device)
+        layer_name = self.layer or find_pooled_layer(pl_module, head, probe)
+        layer = find_module(pl_module, layer_name, "layer")
+        train = collect_embeddings(pl_module, dm.dataloader("train"), head, desc=f"SCORE: ranking train{tag}")
+        per_class: dict[str, Any] = {}
+        figures: dict[str, Any] = {}
+        panels: dict[str, dict[str, np.ndarray]] = {}
+        neurons: set[int] = set()
+        for c in classes:
+            name = dm.class_names[c]
+            top = self._top(train, c, own=True, n=self.top_m)
+            pool = top + [i for i in self.manual_indices.get(c, []) if i not in top]
+            found = self._analyse(pl_module, dataset, pool, c, layer, layer_name, head, f"{name}{tag}")
+            confusers: dict[str, Tensor] | None = None
+            if self.selection == "manual":
+                scores, chosen = None, [pool.index(i) for i in self.manual_indices.get(c, [])]
+            else:
+                scores, chosen, confusers = self._select(
+                    pl_module, dataset, train, found, c, layer, layer_name, head, tag
+                )
+            passing = [pool[i] for i in chosen]
+            entry: dict[str, Any] = {
+                "top_indices": top,
+                "selected_indices": passing,
+                "masked_prediction_kept": int(found["kept"].sum()),
+                "selection_scores": None if scores is None else [round(float(s), 5) for s in scores],
+            }
+            if found.get("overlap") is not None:
+                overlap = found["overlap"][: len(top)]
+                entry["lrp_mask_overlap_with_spurious_region"] = float(overlap.mean())
+                if chosen:
+                    hits = found["overlap"][chosen] >= self.oracle_min_overlap
+                    entry["precision_vs_oracle"] = float(hits.float().mean())
+            if chosen:
+                activation, relevance_ = found["activation"][chosen], found["relevance"][chosen]
+                if self.neuron_samples == "confusers" and confusers is not None:
+                    activation, relevance_ = confusers["activation"], confusers["relevance"]
+                s = neuron_scores(activation, relevance_)
+                picked = select_neurons(s, self.num_neurons, self.z_score)
+                entry["neurons"] = picked.tolist()
+                entry["neuron_scores"] = [round(float(s[j]), 6) for j in picked]
+                neurons.update(picked.tolist())
+            else:
+                warnings.warn(
+                    f"SCORE mining{tag}: no spurious-positive sample of class {name!r} passed the selection "
+                    f"({self.selection}); no neuron is taken from this class",
+                    stacklevel=2,
+                )
+                entry["neurons"] = []
+            per_class[name] = entry
+            notes = None if scores is None else [f"{float(v):.2f}" for v in scores]
+            figures[name] = review_sheet(
+                found["images"], found["masks"], pool, passing,
+                f"class {name}: top {len(top)} by logit, relevance masks (top {self.top_q:.0%}); "
+                f"framed = selected ({self.selection}){tag}", notes,
+            )  # fmt: skip
+            panels[name] = self._panel(found, chosen)
+        if not neurons:
+            raise ShortcutError(
+                f"SCORE mining{tag}: no sample passed the {self.selection!r} selection in any class, so there is "
+                "nothing to regularise. Look at review_<class>.png, then try selection='manual', a larger top_m "
+                "or top_q, or require_masked_prediction=False"
+            )
+        before = self._reports(pl_module, dm, head)
+        self.result = {
+            "selection": self.selection,
+            "uses_annotations": self.uses_annotations,
+            "layer": layer_name,
+            "neurons": sorted(neurons),
+            "classes": per_class,
+            "before": before,
+            "epoch": trainer.current_epoch,
+            "parameters": self._parameters(),
+        }
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
+        self._write(trainer, log_dir, self.result, figures, panels)
+        return self.result
+
+    @staticmethod
+    def _save_model_before(trainer: L.Trainer) -> None:
+        """``checkpoints/before_mining.ckpt``: rerun the stage from it (e.g. with ``manual`` picks), no new ERM."""
+        checkpoint = getattr(trainer, "checkpoint_callback", None)
+        if trainer.state.fn == "fit" and checkpoint is not None and checkpoint.dirpath:
+            trainer.save_checkpoint(Path(checkpoint.dirpath) / "before_mining.ckpt")  # every rank calls it
+
+    def _check_manual(self, dataset: Any, classes: list[int]) -> None:
+        for c, indices in self.manual_indices.items():
+            if c not in classes:
+                raise ShortcutError(f"manual_indices names class {c}, which is not mined (classes {classes})")
+            for i in indices:
+                if not 0 <= i < len(dataset):
+                    raise ShortcutError(
+                        f"manual_indices[{c}] lists sample {i}, but the train split has samples 0..{len(dataset) - 1}"
+                    )
+                if int(dataset.targets[i]) != c:
+                    raise ShortcutError(
+                        f"manual_indices[{c}] lists sample {i}, which belongs to class {int(dataset.targets[i])}; "
+                        "list each sample under its own class (see the indices on review_<class>.png)"
+                    )
+
+    def _top(self, train: Embeddings, c: int, own: bool, n: int) -> list[int]:
+        rows = ((train.target == c) if own else (train.target != c)).nonzero().flatten()
+        order = train.logits[rows, c].argsort(descending=True, stable=True)
+        return train.index[rows[order[:n]]].tolist()
+
+    def _analyse(
+        self,
+        pl_module: L.LightningModule,
+        dataset: Any,
+        indices: list[int],
+        c: int,
+        layer: nn.Module,
+        layer_name: str,
+        head: nn.Module,
+        desc: str,
+    ) -> dict[str, Tensor]:
+        """LRP masks, masked images and what the model does with them, for ``indices`` and class ``c``."""
+        parts: dict[str, list[Tensor]] = {}
+        chunks = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        show = getattr(getattr(pl_module, "_trainer", None), "is_global_zero", True)
+        for chunk in tqdm(chunks, desc=f"SCORE: LRP on class {desc}", leave=False, disable=not show):
+            samples = [dataset[i] for i in chunk]
+            x = torch.stack([s["image"] for s in samples]).to(pl_module.device)
+            masks = relevance_mask(
+                relevance(pl_module, x, c, self.composite).input, self.top_q, self.dilation
+            )
+            masked = mask_images(x, masks, self.fill)
+            activation, _ = _forward(pl_module, x, layer, head)
+            lrp = relevance(pl_module, masked, c, self.composite, [layer_name])
+            _, embedding = _forward(pl_module, masked, layer, head)
+            got = {
+                "images": x.cpu(),
+                "masks": masks.cpu(),
+                "activation": activation.flatten(2).mean(2).cpu(),
+                "relevance": lrp.layers[layer_name].cpu(),
+                "embedding": embedding.flatten(1).cpu(),
+                "kept": (lrp.logits.argmax(1) == c).cpu(),
+            }
+            if getattr(dataset, "has_masks", False):
+                spurious = torch.stack([s["mask"] for s in samples]).cpu()
+                got["overlap"] = mask_overlap(masks.cpu(), spurious)
+            for key, value in got.items():
+                parts.setdefault(key, []).append(value)
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    def _select(
+        self,
+        pl_module: L.LightningModule,
+        dataset: Any,
+        train: Embeddings,
+        found: dict[str, Tensor],
+        c: int,
+        layer: nn.Module,
+        layer_name: str,
+        head: nn.Module,
+        tag: str,
+    ) -> tuple[Tensor, list[int], dict[str, Tensor] | None]:
+        """Selection scores (``auto``, ``oracle``), positions of the selected samples, the confusers' analysis."""
+        n_top = min(self.top_m, len(found["kept"]))
+        candidates = (
+            found["kept"].clone() if self.require_masked_prediction else torch.ones_like(found["kept"])
+        )
+        candidates[n_top:] = False
+        other = None
+        if self.selection == "oracle":
+            scores = found["overlap"]
+            candidates &= scores >= self.oracle_min_overlap
+        else:
+            confusers = self._top(train, c, own=False, n=self.n_confusers)
+            other = self._analyse(
+                pl_module, dataset, confusers, c, layer, layer_name, head, f"{c} confusers{tag}"
+            )
+            scores = confuser_similarity(found["embedding"], other["embedding"])
+        order = [int(i) for i in scores.argsort(descending=True, stable=True) if candidates[i]]
+        return scores, order[: self.num_selected], other
+
+    def _panel(self, found: dict[str, Tensor], chosen: list[int]) -> dict[str, np.ndarray]:
+        points = project_2d(found["embedding"].numpy(), method="pca")
+        selected = np.zeros(len(points), dtype=bool)
+        selected[chosen] = True
+        panel = {"points": points, "selected": selected}
+        if "overlap" in found:
+            panel["spurious"] = (found["overlap"] >= self.oracle_min_overlap).numpy()
+        return panel
+
+    def _reports(self, pl_module: L.LightningModule, dm: Any, head: nn.Linear) -> dict[str, Any]:
+        splits = [s for s in self.report_splits if s in dm.splits]
+        embeddings = {
+            s: collect_embeddings(pl_module, dm.dataloader(s), head, desc=f"SCORE: {s} before")
+            for s in splits
+        }
+        bias = None if head.bias is None else head.bias.detach()
+        return head_change_reports(dm, embeddings, head.weight.detach(), bias)["before"]
+
+    def _parameters(self) -> dict[str, Any]:
+        keys = ("start_epoch", "selection", "layer", "top_m", "top_q", "dilation", "fill", "num_selected",
+                "manual_indices", "n_confusers", "oracle_min_overlap", "require_masked_prediction", "num_neurons",
+                "z_score", "classes", "composite", "neuron_samples")  # fmt: skip
+        return {k: getattr(self, k) for k in keys}
+
+    # -- output ---------------------------------------------------------------------------------
+    @rank_zero_only
+    def _write(
+        self, trainer: L.Trainer, log_dir: Path, result: dict[str, Any], figures: dict[str, Any], panels: dict
+    ) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / "mining.json").write_text(json.dumps(result, indent=2))
+        view = masked_embedding_view(panels)
+        view.savefig(log_dir / "masked_embeddings.png", dpi=100)
+        for name, figure in figures.items():
+            figure.savefig(log_dir / f"review_{name}.png", dpi=110)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                for name, figure in figures.items():
+                    logger.experiment.add_figure(
+                        f"score/review_{name}", figure, global_step=trainer.global_step
+                    )
+                logger.experiment.add_figure("score/masked_embeddings", view, global_step=trainer.global_step)
+        tag = " [oracle: uses spurious annotations]" if result["uses_annotations"] else ""
+        print(f"\nSCORE mining{tag} at {result['layer']}: neurons {result['neurons']}", flush=True)
+        for name, entry in result["classes"].items():
+            extra = ""
+            if "precision_vs_oracle" in entry:
+                extra = f", precision vs oracle {entry['precision_vs_oracle']:.2f}"
+            print(f"  {name}: selected {entry['selected_indices']}{extra}", flush=True)
+        for split, report in result["before"].items():
+            print(
+                f"\n{split} before SCORE fine-tuning\n" + format_group_table({"before": report}) + "\n",
+                flush=True,
+            )
+
+
+def _forward(
+    pl_module: L.LightningModule, images: Tensor, layer: nn.Module, head: nn.Module
+) -> tuple[Tensor, Tensor]:
+    """``layer``'s output and the embedding (the head's input) of ``images``, in eval mode without gradients."""
+    was_training = pl_module.training
+    pl_module.eval()
+    activation, embedding = OutputCapture(layer), InputCapture(head)
+    try:
+        with torch.no_grad():
+            pl_module(images)
+    finally:
+        activation.remove()
+        embedding.remove()
+        pl_module.train(was_training)
+    return activation.value, embedding.value

@@ -1,0 +1,283 @@
+"""SCORE: the mining steps on tensors, the mining and regularization callbacks, DDP and resume."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from shortcut_lightning import ShortcutClassifier, ShortcutError
+from shortcut_lightning.callbacks import NeuronRegularization, SpuriousPositiveMining
+from shortcut_lightning.callbacks.neuron_regularization import freeze_before
+from shortcut_lightning.data import SyntheticShortcuts
+from shortcut_lightning.spurious_positives import (
+    confuser_similarity,
+    mask_images,
+    mask_overlap,
+    neuron_scores,
+    relevance_mask,
+    select_neurons,
+)
+
+# -- the steps on tensors ----------------------------------------------------------------------------
+
+
+def test_relevance_mask_keeps_the_top_share_of_positive_relevance():
+    rel = torch.zeros(2, 3, 4, 4)
+    rel[0, 0, 0, :2] = torch.tensor([5.0, 4.0])  # the two most relevant pixels of image 0
+    rel[0, 1, 3, 3] = -9.0
+    rel[1] = -1.0  # image 1: nothing positive
+    mask = relevance_mask(rel, top_q=2 / 16)
+    assert mask.shape == (2, 1, 4, 4)
+    assert mask[0, 0].nonzero().tolist() == [[0, 0], [0, 1]]
+    assert not mask[1].any()
+    grown = relevance_mask(rel, top_q=2 / 16, dilation=1)
+    assert grown[0, 0, :2, :3].all() and grown[0].sum() == 6
+    with pytest.raises(ShortcutError, match="top_q"):
+        relevance_mask(rel, top_q=0)
+
+
+def test_masked_image_keeps_the_region_and_fills_the_rest():
+    x = torch.arange(8.0).view(1, 2, 2, 2)
+    mask = torch.tensor([[[[True, False], [False, True]]]])
+    out = mask_images(x, mask, fill=-1.0)
+    assert out[0, :, 0, 0].tolist() == [0.0, 4.0]
+    assert out[0, :, 0, 1].tolist() == [-1.0, -1.0]
+
+
+def test_neuron_scores_follow_the_formula_and_selection_rules():
+    gen = torch.Generator().manual_seed(0)
+    act, rel = torch.rand(5, 12, generator=gen), torch.randn(5, 12, generator=gen)
+    expected = torch.stack([sum(act[i, j] * max(rel[i, j], 0) for i in range(5)) / 5 for j in range(12)])
+    scores = neuron_scores(act, rel)
+    torch.testing.assert_close(scores, expected)
+    assert select_neurons(scores, k=3).tolist() == expected.argsort(descending=True)[:3].tolist()
+    by_z = select_neurons(scores, k=None, z=1.0)
+    assert (scores[by_z] > scores.mean() + scores.std()).all()
+    with pytest.raises(ShortcutError, match="only 12 channels"):
+        select_neurons(scores, k=13)
+
+
+def test_overlap_and_confuser_similarity():
+    masks = torch.zeros(2, 1, 2, 2, dtype=torch.bool)
+    masks[0, 0, 0] = True  # two pixels, one inside
+    spurious = torch.zeros_like(masks)
+    spurious[:, 0, 0, 0] = True
+    assert mask_overlap(masks, spurious).tolist() == [0.5, 0.0]
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    sim = confuser_similarity(emb, torch.tensor([[2.0, 0.0], [3.0, 0.0]]))
+    assert sim[0] > 0.99 and abs(float(sim[1])) < 1e-6
+
+
+# -- the callbacks -----------------------------------------------------------------------------------
+
+
+def _data(**kwargs) -> SyntheticShortcuts:
+    return SyntheticShortcuts(
+        **{
+            "n_train": 64,
+            "n_val": 21,
+            "n_test": 21,
+            "image_size": 32,
+            "batch_size": 16,
+            "spurious": "patch",
+            **kwargs,
+        }
+    )
+
+
+def _trainer(tmp_path, callbacks, max_epochs=1, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", max_epochs=max_epochs, default_root_dir=tmp_path, logger=False,
+        enable_progress_bar=False, enable_checkpointing=False, callbacks=callbacks, **kwargs,
+    )  # fmt: skip
+
+
+def _mining(**kwargs) -> SpuriousPositiveMining:
+    return SpuriousPositiveMining(
+        **{"top_m": 8, "num_selected": 3, "n_confusers": 4, "num_neurons": 4, **kwargs}
+    )
+
+
+def test_mining_writes_its_report_sheets_and_neurons(tmp_path, capsys):
+    torch.manual_seed(0)
+    mining = _mining(selection="oracle", oracle_min_overlap=0.0, require_masked_prediction=False)
+    trainer = _trainer(tmp_path, [mining, NeuronRegularization(strength=0.5)])
+    trainer.fit(ShortcutClassifier("test_resnet"), datamodule=_data())
+    result = json.loads((tmp_path / "mining.json").read_text())
+    assert result == json.loads(json.dumps(mining.result))
+    assert result["uses_annotations"] is True and "oracle" in capsys.readouterr().out
+    for name, entry in result["classes"].items():
+        assert len(entry["top_indices"]) == 8
+        assert 1 <= len(entry["selected_indices"]) <= 3
+        assert set(entry["selected_indices"]) <= set(entry["top_indices"])
+        assert len(entry["neurons"]) == 4
+        assert (tmp_path / f"review_{name}.png").stat().st_size > 0
+        assert 0.0 <= entry["lrp_mask_overlap_with_spurious_region"] <= 1.0
+    assert result["neurons"] == sorted({n for e in result["classes"].values() for n in e["neurons"]})
+    assert result["parameters"]["top_q"] == 0.2 and set(result["before"]) == {"val", "test"}
+    assert (tmp_path / "masked_embeddings.png").is_file()
+    # the top samples of a class are its own, ranked by the class logit
+    targets = trainer.datamodule.dataset("train").targets
+    for c, entry in enumerate(result["classes"].values()):
+        assert all(int(targets[i]) == c for i in entry["top_indices"])
+
+
+def test_oracle_selects_the_samples_whose_mask_is_most_on_the_spurious_region(tmp_path):
+    torch.manual_seed(0)
+    mining = _mining(
+        selection="oracle", oracle_min_overlap=0.0, require_masked_prediction=False, num_selected=8
+    )
+    _trainer(tmp_path, [mining]).fit(ShortcutClassifier("test_resnet"), datamodule=_data())
+    for entry in mining.result["classes"].values():
+        scores = dict(zip(entry["top_indices"], entry["selection_scores"], strict=False))
+        chosen = [scores[i] for i in entry["selected_indices"]]
+        assert chosen == sorted(chosen, reverse=True) and chosen[0] == max(scores.values())
+
+
+def test_manual_selection_takes_the_given_indices(tmp_path):
+    dm = _data()
+    dm.setup("fit")
+    targets = dm.dataset("train").targets
+    picks = {c: (targets == c).nonzero().flatten()[-2:].tolist() for c in (0, 1)}  # likely outside the top m
+    mining = _mining(selection="manual", manual_indices=picks)
+    _trainer(tmp_path, [mining]).fit(ShortcutClassifier("test_resnet"), datamodule=dm)
+    for c, entry in enumerate(mining.result["classes"].values()):
+        assert entry["selected_indices"] == picks[c]
+
+
+def test_manual_indices_that_do_not_exist_or_belong_elsewhere_are_named(tmp_path):
+    dm = _data()
+    dm.setup("fit")
+    targets = dm.dataset("train").targets
+    other = int((targets == 1).nonzero()[0])
+    for picks, message in (({0: [999]}, r"sample 999, but the train split has samples 0\.\.63"),
+                           ({0: [other]}, rf"sample {other}, which belongs to class 1")):  # fmt: skip
+        with pytest.raises(ShortcutError, match=message):
+            _trainer(tmp_path, [_mining(selection="manual", manual_indices=picks)]).fit(
+                ShortcutClassifier("test_resnet"), datamodule=dm
+            )
+
+
+def test_bad_mining_arguments_are_named(tmp_path):
+    with pytest.raises(ShortcutError, match="manual_indices"):
+        SpuriousPositiveMining(selection="manual")
+    with pytest.raises(ShortcutError, match="selection must be one of"):
+        SpuriousPositiveMining(selection="magic")
+    with pytest.raises(ShortcutError, match=r"has only .* channels"):
+        _trainer(
+            tmp_path,
+            [
+                _mining(
+                    num_neurons=10_000,
+                    selection="oracle",
+                    oracle_min_overlap=0.0,
+                    require_masked_prediction=False,
+                )
+            ],
+        ).fit(ShortcutClassifier("test_resnet"), datamodule=_data())
+
+
+def test_no_sample_passing_stops_the_stage(tmp_path):
+    mining = _mining(selection="oracle", oracle_min_overlap=1.5)  # no mask can lie 150% inside
+    with pytest.raises(ShortcutError, match="no sample passed the 'oracle' selection in any class"):
+        _trainer(tmp_path, [mining, NeuronRegularization()]).fit(
+            ShortcutClassifier("test_resnet"), datamodule=_data()
+        )
+
+
+def test_oracle_without_masks_is_refused(metadata_folder, tmp_path):
+    from shortcut_lightning.data import MetadataDataModule
+
+    dm = MetadataDataModule(root=str(metadata_folder(masks=False)), image_size=32, num_workers=0)
+    with pytest.raises(ShortcutError, match=r"needs spurious-region masks.*mask_filename"):
+        _trainer(tmp_path, [_mining(selection="oracle")]).fit(
+            ShortcutClassifier("test_resnet"), datamodule=dm
+        )
+
+
+# -- regularization ---------------------------------------------------------------------------------
+
+
+def test_penalty_is_the_mean_pooled_activation_of_the_selected_neurons():
+    torch.manual_seed(0)
+    model = ShortcutClassifier("test_resnet")
+    x = torch.randn(4, 3, 32, 32)
+    features = {}
+    model.net.layer3.register_forward_hook(lambda m, a, out: features.setdefault("out", out))
+    for norm, reduce in (("l1", torch.abs), ("l2", torch.square)):
+        reg = NeuronRegularization(strength=2.5, norm=norm, neurons=[1, 3], layer="net.layer3")
+        reg._activate(L.Trainer(logger=False), model)
+        model(x)
+        pooled = features.pop("out").mean((2, 3))[:, [1, 3]]
+        with pytest.warns(UserWarning, match="log"):  # no trainer loop: the logged value is dropped
+            penalty = reg.training_penalty(None, model, None, {})
+        torch.testing.assert_close(penalty, 2.5 * reduce(pooled).mean())
+        reg.on_fit_end(None, model)
+
+
+def test_regularized_fit_logs_and_lowers_the_selected_activation(tmp_path):
+    def selected_activation(strength: float) -> float:
+        torch.manual_seed(0)
+        model = ShortcutClassifier("test_resnet")
+        reg = NeuronRegularization(strength=strength, neurons=[0, 2, 5], layer="net.layer3")
+        trainer = _trainer(tmp_path, [reg], max_epochs=2)
+        trainer.fit(model, datamodule=_data())
+        assert "train/penalty/neuron_regularization_epoch" in trainer.callback_metrics
+        return float(trainer.callback_metrics["score/selected_activation_epoch"])
+
+    assert selected_activation(50.0) < 0.5 * selected_activation(0.0)
+
+
+def test_neurons_from_a_mining_file_and_finetune_from(tmp_path):
+    mined = tmp_path / "mining.json"
+    mined.write_text(json.dumps({"layer": "net.layer3", "neurons": [4, 7]}))
+    torch.manual_seed(0)
+    model = ShortcutClassifier("test_resnet")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reg = NeuronRegularization(mining_file=str(mined), finetune_from="net.layer3")
+    _trainer(tmp_path, [reg]).fit(model, datamodule=_data())
+    assert (reg.layer, reg.neurons) == ("net.layer3", [4, 7])
+    after = model.state_dict()
+    assert torch.equal(after["net.conv1.0.weight"], before["net.conv1.0.weight"])
+    assert torch.equal(after["net.layer2.0.conv1.weight"], before["net.layer2.0.conv1.weight"])
+    assert not torch.equal(after["net.layer3.0.conv1.weight"], before["net.layer3.0.conv1.weight"])
+
+
+def test_regularization_arguments_are_checked(tmp_path):
+    with pytest.raises(ShortcutError, match="give layer"):
+        NeuronRegularization(neurons=[1])
+    with pytest.raises(ShortcutError, match="does not exist"):
+        NeuronRegularization(mining_file=str(tmp_path / "nope.json"))
+    with pytest.raises(ShortcutError, match="norm must be"):
+        NeuronRegularization(norm="l3")
+    with pytest.raises(ShortcutError, match="add SpuriousPositiveMining"):
+        _trainer(tmp_path, [NeuronRegularization()]).fit(
+            ShortcutClassifier("test_resnet"), datamodule=_data()
+        )
+    with pytest.raises(ShortcutError, match="finetune_from"):
+        freeze_before(ShortcutClassifier("test_resnet"), "net.layer9")
+
+
+def test_resume_keeps_the_mining_result(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    kwargs = {"selection": "oracle", "oracle_min_overlap": 0.0, "require_masked_prediction": False}
+    first = _mining(start_epoch=1, **kwargs)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=2, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        callbacks=[first, NeuronRegularization(start_epoch=1)],
+    )  # fmt: skip
+    trainer.fit(ShortcutClassifier("test_resnet"), datamodule=_data())
+    assert (tmp_path / "checkpoints" / "before_mining.ckpt").is_file()
+    ckpt = next((tmp_path / "checkpoints").glob("epoch*.ckpt"))
+    second = _mining(start_epoch=1, **kwargs)
+    monkeypatch.setattr(SpuriousPositiveMining, "mine", lambda *a: pytest.fail("mined again after resume"))
+    reg = NeuronRegularization(start_epoch=1)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=3, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        callbacks=[second, reg],
+    )  # fmt: skip
+    trainer.fit(ShortcutClassifier("test_resnet"), datamodule=_data(), ckpt_path=ckpt)
+    assert second.result == first.result and reg.neurons == first.result["neurons"]
