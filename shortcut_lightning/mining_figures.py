@@ -53,7 +53,7 @@ def review_sheet(
         for spine in ax.spines.values():
             spine.set_edgecolor("red" if framed else "none")
             spine.set_linewidth(2.5 if framed else 0)
-    figure.tight_layout(pad=0.3)
+    figure.tight_layout(pad=0.3, rect=(0, 0, 1, 1 - 0.5 / (1.45 * rows + 0.5)))  # room for the title
     return figure
 
 
