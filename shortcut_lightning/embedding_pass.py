@@ -105,14 +105,27 @@ def head_change_reports(
     Only the head changes, so the embeddings of the pass serve both. Every DDP rank holds the gathered
     split already, so the metric does not sum across ranks.
     """
-    counts = dm.group_counts("train") if "train" in dm.splits else None
     weight = torch.as_tensor(weight, dtype=torch.float64).cpu()
     shift = 0 if bias is None else torch.as_tensor(bias, dtype=torch.float64).cpu()
-    reports: dict[str, dict[str, Any]] = {"before": {}, "after": {}}
+    return {
+        "before": group_reports(dm, embeddings),
+        "after": group_reports(
+            dm, embeddings, {s: e.features.double() @ weight.T + shift for s, e in embeddings.items()}
+        ),
+    }
+
+
+def group_reports(
+    dm: Any, embeddings: dict[str, Embeddings], logits: dict[str, Tensor] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Group report of each split from the logits of its pass (or the given ``logits`` per split).
+
+    Every DDP rank holds the gathered split already, so the metric does not sum across ranks.
+    """
+    counts = dm.group_counts("train") if "train" in dm.splits else None
+    reports = {}
     for split, emb in embeddings.items():
-        after = emb.features.double() @ weight.T + shift
-        for key, logits in (("before", emb.logits), ("after", after)):
-            metric = GroupAccuracy(dm.num_groups, dm.num_classes, counts, sync_on_compute=False)
-            metric.update(logits, emb.target, emb.group)
-            reports[key][split] = group_report(metric.compute(), dm.group_names, split)
+        metric = GroupAccuracy(dm.num_groups, dm.num_classes, counts, sync_on_compute=False)
+        metric.update(emb.logits if logits is None else logits[split], emb.target, emb.group)
+        reports[split] = group_report(metric.compute(), dm.group_names, split)
     return reports

@@ -10,15 +10,7 @@ import numpy as np
 from torch import Tensor
 
 from shortcut_lightning.data.transforms import denormalize
-
-
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height))
-    FigureCanvasAgg(figure)
-    return figure
+from shortcut_lightning.figures import new_figure
 
 
 def review_sheet(
@@ -38,7 +30,7 @@ def review_sheet(
     n = len(indices)
     columns = max(1, min(columns, n))
     rows = max(1, math.ceil(n / columns))
-    figure = _figure(1.3 * columns, 1.45 * rows + 0.5)
+    figure = new_figure(1.3 * columns, 1.45 * rows + 0.5)
     figure.suptitle(title, fontsize=9)
     chosen = set(int(i) for i in selected)
     shown = denormalize(images.float().cpu()) * (0.25 + 0.75 * masks.float().cpu())
@@ -64,7 +56,7 @@ def masked_embedding_view(panels: dict[str, dict[str, np.ndarray]], method: str 
     absent}``: selected samples are red, the others grey; ground-truth spurious regions (when the data
     has masks) are drawn as rings.
     """
-    figure = _figure(4.2 * len(panels), 4.0)
+    figure = new_figure(4.2 * len(panels), 4.0)
     for k, (name, panel) in enumerate(panels.items()):
         ax = figure.add_subplot(1, len(panels), k + 1)
         points, selected = panel["points"], panel["selected"]

@@ -28,6 +28,7 @@ from shortcut_lightning.data.samplers import world
 from shortcut_lightning.data.transforms import denormalize
 from shortcut_lightning.embedding_pass import Embeddings, collect_embeddings
 from shortcut_lightning.errors import DataError, ShortcutError
+from shortcut_lightning.figures import new_figure
 from shortcut_lightning.model_parts import find_head
 
 METHODS = ("tsne", "pca")
@@ -288,11 +289,7 @@ class EmbeddingProjector(Callback):
                 )  # fmt: skip
 
     def _figure(self, dm: Any, emb: Embeddings, coords: np.ndarray, step: int, result: dict[str, Any]) -> Any:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        figure = Figure(figsize=(7, 6))
-        FigureCanvasAgg(figure)  # render with Agg whatever pyplot's backend is
+        figure = new_figure(7, 6)
         ax = figure.add_subplot()
         names = list(dm.group_names)
         groups = emb.group.numpy()

@@ -119,7 +119,7 @@ class NeuronRegularization(Callback):
         self.layer, self.neurons = self._resolve(trainer)
         module = find_module(pl_module, self.layer, "layer")
         self._capture = OutputCapture(module)
-        self._index = torch.tensor(self.neurons, dtype=torch.long)
+        self._index = None  # built on the first step, on the activations' device
         if self.finetune_from is not None:
             frozen = freeze_before(pl_module, self.finetune_from)
             rank_zero_info(
@@ -140,13 +140,15 @@ class NeuronRegularization(Callback):
         if self._capture is None or self._capture.value is None:
             return None
         activation = self._capture.value
-        if self._index.max() >= activation.shape[1]:
-            raise ShortcutError(
-                f"NeuronRegularization: neuron {int(self._index.max())} does not exist in {self.layer}, which has "
-                f"{activation.shape[1]} channels"
-            )
+        if self._index is None or self._index.device != activation.device:  # first step: check and place once
+            if max(self.neurons) >= activation.shape[1]:
+                raise ShortcutError(
+                    f"NeuronRegularization: neuron {max(self.neurons)} does not exist in {self.layer}, which "
+                    f"has {activation.shape[1]} channels"
+                )
+            self._index = torch.tensor(self.neurons, dtype=torch.long, device=activation.device)
         pooled = activation.flatten(2).mean(2) if activation.ndim > 2 else activation
-        selected = pooled[:, self._index.to(pooled.device)]
+        selected = pooled[:, self._index]
         value = selected.abs().mean() if self.norm == "l1" else selected.pow(2).mean()
         pl_module.log("score/selected_activation", selected.detach().mean(), on_step=True, on_epoch=True)
         return self.strength * value

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from shortcut_lightning.callbacks.embedding_projector import project_2d
 from shortcut_lightning.callbacks.spurious_score import MASK_SOURCES, find_pooled_layer
 from shortcut_lightning.data.base import require_group_datamodule
-from shortcut_lightning.embedding_pass import Embeddings, collect_embeddings, head_change_reports
+from shortcut_lightning.embedding_pass import Embeddings, collect_embeddings, group_reports
 from shortcut_lightning.errors import ShortcutError
 from shortcut_lightning.hooks import InputCapture, OutputCapture
 from shortcut_lightning.metrics import format_group_table
@@ -387,8 +387,7 @@ class SpuriousPositiveMining(Callback):
             s: collect_embeddings(pl_module, dm.dataloader(s), head, desc=f"SCORE: {s} before")
             for s in splits
         }
-        bias = None if head.bias is None else head.bias.detach()
-        return head_change_reports(dm, embeddings, head.weight.detach(), bias)["before"]
+        return group_reports(dm, embeddings)
 
     def _parameters(self) -> dict[str, Any]:
         keys = ("start_epoch", "selection", "layer", "top_m", "top_q", "dilation", "fill", "num_selected",

@@ -20,6 +20,7 @@ from shortcut_lightning.data.base import require_group_datamodule
 from shortcut_lightning.data.transforms import denormalize
 from shortcut_lightning.embedding_pass import collect_embeddings, head_change_reports
 from shortcut_lightning.errors import DataError, ModelError
+from shortcut_lightning.figures import new_figure
 from shortcut_lightning.hooks import InputCapture, OutputCapture
 from shortcut_lightning.metrics import format_group_table
 from shortcut_lightning.model_parts import find_head, find_module
@@ -271,14 +272,10 @@ class SpuriousScore(ModelStage):
 
 def heatmap_grid(batch: dict[str, Tensor], maps: Tensor, scores: Tensor, n_images: int = 5) -> Any:
     """Rows: the lowest-, median- and highest-scoring neuron; columns: images with the neuron's map on top."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     order = torch.argsort(scores)
     rows = {"low": order[0], "mid": order[len(order) // 2], "high": order[-1]}
     n = min(n_images, len(maps))
-    figure = Figure(figsize=(2 * n, 2.1 * len(rows)))
-    FigureCanvasAgg(figure)
+    figure = new_figure(2 * n, 2.1 * len(rows))
     size = tuple(batch["image"].shape[-2:])
     for r, (label, neuron) in enumerate(rows.items()):
         up = torch.nn.functional.interpolate(
