@@ -10,6 +10,9 @@
 - ``score``: a SCORE-regularized training epoch (10 penalised neurons of layer4) vs a plain ERM epoch
   through the same Lightning stack (target <= 1.10); SCORE mining over 2 x 100 samples (ranking pass,
   LRP, masked images, auto selection) vs one ERM epoch on the default training set (target <= 1).
+- ``prusc``: a PruSC mask-learning step (every conv and linear weight masked, Gumbel-sigmoid sample,
+  CE + sparsity + SupCon over clusters, Adam on the logits, weights frozen) vs an ERM step (CE, AdamW on
+  the weights) on the same batch, alternating; medians compared. Target <= 1.5.
 - ``lrp``: LRP input-relevance throughput (EpsilonPlusFlat, timm canonizers, batch 32) vs forward-only
   throughput of the same model and batch. Target >= 0.3x.
 """
@@ -215,6 +218,69 @@ def bench_lrp(backbone: str, image_size: int, repeats: int) -> dict:
     }  # fmt: skip
 
 
+def bench_prusc(backbone: str, device: str, steps: int, size: int, batch: int = 64) -> dict:
+    """Mask-learning step vs ERM step on one batch (the callback's loss pieces, timed step by step)."""
+    from shortcut_lightning.masks import attach_masks
+    from shortcut_lightning.supcon import cluster_supcon
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    y = torch.randint(0, 2, (batch,), generator=g).to(device)
+    clusters = torch.randint(0, 16, (batch,), generator=g).to(device)
+    erm = make_model(backbone).to(device).train()
+    erm_opt = torch.optim.AdamW(erm.parameters(), lr=1e-3, weight_decay=1e-4)
+    pruned = make_model(backbone).to(device).train()
+    masks = attach_masks(pruned)
+    for param in pruned.parameters():
+        param.requires_grad_(False)
+    for mask in masks.values():
+        mask.set_mode("learn")
+    logits = [m.logits for m in masks.values()]
+    mask_opt = torch.optim.Adam(logits, lr=0.05)
+
+    def erm_step() -> None:
+        loss = F.cross_entropy(erm(x), y)
+        erm_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        erm_opt.step()
+
+    def mask_step() -> None:
+        features = pruned.features(x)
+        sparsity = torch.stack([torch.sigmoid(p).sum() for p in logits]).sum()
+        loss = (
+            F.cross_entropy(pruned.head(features), y)
+            + 1e-4 * sparsity
+            + cluster_supcon(features, y, clusters)
+        )
+        mask_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        mask_opt.step()
+
+    def timed(step) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for _ in range(3):  # warm-up
+        erm_step(), mask_step()
+    erm_s, mask_s = [], []
+    for _ in range(steps):
+        erm_s.append(timed(erm_step))
+        mask_s.append(timed(mask_step))
+    n_weights = sum(p.numel() for p in logits)
+    return {
+        "benchmark": "PruSC mask-learning step vs ERM step, same batch (alternating, medians)",
+        "backbone": backbone, "batch": batch, "image_size": size, "device": device, "masked_weights": n_weights,
+        "erm_step_s": statistics.median(erm_s), "mask_step_s": statistics.median(mask_s),
+        "ratio": statistics.median(mask_s) / statistics.median(erm_s), "target": "<= 1.5",
+        "runs_erm_s": erm_s, "runs_mask_s": mask_s,
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--backbone", default="resnet18")
@@ -222,7 +288,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--only", default="erm,dfr,sscore,score,lrp", help="comma-separated benchmarks to run"
+        "--only", default="erm,dfr,sscore,score,prusc,lrp", help="comma-separated benchmarks to run"
     )
     parser.add_argument("--lrp-size", type=int, default=224, help="image side for the lrp benchmark")
     parser.add_argument("--sscore-neurons", type=int, default=None, help="captum loop over this many neurons")
@@ -255,6 +321,13 @@ def main() -> None:
         print(f"regularized epoch / ERM epoch   {result['step_ratio']:.3f}  (target <= 1.10)")
         print(f"mining {result['mining_s']:.1f} s / ERM epoch {result['erm_epoch_full_train_s']:.1f} s = "
               f"{result['mining_ratio']:.2f}  (target <= 1)")  # fmt: skip
+    if "prusc" in args.only:
+        result = bench_prusc(args.backbone, device, 10 * args.repeats, args.image_size)
+        (OUT / f"speed_prusc_{device}.json").write_text(json.dumps(result, indent=2))
+        print(f"\nPruSC mask step vs ERM step ({args.backbone}, batch 64 at {args.image_size} px, {device})")
+        print(f"ERM step       {result['erm_step_s'] * 1000:.1f} ms")
+        print(f"mask step      {result['mask_step_s'] * 1000:.1f} ms")
+        print(f"ratio          {result['ratio']:.3f}  (target <= 1.5)")
     if "lrp" in args.only:
         result = bench_lrp(args.backbone, args.lrp_size, args.repeats)
         (OUT / f"speed_lrp_{device}.json").write_text(json.dumps(result, indent=2))

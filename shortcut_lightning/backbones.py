@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from torch import nn
 
 from shortcut_lightning.errors import ModelError
@@ -45,6 +46,8 @@ def create_backbone(
         raise ModelError(
             f"model.weights file {path} does not exist: give the path of a saved backbone state dict"
         )
+    if path.suffix == ".ckpt":
+        return _from_lightning_checkpoint(path, name, num_classes, **kwargs)
     try:
         return timm.create_model(
             name,
@@ -55,3 +58,23 @@ def create_backbone(
         )
     except RuntimeError as exc:
         raise ModelError(f"model.weights {path} do not fit backbone {name!r}: {exc}") from exc
+
+
+def _from_lightning_checkpoint(path: Path, name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """The network of a ShortcutClassifier checkpoint (its ``net.*`` weights, head included)."""
+    state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})
+    net = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+    if not net:
+        raise ModelError(f"model.weights {path} holds no ShortcutClassifier network (no 'net.*' weights)")
+    if any(".parametrizations." in k for k in net):
+        raise ModelError(
+            f"model.weights {path} still carries PruSC masks: use the pruned.ckpt that run wrote next to it"
+        )
+    model = timm.create_model(name, num_classes=num_classes, pretrained=False, **kwargs)
+    try:
+        model.load_state_dict(net)
+    except RuntimeError as exc:
+        raise ModelError(
+            f"model.weights {path} do not fit backbone {name!r} with {num_classes} classes: {exc}"
+        ) from exc
+    return model

@@ -6,6 +6,7 @@ so each is tested on its own and reusable in a notebook.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -56,9 +57,14 @@ def select_neurons(scores: Tensor, k: int | None = 10, z: float | None = None) -
 
 
 def mask_overlap(masks: Tensor, spurious: Tensor) -> Tensor:
-    """Share of each relevance mask [N,1,H,W] inside the ground-truth spurious region [N,1,H,W] (0 if empty)."""
+    """Overlap coefficient of each relevance mask [N,1,H,W] with the ground-truth spurious region [N,1,H,W].
+
+    ``|M & S| / min(|M|, |S|)`` (0 if either is empty): 1 when the mask lies inside the region or covers
+    all of it. A plain share of the mask would cap a 20% mask on a patch of 6% of the image at 0.3.
+    """
     inside = (masks & spurious).flatten(1).sum(1).float()
-    return inside / masks.flatten(1).sum(1).clamp(min=1).float()
+    smaller = torch.minimum(masks.flatten(1).sum(1), spurious.flatten(1).sum(1))
+    return inside / smaller.clamp(min=1).float()
 
 
 def confuser_similarity(embeddings: Tensor, confusers: Tensor) -> Tensor:

@@ -91,3 +91,23 @@ class NoGroupSynthetic(SyntheticShortcuts):
         return DataLoader(
             loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler, collate_fn=_drop_group
         )
+
+
+class MaskDump(Callback):
+    """Saves every rank's hard masks and MaskPruning clusters at the end of fit (list it before MaskPruning)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from shortcut_lightning.callbacks import MaskPruning
+        from shortcut_lightning.masks import model_masks
+
+        pruning = next(cb for cb in trainer.callbacks if isinstance(cb, MaskPruning))
+        masks = {name: mask.hard() for name, mask in model_masks(pl_module).items()}
+        logits = {name: mask.logits.detach().clone() for name, mask in model_masks(pl_module).items()}
+        os.makedirs(self.path, exist_ok=True)
+        torch.save(
+            {"masks": masks, "logits": logits, "clusters": pruning.clusters},
+            f"{self.path}/masks_rank{trainer.global_rank}.pt",
+        )

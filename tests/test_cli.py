@@ -108,3 +108,25 @@ def test_last_checkpoint_follows_every_epoch_when_the_metric_stalls(tmp_path):
     ckpts = log_dir / "checkpoints"
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["epoch"] == 2
     assert [p.name for p in ckpts.glob("epoch*.ckpt")] == ["epoch000.ckpt"]
+
+
+def test_prusc_config_end_to_end_and_its_pruned_model_as_weights(tmp_path):
+    """synthetic_prusc.yaml, shortened: ERM epoch, mask learning, test of the pruned model; then the
+    exported pruned.ckpt, loaded as plain weights by the ERM config, tests the same."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs" / "synthetic_prusc.yaml").read_text())
+    config["trainer"]["max_epochs"] = 2
+    config["trainer"]["callbacks"][0]["init_args"].update(start_epoch=1, prune_epochs=1, num_clusters=4)
+    short = tmp_path / "prusc.yaml"
+    short.write_text(yaml.safe_dump(config))
+    save_dir = tmp_path / "runs"
+    main(["fit", "--config", str(short), *TINY_ARGS, "--trainer.logger.init_args.save_dir", str(save_dir)])
+    log_dir = next(save_dir.glob("synthetic_prusc/version_*"))
+    report = json.loads((log_dir / "prusc.json").read_text())
+    assert report["parameters"]["num_clusters"] == 4 and "Prune_f" in report["densities"]
+    tested = json.loads((log_dir / "metrics.json").read_text())
+    assert tested["mean"] == pytest.approx(report["after"]["test"]["mean"])
+    pruned = log_dir / "checkpoints" / "pruned.ckpt"
+    again = run_cli(tmp_path / "again", "--model.weights", str(pruned), subcommand="test")
+    assert json.loads((again / "metrics.json").read_text())["groups"] == tested["groups"]

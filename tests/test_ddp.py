@@ -78,3 +78,49 @@ def test_mining_ddp_selects_what_one_process_selects(tmp_path):
     for name, entry in single["classes"].items():
         for key in ("top_indices", "selected_indices", "neurons"):
             assert double["classes"][name][key] == entry[key]
+
+
+def _prune(tmp_path, devices: int) -> list[dict]:
+    from shortcut_lightning.callbacks import MaskPruning
+
+    from helpers import MaskDump
+
+    torch.manual_seed(0)
+    model = ShortcutClassifier("test_resnet")
+    dm = SyntheticShortcuts(n_train=48, n_val=9, n_test=9, image_size=32, batch_size=8)
+    pruning = MaskPruning(prune_epochs=1, num_clusters=4, init_logit=0.2, mask_lr=0.5, report_splits=(), export=False)
+    kwargs = {"strategy": "ddp_spawn_find_unused_parameters_true"} if devices > 1 else {}
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, max_epochs=1, limit_train_batches=3, limit_val_batches=0,
+        default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        callbacks=[MaskDump(str(tmp_path)), pruning], **kwargs,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    return [torch.load(tmp_path / f"masks_rank{r}.pt") for r in range(devices)]
+
+
+def test_mask_pruning_ddp_has_one_set_of_clusters_and_masks(tmp_path):
+    (single,) = _prune(tmp_path / "one", devices=1)
+    first, second = _prune(tmp_path / "two", devices=2)
+    assert torch.equal(first["clusters"], single["clusters"])  # the gathered embedding, clustered alike
+    assert torch.equal(second["clusters"], first["clusters"])
+    assert first["masks"].keys() == second["masks"].keys()
+    moved = 0
+    for name in first["masks"]:
+        # the mask gradients are averaged over the ranks, so the logits stay identical on both
+        torch.testing.assert_close(second["logits"][name], first["logits"][name], rtol=0, atol=0)
+        assert torch.equal(second["masks"][name], first["masks"][name])
+        moved += int((first["logits"][name] != 0.2).sum())
+    assert moved > 0
+
+
+def test_mask_pruning_refuses_plain_ddp(tmp_path):
+    import pytest
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from shortcut_lightning.callbacks import MaskPruning
+    from shortcut_lightning.errors import ShortcutError
+
+    with pytest.raises(ShortcutError, match="ddp_find_unused_parameters_true"):
+        MaskPruning._check_strategy(DDPStrategy(), world_size=2)
+    MaskPruning._check_strategy(DDPStrategy(find_unused_parameters=True), world_size=2)

@@ -61,11 +61,13 @@ def test_neuron_scores_follow_the_formula_and_selection_rules():
 
 
 def test_overlap_and_confuser_similarity():
-    masks = torch.zeros(2, 1, 2, 2, dtype=torch.bool)
-    masks[0, 0, 0] = True  # two pixels, one inside
+    masks = torch.zeros(3, 1, 4, 4, dtype=torch.bool)
+    masks[:, 0, 0, :2] = True  # two pixels each
     spurious = torch.zeros_like(masks)
-    spurious[:, 0, 0, 0] = True
-    assert mask_overlap(masks, spurious).tolist() == [0.5, 0.0]
+    spurious[0, 0, 0, 0] = True  # a one-pixel region, all covered: 1.0
+    spurious[1, 0, 0, 1:] = True  # a three-pixel region, one of the mask's two pixels inside: 0.5
+    spurious[2, 0, 3, 3] = True  # disjoint: 0.0
+    assert mask_overlap(masks, spurious).tolist() == [1.0, 0.5, 0.0]
     emb = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     sim = confuser_similarity(emb, torch.tensor([[2.0, 0.0], [3.0, 0.0]]))
     assert sim[0] > 0.99 and abs(float(sim[1])) < 1e-6

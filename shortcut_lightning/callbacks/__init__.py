@@ -4,6 +4,7 @@ from shortcut_lightning.callbacks.checkpoint import BestAndLastCheckpoint
 from shortcut_lightning.callbacks.dfr import DeepFeatureReweighting
 from shortcut_lightning.callbacks.embedding_projector import EmbeddingProjector
 from shortcut_lightning.callbacks.group_metrics import GroupMetrics
+from shortcut_lightning.callbacks.mask_pruning import MaskPruning
 from shortcut_lightning.callbacks.neuron_regularization import NeuronRegularization
 from shortcut_lightning.callbacks.spurious_positive_mining import SpuriousPositiveMining
 from shortcut_lightning.callbacks.spurious_score import SpuriousScore
@@ -13,6 +14,7 @@ __all__ = [
     "DeepFeatureReweighting",
     "EmbeddingProjector",
     "GroupMetrics",
+    "MaskPruning",
     "NeuronRegularization",
     "SpuriousPositiveMining",
     "SpuriousScore",

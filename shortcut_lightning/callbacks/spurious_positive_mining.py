@@ -49,7 +49,7 @@ class SpuriousPositiveMining(Callback):
     spurious-positive samples are chosen by ``selection``:
 
     * ``"manual"``: the dataset indices in ``manual_indices[c]``, picked from the review sheet;
-    * ``"oracle"``: the samples whose relevance mask lies most inside the ground-truth spurious mask
+    * ``"oracle"``: the samples whose relevance mask overlaps the ground-truth spurious mask most
       (at least ``oracle_min_overlap``); uses annotations, and every log line and file says so;
     * ``"auto"``, needing no annotations: the *confusers* of class ``c`` are the ``n_confusers``
       training samples of OTHER classes with the highest class-``c`` logit. Their class-``c`` evidence
@@ -88,7 +88,7 @@ class SpuriousPositiveMining(Callback):
         num_selected: spurious-positive samples kept per class (``auto``, ``oracle``).
         manual_indices: ``{class: [dataset indices]}`` for ``manual``.
         n_confusers: other-class samples of the ``auto`` rule.
-        oracle_min_overlap: share of a mask inside the spurious region for ``oracle``.
+        oracle_min_overlap: overlap coefficient of a mask with the spurious region for ``oracle``.
         require_masked_prediction: keep only candidates still predicted their class when masked.
         num_neurons: neurons selected per class.
         z_score: select by mean + z * std instead of ``num_neurons``.

@@ -69,6 +69,9 @@ class GroupDataModule(L.LightningDataModule):
         self.seed = seed
         self._datasets: dict[tuple[str, bool], GroupDataset] = {}
         self._checked = False
+        # what the trainer trains on; a stage may change these in its ``setup`` hook (e.g. MaskPruning)
+        self.train_split = "train"
+        self.train_groups: list[int] | None = None
 
     # -- what a subclass provides ---------------------------------------------------------------
     @property
@@ -144,10 +147,18 @@ class GroupDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        ds = self.dataset("train", augment=True)
-        return self.dataloader(
-            "train", augment=True, sampler=BalancedSampler(ds.targets, ds.groups, self.sampler, self.seed)
-        )
+        """Batches of :attr:`train_split` (``train`` unless a stage chose another), of :attr:`train_groups` only if set."""
+        ds = self.dataset(self.train_split, augment=True)
+        subset = None
+        if self.train_groups is not None:
+            subset = torch.isin(ds.groups, torch.tensor(self.train_groups)).nonzero().flatten()
+            if len(subset) == 0:
+                raise DataError(
+                    f"train_groups {self.train_groups} have no samples in the {self.train_split} split "
+                    f"(groups: {', '.join(f'{i}={n}' for i, n in enumerate(self.group_names))})"
+                )
+        sampler = BalancedSampler(ds.targets, ds.groups, self.sampler, self.seed, subset)
+        return self.dataloader(self.train_split, augment=True, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self.dataloader("val")

@@ -32,13 +32,22 @@ class BalancedSampler(DistributedSampler):
         groups: group label per sample.
         mode: ``default`` | ``class_balanced`` | ``group_balanced``.
         seed: base seed; the permutation of epoch ``e`` depends on ``(seed, e)`` only.
+        subset: draw only these sample positions (default: all).
     """
 
     def __init__(
-        self, targets: torch.Tensor, groups: torch.Tensor, mode: str = "default", seed: int = 0
+        self,
+        targets: torch.Tensor,
+        groups: torch.Tensor,
+        mode: str = "default",
+        seed: int = 0,
+        subset: torch.Tensor | None = None,
     ) -> None:
         if mode not in SAMPLERS:
             raise DataError(f"sampler {mode!r} is unknown: choose one of {', '.join(SAMPLERS)}")
+        self.positions = None if subset is None else torch.as_tensor(subset, dtype=torch.long)
+        if self.positions is not None:
+            targets, groups = targets[self.positions], groups[self.positions]
         replicas, rank = world()
         super().__init__(range(len(targets)), num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
         self.mode = mode
@@ -56,6 +65,8 @@ class BalancedSampler(DistributedSampler):
             order = torch.randperm(n, generator=g)
         else:
             order = torch.multinomial(self.weights, n, replacement=True, generator=g)
+        if self.positions is not None:
+            order = self.positions[order]
         order = order.tolist()
         order += order[: self.total_size - n]
         return iter(order[self.rank : self.total_size : self.num_replicas])

@@ -1,0 +1,371 @@
+"""``MaskPruning``: PruSC, a subnetwork found by mask learning with a supervised contrastive loss over clusters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch import Tensor
+
+from shortcut_lightning.data.base import require_group_datamodule
+from shortcut_lightning.embedding_pass import collect_embeddings, group_reports
+from shortcut_lightning.errors import ShortcutError
+from shortcut_lightning.kmeans import cosine_kmeans
+from shortcut_lightning.masks import attach_masks, bake_masks, densities, model_masks, set_density
+from shortcut_lightning.metrics import format_group_table
+from shortcut_lightning.model_parts import find_head
+from shortcut_lightning.supcon import cluster_supcon
+
+PHASES = ("waiting", "learning", "fixed")
+
+
+class MaskPruning(Callback):
+    """Learns which weights to keep so that an ERM model's spurious clusters break apart (PruSC, seed 000).
+
+    At ``start_epoch`` (0: the model as loaded, e.g. ``model.weights=erm.ckpt``) the training split
+    is embedded (evaluation transforms) and clustered with cosine k-means (``num_clusters``; no group
+    labels). Then every weight is frozen and each conv and linear weight of ``modules`` gets a mask
+    logit (BatchNorm stays unmasked), sampled as a straight-through Gumbel-sigmoid in training and
+    thresholded at evaluation. For ``prune_epochs`` the loss is the module's cross-entropy plus,
+    through the penalty seam, ``lambda_sparse * sum(sigmoid(logits))`` and ``beta * SupCon`` on the
+    normalised penultimate features of the same forward (positives: same class, other cluster;
+    negatives: the anchor's cluster; :func:`~shortcut_lightning.supcon.cluster_supcon`). Then the masks
+    are fixed (at ``target_density`` if given) and, for ``finetune_epochs``, the surviving weights are
+    trained with cross-entropy. At the end the masks are multiplied into the weights (``export``), so
+    the model that is tested and saved (``checkpoints/pruned.ckpt``) is a plain network.
+
+    Logs ``prune/density/<layer>``, ``prune/Prune_f`` (pruned share of all conv and linear weights),
+    ``prune/Prune_h`` (of the head), ``train/prusc/supcon`` and ``train/prusc/sparsity``. Writes
+    ``prusc.json`` (clusters, densities, group tables before and after). The masks live in the model's
+    state and the phase in this callback's, so a killed run resumes mask learning where it stopped.
+
+    ``groups`` trains on those group ids only (the subnetwork analysis of seed 001 sec. 5.3; it uses
+    group annotations and says so). ``split="val"`` learns the masks on the validation split instead.
+    Both change what the trainer trains on for the whole fit: use them from a loaded ERM model with
+    ``start_epoch=0``. Under DDP the frozen weights need ``strategy="ddp_find_unused_parameters_true"``.
+
+    Example::
+
+        trainer = L.Trainer(max_epochs=9, callbacks=[MaskPruning(start_epoch=6, prune_epochs=3)])
+        trainer.fit(ShortcutClassifier("resnet18", num_classes=2), datamodule=SyntheticShortcuts())
+
+    Args:
+        start_epoch: the epoch before which clustering runs and mask learning starts.
+        prune_epochs: epochs of mask learning.
+        finetune_epochs: epochs of fine-tuning the surviving weights after the masks are fixed.
+        num_clusters: k of the k-means.
+        modules: shell-style name patterns of the layers to mask (default: every conv and linear).
+        lambda_sparse: weight of the sum of mask probabilities (a per-weight pull towards pruning).
+        beta: weight of the contrastive term.
+        temperature: SupCon temperature.
+        gumbel_temperature: temperature of the Gumbel-sigmoid.
+        init_logit: initial mask logit (3: kept with probability 0.95).
+        mask_lr: Adam learning rate of the mask logits.
+        target_density: fix the masks at this kept share of the masked weights (in (0, 1)).
+        split: split to cluster and learn the masks on (``train`` or ``val``).
+        groups: train on these group ids only (uses annotations).
+        seed: seed of the k-means.
+        export: multiply the masks in at the end (plain network, ``pruned.ckpt``).
+        report_splits: splits whose group table is printed before and after.
+    """
+
+    penalty_name = "prusc"
+    changes_model_at_fit_end = True
+
+    def __init__(
+        self,
+        start_epoch: int = 0,
+        prune_epochs: int = 3,
+        finetune_epochs: int = 0,
+        num_clusters: int = 16,
+        modules: list[str] | None = None,
+        lambda_sparse: float = 1e-4,
+        beta: float = 1.0,
+        temperature: float = 0.07,
+        gumbel_temperature: float = 1.0,
+        init_logit: float = 3.0,
+        mask_lr: float = 0.05,
+        target_density: float | None = None,
+        split: str = "train",
+        groups: list[int] | None = None,
+        seed: int = 0,
+        export: bool = True,
+        report_splits: tuple[str, ...] = ("val", "test"),
+    ) -> None:
+        if prune_epochs < 1:
+            raise ShortcutError(f"prune_epochs must be >= 1, got {prune_epochs}")
+        for name, value in (("finetune_epochs", finetune_epochs), ("start_epoch", start_epoch)):
+            if value < 0:
+                raise ShortcutError(f"{name} must be >= 0, got {value}")
+        if num_clusters < 2:
+            raise ShortcutError(
+                f"num_clusters must be >= 2 (SupCon needs other clusters), got {num_clusters}"
+            )
+        if target_density is not None and not 0 < target_density < 1:
+            raise ShortcutError(
+                f"target_density must be between 0 and 1 (exclusive), got {target_density}: 0 prunes everything, "
+                "1 nothing"
+            )
+        if split not in ("train", "val"):
+            raise ShortcutError(f"split must be 'train' or 'val', got {split!r}")
+        for name, value in (("lambda_sparse", lambda_sparse), ("beta", beta)):
+            if value < 0:
+                raise ShortcutError(f"{name} must be >= 0, got {value}")
+        self.start_epoch = start_epoch
+        self.prune_epochs = prune_epochs
+        self.finetune_epochs = finetune_epochs
+        self.num_clusters = num_clusters
+        self.modules = modules
+        self.lambda_sparse = lambda_sparse
+        self.beta = beta
+        self.temperature = temperature
+        self.gumbel_temperature = gumbel_temperature
+        self.init_logit = init_logit
+        self.mask_lr = mask_lr
+        self.target_density = target_density
+        self.split = split
+        self.groups = None if groups is None else [int(g) for g in groups]
+        self.seed = seed
+        self.export = export
+        self.report_splits = tuple(report_splits)
+        self.phase = "waiting"
+        self.started_epoch: int | None = None
+        self.clusters: Tensor | None = None  # cluster of every sample of ``split``, by its index
+        self.report: dict[str, Any] = {}
+        self._cluster_device: Tensor | None = None
+        self._masks: dict[str, Any] = {}
+
+    @property
+    def uses_annotations(self) -> bool:
+        return self.groups is not None
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        dm = require_group_datamodule(getattr(trainer, "datamodule", None), "MaskPruning")
+        if self.split not in dm.splits:
+            raise ShortcutError(
+                f"MaskPruning split {self.split!r} is not in the data ({', '.join(dm.splits)})"
+            )
+        dm.train_split = self.split
+        if self.groups is not None:
+            bad = [g for g in self.groups if not 0 <= g < dm.num_groups]
+            if bad:
+                raise ShortcutError(
+                    f"MaskPruning groups {bad} do not exist; the groups are "
+                    + ", ".join(f"{i}={n}" for i, n in enumerate(dm.group_names))
+                )
+            dm.train_groups = self.groups
+        n = len(dm.dataset(self.split))
+        if self.num_clusters > n:
+            raise ShortcutError(
+                f"num_clusters={self.num_clusters} is more than the {n} samples of the {self.split} split"
+            )
+        self._check_strategy(trainer.strategy, trainer.world_size)
+        # masks exist (mode off) before any checkpoint is restored or DDP wraps the model
+        attach_masks(pl_module, self.modules, self.init_logit, self.gumbel_temperature)
+
+    @staticmethod
+    def _check_strategy(strategy: Any, world_size: int) -> None:
+        kwargs = getattr(strategy, "_ddp_kwargs", None)
+        if world_size > 1 and kwargs is not None and not kwargs.get("find_unused_parameters", False):
+            raise ShortcutError(
+                "MaskPruning freezes the weights during fit, which plain DDP refuses: use "
+                "strategy='ddp_find_unused_parameters_true' (or 'ddp_spawn_find_unused_parameters_true')"
+            )
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.phase != "waiting":  # resumed: the optimizer state about to be restored has the mask group
+            self._enter(trainer, pl_module, self.phase, resumed=True)
+
+    # -- phases ---------------------------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if self.phase == "waiting" and epoch >= self.start_epoch:
+            self._cluster(trainer, pl_module)
+            self.started_epoch = epoch
+            self._enter(trainer, pl_module, "learning")
+        elif self.phase == "learning" and epoch >= (self.started_epoch or 0) + self.prune_epochs:
+            self._enter(trainer, pl_module, "fixed")
+            self._log_densities(pl_module)
+
+    def _enter(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, phase: str, resumed: bool = False
+    ) -> None:
+        masks = model_masks(pl_module)
+        if phase == "fixed" and not resumed:
+            if self.target_density is not None:
+                set_density(masks, self.target_density)
+            rank_zero_info(f"PruSC: masks fixed, {_summary(densities(pl_module))}")
+        freeze_weights = phase == "learning" or self.finetune_epochs == 0
+        for name, param in pl_module.named_parameters():
+            if not name.endswith(".logits"):
+                param.requires_grad_(not freeze_weights)
+        for mask in masks.values():
+            mask.set_mode("learn" if phase == "learning" else "fixed")
+        self._add_mask_group(trainer, masks)
+        self._masks = masks
+        self.phase = phase
+
+    def _add_mask_group(self, trainer: L.Trainer, masks: dict[str, Any]) -> None:
+        """The mask logits as their own Adam-like group of the module's optimizer (``BaseFinetuning`` style)."""
+        optimizer = trainer.optimizers[0]
+        logits = [m.logits for m in masks.values()]
+        present = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if all(id(p) in present for p in logits):
+            return
+        optimizer.add_param_group({"params": logits, "lr": self.mask_lr, "weight_decay": 0.0})
+
+    # -- clustering -----------------------------------------------------------------------------
+    def _cluster(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = trainer.datamodule
+        head = find_head(pl_module)
+        tag = " [uses group annotations: groups]" if self.uses_annotations else ""
+        embedded = collect_embeddings(
+            pl_module, dm.dataloader(self.split), head, desc=f"PruSC: embedding {self.split}"
+        )
+        found = cosine_kmeans(embedded.features, self.num_clusters, seed=self.seed)
+        clusters = torch.full((int(embedded.index.max()) + 1,), -1, dtype=torch.long)
+        clusters[embedded.index] = found.labels
+        self.clusters = clusters
+        self._cluster_device = None
+        self.report = {
+            "uses_annotations": self.uses_annotations,
+            "clusters": _cluster_table(found.labels, embedded.target, embedded.group, dm),
+            "kmeans_inertia": found.inertia,
+            "before": self._reports(pl_module, dm, head, "before"),
+            "parameters": self._parameters(),
+        }
+        rank_zero_info(f"PruSC{tag}: {self.num_clusters} clusters of the {self.split} split (cosine k-means)")
+
+    def _reports(self, pl_module: L.LightningModule, dm: Any, head: Any, when: str) -> dict[str, Any]:
+        splits = [s for s in self.report_splits if s in dm.splits]
+        embeddings = {
+            s: collect_embeddings(pl_module, dm.dataloader(s), head, desc=f"PruSC: {s} {when}")
+            for s in splits
+        }
+        return group_reports(dm, embeddings)
+
+    # -- the loss -------------------------------------------------------------------------------
+    def training_penalty(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, outputs: dict[str, Tensor]
+    ) -> Tensor | None:
+        if self.phase != "learning":
+            return None
+        if "features" not in outputs:
+            raise ShortcutError(
+                "MaskPruning needs the penultimate features of the training forward: pass "
+                "{'features': features, 'logits': logits} to total_penalty in training_step"
+            )
+        masks = self._masks or model_masks(pl_module)
+        sparsity = torch.stack([torch.sigmoid(m.logits).sum() for m in masks.values()]).sum()
+        if self._cluster_device is None or self._cluster_device.device != outputs["features"].device:
+            self._cluster_device = self.clusters.to(outputs["features"].device)
+        clusters = self._cluster_device[batch["index"]]
+        supcon = cluster_supcon(outputs["features"], batch["target"], clusters, self.temperature)
+        n = len(batch["target"])
+        pl_module.log("train/prusc/supcon", supcon.detach(), on_step=True, on_epoch=True, batch_size=n)
+        pl_module.log("train/prusc/sparsity", sparsity.detach(), on_step=True, on_epoch=True, batch_size=n)
+        return self.lambda_sparse * sparsity + self.beta * supcon
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        """Averages the mask gradients over DDP ranks: the logits were created after DDP wrapped the model."""
+        if self.phase != "learning" or trainer.world_size == 1:
+            return
+        logits = [m.logits for m in self._masks.values() if m.logits.grad is not None]
+        if not logits:
+            return
+        flat = torch.cat([p.grad.flatten() for p in logits])
+        flat = trainer.strategy.reduce(flat, reduce_op="mean")
+        offset = 0
+        for p in logits:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.phase == "waiting":
+            return
+        self._log_densities(pl_module)
+        last = (self.started_epoch or 0) + self.prune_epochs + self.finetune_epochs - 1
+        if trainer.current_epoch >= last:  # the stage is complete: nothing is left to train
+            trainer.should_stop = True
+
+    def _log_densities(self, pl_module: L.LightningModule) -> None:
+        for name, value in densities(pl_module).items():
+            key = name if name.startswith("Prune_") else f"density/{name}"
+            pl_module.log(f"prune/{key}", value, on_epoch=True, rank_zero_only=True)
+
+    # -- the end --------------------------------------------------------------------------------
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.phase == "waiting":
+            rank_zero_info(f"PruSC: the fit ended before start_epoch {self.start_epoch}; nothing was pruned")
+            return
+        if self.phase == "learning":
+            self._enter(trainer, pl_module, "fixed")
+        dm = trainer.datamodule
+        self.report["densities"] = densities(pl_module)
+        self.report["after"] = self._reports(pl_module, dm, find_head(pl_module), "after")
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
+        if self.export:
+            bake_masks(pl_module)
+            for param in pl_module.parameters():
+                param.requires_grad_(True)
+            if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
+                trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "pruned.ckpt")
+        self._write(log_dir)
+
+    @rank_zero_only
+    def _write(self, log_dir: Path) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / "prusc.json").write_text(json.dumps(self.report, indent=2))
+        tag = " [uses group annotations]" if self.uses_annotations else ""
+        print(f"\nPruSC{tag}: {_summary(self.report['densities'])}", flush=True)
+        for split, before in self.report["before"].items():
+            table = format_group_table({"before": before, "pruned": self.report["after"][split]})
+            print(f"\n{table}\n", flush=True)
+
+    def _parameters(self) -> dict[str, Any]:
+        keys = ("start_epoch", "prune_epochs", "finetune_epochs", "num_clusters", "modules", "lambda_sparse", "beta",
+                "temperature", "gumbel_temperature", "init_logit", "mask_lr", "target_density", "split", "groups",
+                "seed", "export")  # fmt: skip
+        return {k: getattr(self, k) for k in keys}
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase,
+            "started_epoch": self.started_epoch,
+            "clusters": self.clusters,
+            "report": self.report,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.phase = state_dict.get("phase", "waiting")
+        self.started_epoch = state_dict.get("started_epoch")
+        self.clusters = state_dict.get("clusters")
+        self.report = state_dict.get("report", {})
+
+
+def _summary(found: dict[str, float]) -> str:
+    return f"Prune_f {found['Prune_f']:.3f}, Prune_h {found['Prune_h']:.3f}"
+
+
+def _cluster_table(labels: Tensor, target: Tensor, group: Tensor, dm: Any) -> list[dict[str, Any]]:
+    """Size, classes and (for the report only) groups of every cluster."""
+    rows = []
+    for k in range(int(labels.max()) + 1):
+        member = labels == k
+        row: dict[str, Any] = {"cluster": k, "n": int(member.sum())}
+        row["classes"] = {dm.class_names[c]: int((target[member] == c).sum()) for c in range(dm.num_classes)}
+        if (group >= 0).all():
+            row["groups"] = {dm.group_names[g]: int((group[member] == g).sum()) for g in range(dm.num_groups)}
+        rows.append(row)
+    return rows

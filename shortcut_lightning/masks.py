@@ -1,0 +1,176 @@
+"""Learnable weight masks (straight-through Gumbel-sigmoid) for PruSC, as torch parametrizations.
+
+A mask sits on a module's ``weight`` through :mod:`torch.nn.utils.parametrize`: the weight keeps its
+values (``parametrizations.weight.original``) and the module computes with ``weight * mask``. The mask
+has three modes, stored in the model's state so a checkpoint describes itself: ``off`` (the weight as
+is), ``learn`` (a hard sample ``1[logit + logistic noise > 0]`` in training with the sigmoid's
+gradient, straight through; the deterministic ``1[logit > 0]`` in evaluation) and ``fixed``
+(``1[logit > 0]`` always). :func:`bake_masks` multiplies the masks in and leaves a plain network.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from shortcut_lightning.errors import ModelError, ShortcutError
+
+MODES = ("off", "learn", "fixed")
+MASKABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class GumbelSigmoidMask(nn.Module):
+    """``weight -> weight * mask(logits)``; one logit per weight, frozen until :meth:`set_mode` ``learn``."""
+
+    def __init__(self, shape: torch.Size, init_logit: float = 3.0, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(torch.full(shape, float(init_logit)), requires_grad=False)
+        self.register_buffer("mode_id", torch.zeros((), dtype=torch.long))
+        self.temperature = temperature
+
+    @property
+    def mode(self) -> str:
+        return MODES[int(self.mode_id)]
+
+    def set_mode(self, mode: str) -> None:
+        self.mode_id.fill_(MODES.index(mode))
+        self.logits.requires_grad_(mode == "learn")
+
+    def hard(self) -> Tensor:
+        """The deterministic mask ``1[logit > 0]``."""
+        return (self.logits > 0).to(self.logits.dtype)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        mode = self.mode
+        if mode == "off":
+            return weight
+        if mode == "fixed" or not self.training:
+            return weight * self.hard().detach().to(weight.dtype)
+        u = torch.rand_like(self.logits).clamp_(1e-6, 1 - 1e-6)
+        soft = torch.sigmoid((self.logits + u.log() - (-u).log1p()) / self.temperature)
+        mask = (soft > 0.5).to(soft.dtype) - soft.detach() + soft
+        return weight * mask.to(weight.dtype)
+
+
+def maskable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every conv and linear layer of ``model`` by dotted name (BatchNorm and the rest stay unmasked)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MASKABLE) and name}
+
+
+def attach_masks(
+    model: nn.Module, patterns: Sequence[str] | None = None, init_logit: float = 3.0, temperature: float = 1.0
+) -> dict[str, GumbelSigmoidMask]:
+    """Puts a mask (mode ``off``) on the weight of every maskable module whose name matches a pattern.
+
+    ``patterns`` are shell-style (``"net.layer4*"``, ``"net.fc"``); ``None`` masks every conv and linear
+    layer. Modules that already carry a mask keep it. A pattern that matches nothing is an error that
+    lists what exists.
+    """
+    candidates = maskable_modules(model)
+    chosen = dict(candidates)
+    if patterns is not None:
+        chosen = {}
+        for pattern in patterns:
+            hits = {n: m for n, m in candidates.items() if fnmatch.fnmatchcase(n, pattern)}
+            if not hits:
+                names = list(candidates)
+                shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+                raise ModelError(
+                    f"modules pattern {pattern!r} matches no conv or linear layer; they are: {shown}"
+                )
+            chosen.update(hits)
+    masks = {}
+    for name, module in chosen.items():
+        existing = find_mask(module)
+        if existing is None:
+            existing = GumbelSigmoidMask(module.weight.shape, init_logit, temperature).to(
+                module.weight.device
+            )
+            parametrize.register_parametrization(module, "weight", existing, unsafe=True)
+        masks[name] = existing
+    return masks
+
+
+def find_mask(module: nn.Module) -> GumbelSigmoidMask | None:
+    """The mask on ``module.weight``, if it has one."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    return next((p for p in module.parametrizations.weight if isinstance(p, GumbelSigmoidMask)), None)
+
+
+def model_masks(model: nn.Module) -> dict[str, GumbelSigmoidMask]:
+    """Every mask of ``model`` by the name of the module it sits on."""
+    found = {name: find_mask(m) for name, m in model.named_modules() if name}
+    return {name: mask for name, mask in found.items() if mask is not None}
+
+
+def original_weight(module: nn.Module) -> Tensor:
+    """A module's own weight, under a mask or not."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
+
+
+def bake_masks(model: nn.Module) -> int:
+    """Multiplies every mask into its weight and removes it: a plain network. Returns how many were baked."""
+    baked = 0
+    for module in list(model.modules()):
+        mask = find_mask(module)
+        if mask is None:
+            continue
+        with torch.no_grad():
+            value = original_weight(module) * mask.hard().to(original_weight(module).dtype)
+        requires_grad = original_weight(module).requires_grad
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        module.weight.data.copy_(value)
+        module.weight.requires_grad_(requires_grad)
+        baked += 1
+    return baked
+
+
+def set_density(masks: dict[str, GumbelSigmoidMask], density: float) -> None:
+    """Shifts the logits so that exactly a share ``density`` of the masked weights is kept (ties by position)."""
+    if not 0 < density < 1:
+        raise ShortcutError(f"target_density must be between 0 and 1 (exclusive), got {density}")
+    flat = torch.cat([m.logits.detach().flatten().float().cpu() for m in masks.values()])
+    k = max(1, round(density * len(flat)))
+    order = flat.argsort(descending=True, stable=True)
+    keep = torch.zeros(len(flat), dtype=torch.bool)
+    keep[order[:k]] = True
+    shifted = flat - flat[order[k - 1]]
+    shifted = torch.where(keep, shifted.clamp(min=1e-3), shifted.clamp(max=-1e-3))
+    offset = 0
+    with torch.no_grad():
+        for mask in masks.values():
+            n = mask.logits.numel()
+            mask.logits.copy_(shifted[offset : offset + n].view_as(mask.logits))
+            offset += n
+
+
+def densities(model: nn.Module) -> dict[str, float]:
+    """Kept share of the weights per masked layer, plus ``Prune_f`` and ``Prune_h`` (pruned shares).
+
+    ``Prune_f`` counts every conv and linear weight of the model (unmasked layers as kept); ``Prune_h``
+    is the pruned share of the last linear layer (the head).
+    """
+    out: dict[str, float] = {}
+    total = kept = 0
+    head_name = None
+    for name, module in maskable_modules(model).items():
+        weight = original_weight(module)
+        mask = find_mask(module)
+        n = weight.numel()
+        k = n if mask is None else int(mask.hard().sum())
+        if mask is not None:
+            out[name] = k / n
+        total += n
+        kept += k
+        if isinstance(module, nn.Linear):
+            head_name, head_kept, head_n = name, k, n
+    out["Prune_f"] = 1 - kept / max(total, 1)
+    out["Prune_h"] = 1 - head_kept / head_n if head_name is not None else 0.0
+    return out

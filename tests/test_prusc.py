@@ -1,0 +1,258 @@
+"""PruSC (MaskPruning): the contrastive loss, the masks, the callback's phases, resume and DDP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from shortcut_lightning import ShortcutClassifier
+from shortcut_lightning.callbacks import MaskPruning
+from shortcut_lightning.errors import ModelError, ShortcutError
+from shortcut_lightning.kmeans import cosine_kmeans
+from shortcut_lightning.masks import (
+    attach_masks,
+    bake_masks,
+    densities,
+    model_masks,
+    original_weight,
+    set_density,
+)
+from shortcut_lightning.supcon import cluster_supcon
+
+from helpers import MaskDump
+
+
+def _naive_supcon(z, y, c, t):
+    z = torch.nn.functional.normalize(z, dim=1)
+    losses = []
+    for i in range(len(z)):
+        pos = [j for j in range(len(z)) if y[j] == y[i] and c[j] != c[i]]
+        neg = [j for j in range(len(z)) if c[j] == c[i] and j != i]
+        if not pos:
+            continue
+        denom = sum(torch.exp(z[i] @ z[a] / t) for a in pos + neg)
+        losses.append(-sum(torch.log(torch.exp(z[i] @ z[p] / t) / denom) for p in pos) / len(pos))
+    return torch.stack(losses).mean()
+
+
+def test_supcon_matches_a_per_anchor_loop():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (24,), generator=g)
+    c = torch.randint(0, 4, (24,), generator=g)
+    fast = cluster_supcon(z, y, c, temperature=0.5)
+    torch.testing.assert_close(fast.double(), _naive_supcon(z, y, c, 0.5), rtol=1e-5, atol=1e-5)
+    # no anchor with a positive (one cluster): zero, still part of the graph
+    z.requires_grad_(True)
+    empty = cluster_supcon(z, y, torch.zeros(24, dtype=torch.long))
+    assert float(empty.detach()) == 0.0 and empty.requires_grad
+
+
+def test_supcon_alone_moves_the_mask_logits():
+    """The reference code detached its contrastive loss (``.item()``): here it must reach the masks."""
+    torch.manual_seed(0)
+    model = ShortcutClassifier("test_resnet")
+    masks = attach_masks(model)
+    for mask in masks.values():
+        mask.set_mode("learn")
+    model.train()
+    x = torch.randn(16, 3, 32, 32)
+    loss = cluster_supcon(model.features(x), torch.arange(16) % 2, torch.arange(16) % 4)
+    loss.backward()
+    grads = [m.logits.grad for name, m in masks.items() if name != "net.fc"]  # the head is after the features
+    assert all(g is not None for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_masks_are_deterministic_in_evaluation_and_bake_into_a_plain_network():
+    torch.manual_seed(0)
+    model = ShortcutClassifier("test_resnet")
+    masks = attach_masks(model, ["net.fc", "net.layer4*"])
+    assert set(masks) >= {"net.fc"} and all(n == "net.fc" or n.startswith("net.layer4") for n in masks)
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    dense = model(x)
+    for mask in masks.values():
+        mask.set_mode("learn")
+        torch.nn.init.normal_(mask.logits)
+    first, second = model(x), model(x)
+    torch.testing.assert_close(first, second)  # evaluation thresholds, no noise
+    assert not torch.allclose(first, dense)
+    model.train()
+    fc = masks["net.fc"]
+    sampled = [model.net.fc.weight.detach().clone() for _ in range(2)]
+    assert not torch.equal(sampled[0], sampled[1])  # training samples the Gumbel-sigmoid
+    expected_fc = (original_weight(model.net.fc) * (fc.logits > 0)).detach().clone()
+    report = densities(model)
+    assert 0 < report["net.fc"] < 1 and report["Prune_h"] == pytest.approx(1 - report["net.fc"])
+    model.eval()
+    assert bake_masks(model) == len(masks)
+    assert not model_masks(model)
+    assert all(".parametrizations." not in k for k in model.state_dict())
+    torch.testing.assert_close(model.net.fc.weight, expected_fc)
+    torch.testing.assert_close(model(x), first)
+
+
+def test_set_density_keeps_the_asked_share():
+    torch.manual_seed(0)
+    model = ShortcutClassifier("test_resnet")
+    masks = attach_masks(model)
+    for mask in masks.values():
+        torch.nn.init.normal_(mask.logits)
+    set_density(masks, 0.3)
+    kept = sum(float(m.hard().sum()) for m in masks.values()) / sum(m.logits.numel() for m in masks.values())
+    assert kept == pytest.approx(0.3, abs=1e-3)
+    for bad in (0.0, 1.0):
+        with pytest.raises(ShortcutError, match="between 0 and 1"):
+            set_density(masks, bad)
+
+
+def test_cosine_kmeans_finds_separated_directions_deterministically():
+    g = torch.Generator().manual_seed(1)
+    centres = torch.eye(4, 8) * 5
+    x = torch.cat([centres[k] + 0.3 * torch.randn(30, 8, generator=g) for k in range(4)])
+    found = cosine_kmeans(x, 4, seed=3)
+    truth = torch.arange(4).repeat_interleave(30)
+    for k in range(4):  # each true cluster lands in one found cluster, a different one each
+        assert found.labels[truth == k].unique().numel() == 1
+    assert found.labels.unique().numel() == 4
+    assert torch.equal(cosine_kmeans(x, 4, seed=3).labels, found.labels)
+    with pytest.raises(ShortcutError, match="cannot make 200 clusters of 120"):
+        cosine_kmeans(x, 200)
+
+
+def _trainer(tmp_path, callbacks, max_epochs, **kwargs):
+    return L.Trainer(
+        accelerator="cpu", max_epochs=max_epochs, default_root_dir=tmp_path, logger=False,
+        enable_progress_bar=False, limit_val_batches=0, callbacks=callbacks, **kwargs,
+    )  # fmt: skip
+
+
+def test_mask_learning_keeps_weights_frozen_and_writes_a_plain_pruned_model(tmp_path, tiny_synthetic):
+    torch.manual_seed(0)
+    model = ShortcutClassifier("test_resnet")
+    before = {k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith("weight")}
+    pruning = MaskPruning(
+        prune_epochs=2,
+        num_clusters=4,
+        mask_lr=0.5,
+        init_logit=0.5,
+        lambda_sparse=1e-2,
+        report_splits=("val",),
+        export=False,
+    )
+    dump = MaskDump(str(tmp_path))
+    _trainer(tmp_path, [dump, pruning], max_epochs=5, enable_checkpointing=False).fit(
+        model, datamodule=tiny_synthetic()
+    )
+    saved = torch.load(tmp_path / "masks_rank0.pt")
+    # the stage stops the fit once its epochs are done (2 of max 5), and the weights never moved
+    assert pruning.phase == "fixed"
+    for name, mask in model_masks(model).items():
+        torch.testing.assert_close(original_weight(model.get_submodule(name)), before[f"{name}.weight"])
+        assert torch.equal(mask.hard(), saved["masks"][name])
+        assert not torch.equal(saved["logits"][name], torch.full_like(saved["logits"][name], 0.5))
+    report = json.loads((tmp_path / "prusc.json").read_text())
+    assert 0 < report["densities"]["Prune_f"] < 1
+    assert sum(c["n"] for c in report["clusters"]) == 96
+    assert set(report["after"]) == {"val"} and not report["uses_annotations"]
+
+
+def test_finetune_changes_surviving_weights_and_export_loads_as_weights(tmp_path, tiny_synthetic):
+    torch.manual_seed(0)
+    model = ShortcutClassifier("test_resnet")
+    pruning = MaskPruning(
+        prune_epochs=1, finetune_epochs=1, num_clusters=4, target_density=0.5, report_splits=()
+    )
+    trainer = _trainer(tmp_path, [pruning], max_epochs=2)
+    trainer.fit(model, datamodule=tiny_synthetic())
+    assert not model_masks(model)  # exported: a plain network, half of the masked weights zero
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    zero = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zero == pytest.approx(0.5, abs=0.01)
+    pruned = tmp_path / "checkpoints" / "pruned.ckpt"
+    reloaded = ShortcutClassifier("test_resnet", weights=str(pruned))
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    reloaded.eval()
+    torch.testing.assert_close(reloaded(x), model(x))
+
+
+def test_resume_continues_mask_learning(tmp_path, tiny_synthetic):
+    """A run killed in the second mask-learning epoch resumes it: same phase, masks, optimizer groups."""
+    import subprocess
+    import sys
+
+    here = str(Path(__file__).parent)
+    ckpt_dir, last, out = str(tmp_path / "ck"), str(tmp_path / "ck" / "last.ckpt"), str(tmp_path / "out.pt")
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, torch, lightning as L\n"
+        f"sys.path.insert(0, {here!r})\n"
+        "from helpers import KillAt\n"
+        "from shortcut_lightning import ShortcutClassifier, SyntheticShortcuts\n"
+        "from shortcut_lightning.callbacks import BestAndLastCheckpoint, MaskPruning\n"
+        "torch.manual_seed(0)\n"
+        "kill = sys.argv[1] == 'kill'\n"
+        "cbs = [MaskPruning(prune_epochs=3, num_clusters=4, report_splits=(), export=False),\n"
+        f"       BestAndLastCheckpoint(dirpath={ckpt_dir!r}, save_last=True)] + ([KillAt(1, 2)] if kill else [])\n"
+        "t = L.Trainer(accelerator='cpu', max_epochs=3, logger=False, enable_progress_bar=False,\n"
+        f"              limit_val_batches=0, default_root_dir={str(tmp_path)!r}, callbacks=cbs)\n"
+        "dm = SyntheticShortcuts(n_train=96, n_val=37, n_test=41, image_size=32, batch_size=16)\n"
+        f"t.fit(ShortcutClassifier('test_resnet'), datamodule=dm, ckpt_path=None if kill else {last!r})\n"
+        f"torch.save({{'phase': cbs[0].phase, 'groups': len(t.optimizers[0].param_groups)}}, {out!r})\n"
+    )
+    killed = subprocess.run([sys.executable, str(script), "kill"], capture_output=True, text=True)
+    assert killed.returncode != 0
+    state = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
+    saved = next(v for k, v in state["callbacks"].items() if "MaskPruning" in k)
+    assert saved["phase"] == "learning" and state["epoch"] == 0
+    assert any(".parametrizations.weight.0.logits" in k for k in state["state_dict"])
+    assert len(state["optimizer_states"][0]["param_groups"]) == 2
+    resumed = subprocess.run([sys.executable, str(script), "resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    result = torch.load(out)
+    assert result == {"phase": "fixed", "groups": 2}
+
+
+def test_bad_input(tmp_path, tiny_synthetic):
+    for kwargs, match in (
+        ({"target_density": 0.0}, "between 0 and 1"),
+        ({"target_density": 1.0}, "between 0 and 1"),
+        ({"num_clusters": 1}, "num_clusters must be >= 2"),
+        ({"split": "test"}, "split must be 'train' or 'val'"),
+    ):
+        with pytest.raises(ShortcutError, match=match):
+            MaskPruning(**kwargs)
+    with pytest.raises(ShortcutError, match="num_clusters=500 is more than the 96 samples"):
+        _trainer(tmp_path, [MaskPruning(num_clusters=500)], 1).fit(
+            ShortcutClassifier("test_resnet"), datamodule=tiny_synthetic()
+        )
+    with pytest.raises(ModelError, match=r"matches no conv or linear layer; they are: net\.conv1"):
+        _trainer(tmp_path, [MaskPruning(modules=["net.layer9*"])], 1).fit(
+            ShortcutClassifier("test_resnet"), datamodule=tiny_synthetic()
+        )
+    with pytest.raises(ShortcutError, match=r"groups \[7\] do not exist"):
+        _trainer(tmp_path, [MaskPruning(groups=[7])], 1).fit(
+            ShortcutClassifier("test_resnet"), datamodule=tiny_synthetic()
+        )
+
+
+def test_groups_train_on_those_groups_only_and_say_so(tmp_path, tiny_synthetic):
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(batch["group"])
+
+    pruning = MaskPruning(prune_epochs=1, num_clusters=2, groups=[0, 3], report_splits=())
+    _trainer(tmp_path, [Spy(), pruning], 1, enable_checkpointing=False).fit(
+        ShortcutClassifier("test_resnet"), datamodule=tiny_synthetic()
+    )
+    groups = torch.cat(seen)
+    assert set(groups.tolist()) <= {0, 3} and len(groups) > 0
+    assert json.loads((tmp_path / "prusc.json").read_text())["uses_annotations"] is True
