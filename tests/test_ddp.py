@@ -88,7 +88,9 @@ def _prune(tmp_path, devices: int) -> list[dict]:
     torch.manual_seed(0)
     model = ShortcutClassifier("test_resnet")
     dm = SyntheticShortcuts(n_train=48, n_val=9, n_test=9, image_size=32, batch_size=8)
-    pruning = MaskPruning(prune_epochs=1, num_clusters=4, init_logit=0.2, mask_lr=0.5, report_splits=(), export=False)
+    pruning = MaskPruning(
+        prune_epochs=1, num_clusters=4, init_logit=0.2, mask_lr=0.5, report_splits=(), export=False
+    )
     kwargs = {"strategy": "ddp_spawn_find_unused_parameters_true"} if devices > 1 else {}
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, max_epochs=1, limit_train_batches=3, limit_val_batches=0,
