@@ -61,15 +61,12 @@ def create_backbone(
 
 
 def _from_lightning_checkpoint(path: Path, name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """The network of a ShortcutClassifier checkpoint (its ``net.*`` weights, head included)."""
+    """The network of a ShortcutClassifier checkpoint (its ``net.*`` weights, head included; masks multiplied in)."""
     state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})
     net = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
     if not net:
         raise ModelError(f"model.weights {path} holds no ShortcutClassifier network (no 'net.*' weights)")
-    if any(".parametrizations." in k for k in net):
-        raise ModelError(
-            f"model.weights {path} still carries PruSC masks: use the pruned.ckpt that run wrote next to it"
-        )
+    net = _multiply_masks_in(net)
     model = timm.create_model(name, num_classes=num_classes, pretrained=False, **kwargs)
     try:
         model.load_state_dict(net)
@@ -78,3 +75,18 @@ def _from_lightning_checkpoint(path: Path, name: str, num_classes: int, **kwargs
             f"model.weights {path} do not fit backbone {name!r} with {num_classes} classes: {exc}"
         ) from exc
     return model
+
+
+def _multiply_masks_in(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Plain weights from a state dict whose layers carry PruSC masks (``parametrizations.weight``)."""
+    suffix = ".parametrizations.weight.original"
+    plain = {k: v for k, v in state.items() if ".parametrizations." not in k}
+    for key, weight in state.items():
+        if not key.endswith(suffix):
+            continue
+        prefix = key.removesuffix(suffix)
+        mode = state.get(f"{prefix}.parametrizations.weight.0.mode_id")
+        logits = state.get(f"{prefix}.parametrizations.weight.0.logits")
+        masked = mode is not None and int(mode) != 0 and logits is not None
+        plain[f"{prefix}.weight"] = weight * (logits > 0).to(weight.dtype) if masked else weight
+    return plain

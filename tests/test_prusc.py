@@ -146,10 +146,18 @@ def test_mask_learning_keeps_weights_frozen_and_writes_a_plain_pruned_model(tmp_
         export=False,
     )
     dump = MaskDump(str(tmp_path))
-    _trainer(tmp_path, [dump, pruning], max_epochs=5, enable_checkpointing=False).fit(
-        model, datamodule=tiny_synthetic()
-    )
+    trainer = _trainer(tmp_path, [dump, pruning], max_epochs=5, enable_checkpointing=False)
+    trainer.fit(model, datamodule=tiny_synthetic())
+    # a checkpoint that still carries masks loads as plain weights, the masks multiplied in
+    trainer.save_checkpoint(tmp_path / "masked.ckpt")
+    plain = ShortcutClassifier("test_resnet", weights=str(tmp_path / "masked.ckpt")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(plain(x), model.eval()(x))
     saved = torch.load(tmp_path / "masks_rank0.pt")
+    # cluster-balanced batches: every cluster carries the same total sampling weight
+    weights, clusters = trainer.train_dataloader.sampler.weights, pruning.clusters
+    per_cluster = torch.zeros(4, dtype=torch.float64).index_add_(0, clusters, weights)
+    torch.testing.assert_close(per_cluster, torch.ones(4, dtype=torch.float64))
     # the stage stops the fit once its epochs are done (2 of max 5), and the weights never moved
     assert pruning.phase == "fixed"
     for name, mask in model_masks(model).items():
@@ -250,9 +258,10 @@ def test_groups_train_on_those_groups_only_and_say_so(tmp_path, tiny_synthetic):
             seen.append(batch["group"])
 
     pruning = MaskPruning(prune_epochs=1, num_clusters=2, groups=[0, 3], report_splits=())
-    _trainer(tmp_path, [Spy(), pruning], 1, enable_checkpointing=False).fit(
-        ShortcutClassifier("test_resnet"), datamodule=tiny_synthetic()
-    )
+    trainer = _trainer(tmp_path, [Spy(), pruning], 1, enable_checkpointing=False)
+    trainer.fit(ShortcutClassifier("test_resnet"), datamodule=tiny_synthetic())
     groups = torch.cat(seen)
     assert set(groups.tolist()) <= {0, 3} and len(groups) > 0
+    sampler = trainer.train_dataloader.sampler  # weights follow the subset's positions
+    assert len(sampler.weights) == len(sampler.positions) and bool((sampler.weights > 0).all())
     assert json.loads((tmp_path / "prusc.json").read_text())["uses_annotations"] is True

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 
 from shortcut_lightning.data.base import require_group_datamodule
+from shortcut_lightning.data.samplers import BalancedSampler
 from shortcut_lightning.embedding_pass import collect_embeddings, group_reports
 from shortcut_lightning.errors import ShortcutError
 from shortcut_lightning.kmeans import cosine_kmeans
@@ -68,6 +69,9 @@ class MaskPruning(Callback):
         mask_lr: Adam learning rate of the mask logits.
         target_density: fix the masks at this kept share of the masked weights (in (0, 1)).
         split: split to cluster and learn the masks on (``train`` or ``val``).
+        cluster_balanced: draw the stage's batches so that every cluster is equally likely (no labels
+            needed; the small clusters an ERM model forms around its minority samples are seen as
+            often as the large ones).
         groups: train on these group ids only (uses annotations).
         seed: seed of the k-means.
         export: multiply the masks in at the end (plain network, ``pruned.ckpt``).
@@ -92,6 +96,7 @@ class MaskPruning(Callback):
         mask_lr: float = 0.05,
         target_density: float | None = None,
         split: str = "train",
+        cluster_balanced: bool = True,
         groups: list[int] | None = None,
         seed: int = 0,
         export: bool = True,
@@ -129,6 +134,7 @@ class MaskPruning(Callback):
         self.mask_lr = mask_lr
         self.target_density = target_density
         self.split = split
+        self.cluster_balanced = cluster_balanced
         self.groups = None if groups is None else [int(g) for g in groups]
         self.seed = seed
         self.export = export
@@ -194,6 +200,22 @@ class MaskPruning(Callback):
         elif self.phase == "learning" and epoch >= (self.started_epoch or 0) + self.prune_epochs:
             self._enter(trainer, pl_module, "fixed")
             self._log_densities(pl_module)
+        if self.phase != "waiting" and self.cluster_balanced:
+            self._balance_clusters(trainer)
+
+    def _balance_clusters(self, trainer: L.Trainer) -> None:
+        """Per-sample weights ``1 / size of its cluster`` on the training sampler (this epoch's draw on)."""
+        loader = trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        if not isinstance(sampler, BalancedSampler):
+            raise ShortcutError(
+                "MaskPruning(cluster_balanced=True) needs the training loader of a shortcut_lightning datamodule "
+                f"(its sampler is {type(sampler).__name__}); or set cluster_balanced: false"
+            )
+        positions = torch.arange(len(self.clusters)) if sampler.positions is None else sampler.positions
+        labels = self.clusters[positions]
+        counts = torch.bincount(labels.clamp(min=0), minlength=self.num_clusters).double()
+        sampler.weights = torch.where(labels >= 0, 1.0 / counts[labels.clamp(min=0)].clamp(min=1), 0.0)
 
     def _enter(
         self, trainer: L.Trainer, pl_module: L.LightningModule, phase: str, resumed: bool = False
@@ -334,7 +356,7 @@ class MaskPruning(Callback):
 
     def _parameters(self) -> dict[str, Any]:
         keys = ("start_epoch", "prune_epochs", "finetune_epochs", "num_clusters", "modules", "lambda_sparse", "beta",
-                "temperature", "gumbel_temperature", "init_logit", "mask_lr", "target_density", "split", "groups",
+                "temperature", "gumbel_temperature", "init_logit", "mask_lr", "target_density", "split", "cluster_balanced", "groups",
                 "seed", "export")  # fmt: skip
         return {k: getattr(self, k) for k in keys}
 
