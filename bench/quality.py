@@ -39,15 +39,24 @@ def run(
     seconds = time.perf_counter() - start
     run_dir = next(save_dir.glob(f"*/seed{seed}"))
     before, sscore = None, None
-    if (run_dir / "dfr.json").is_file():  # a stage that reports the model before it ran
-        before = json.loads((run_dir / "dfr.json").read_text())["before"]["test"]
+    for stage_file in (
+        "dfr.json",
+        "prusc.json",
+        "mining.json",
+    ):  # a stage that reports the model before it ran
+        if (run_dir / stage_file).is_file():
+            before = json.loads((run_dir / stage_file).read_text())["before"].get("test")
     if (run_dir / "sscore.json").is_file():
         report = json.loads((run_dir / "sscore.json").read_text())
         sscore = {k: report[k] for k in SSCORE_KEYS}
         if "pruning" in report:
             before = before or report["pruning"]["before"]["test"]
             sscore["pruned_neurons"] = len(report["pruning"]["neurons"])
-    return json.loads((run_dir / "metrics.json").read_text()), before, sscore, seconds
+    report = json.loads((run_dir / "metrics.json").read_text())
+    if (run_dir / "prusc.json").is_file():  # how much of the model PruSC removed
+        densities = json.loads((run_dir / "prusc.json").read_text())["densities"]
+        report.update(Prune_f=densities["Prune_f"], Prune_h=densities["Prune_h"])
+    return report, before, sscore, seconds
 
 
 def summarise(reports: list[dict]) -> dict:

@@ -191,7 +191,7 @@ def test_finetune_changes_surviving_weights_and_export_loads_as_weights(tmp_path
 
 
 def test_resume_continues_mask_learning(tmp_path, tiny_synthetic):
-    """A run killed in the second mask-learning epoch resumes it: same phase, masks, optimizer groups."""
+    """A run killed in the second mask-learning epoch resumes it: same phase, masks and mask optimizer."""
     import subprocess
     import sys
 
@@ -212,7 +212,7 @@ def test_resume_continues_mask_learning(tmp_path, tiny_synthetic):
         f"              limit_val_batches=0, default_root_dir={str(tmp_path)!r}, callbacks=cbs)\n"
         "dm = SyntheticShortcuts(n_train=96, n_val=37, n_test=41, image_size=32, batch_size=16)\n"
         f"t.fit(ShortcutClassifier('test_resnet'), datamodule=dm, ckpt_path=None if kill else {last!r})\n"
-        f"torch.save({{'phase': cbs[0].phase, 'groups': len(t.optimizers[0].param_groups)}}, {out!r})\n"
+        f"torch.save({{'phase': cbs[0].phase, 'steps': int(cbs[0]._optimizer.state_dict()['state'][0]['step'])}}, {out!r})\n"
     )
     killed = subprocess.run([sys.executable, str(script), "kill"], capture_output=True, text=True)
     assert killed.returncode != 0
@@ -220,11 +220,14 @@ def test_resume_continues_mask_learning(tmp_path, tiny_synthetic):
     saved = next(v for k, v in state["callbacks"].items() if "MaskPruning" in k)
     assert saved["phase"] == "learning" and state["epoch"] == 0
     assert any(".parametrizations.weight.0.logits" in k for k in state["state_dict"])
-    assert len(state["optimizer_states"][0]["param_groups"]) == 2
+    assert saved["optimizer"]["state"], "the mask optimizer's moments are saved"
     resumed = subprocess.run([sys.executable, str(script), "resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     result = torch.load(out)
-    assert result == {"phase": "fixed", "groups": 2}
+    assert result == {
+        "phase": "fixed",
+        "steps": 3 * 6,
+    }  # Adam went on from the saved step: 3 epochs of 6 batches
 
 
 def test_bad_input(tmp_path, tiny_synthetic):
@@ -265,3 +268,26 @@ def test_groups_train_on_those_groups_only_and_say_so(tmp_path, tiny_synthetic):
     sampler = trainer.train_dataloader.sampler  # weights follow the subset's positions
     assert len(sampler.weights) == len(sampler.positions) and bool((sampler.weights > 0).all())
     assert json.loads((tmp_path / "prusc.json").read_text())["uses_annotations"] is True
+
+
+def test_batchnorm_is_held_during_mask_learning_and_recalibrated_after(tmp_path, tiny_synthetic):
+    """Noisy masks must not leak into the running statistics; the pruned model gets its own."""
+
+    def stats(model):
+        return {
+            k: v.clone() for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var"))
+        }
+
+    for recalibrate in (False, True):
+        torch.manual_seed(0)
+        model = ShortcutClassifier("test_resnet")
+        before = stats(model)
+        pruning = MaskPruning(
+            prune_epochs=1, num_clusters=4, report_splits=(), export=False, recalibrate_bn=recalibrate
+        )
+        _trainer(tmp_path / str(recalibrate), [pruning], 1, enable_checkpointing=False).fit(
+            model, datamodule=tiny_synthetic()
+        )
+        after = stats(model)
+        same = all(torch.equal(before[k], after[k]) for k in before)
+        assert same is not recalibrate

@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+from tqdm.auto import tqdm
 
 from shortcut_lightning.data.base import require_group_datamodule
 from shortcut_lightning.data.samplers import BalancedSampler
@@ -72,6 +74,8 @@ class MaskPruning(Callback):
         cluster_balanced: draw the stage's batches so that every cluster is equally likely (no labels
             needed; the small clusters an ERM model forms around its minority samples are seen as
             often as the large ones).
+        recalibrate_bn: re-estimate the BatchNorm statistics of the pruned network once the masks are
+            fixed (BatchNorm is held in eval mode while the weights are frozen).
         groups: train on these group ids only (uses annotations).
         seed: seed of the k-means.
         export: multiply the masks in at the end (plain network, ``pruned.ckpt``).
@@ -88,7 +92,7 @@ class MaskPruning(Callback):
         finetune_epochs: int = 0,
         num_clusters: int = 16,
         modules: list[str] | None = None,
-        lambda_sparse: float = 1e-4,
+        lambda_sparse: float = 1e-6,
         beta: float = 1.0,
         temperature: float = 0.07,
         gumbel_temperature: float = 1.0,
@@ -97,6 +101,7 @@ class MaskPruning(Callback):
         target_density: float | None = None,
         split: str = "train",
         cluster_balanced: bool = True,
+        recalibrate_bn: bool = False,
         groups: list[int] | None = None,
         seed: int = 0,
         export: bool = True,
@@ -135,6 +140,7 @@ class MaskPruning(Callback):
         self.target_density = target_density
         self.split = split
         self.cluster_balanced = cluster_balanced
+        self.recalibrate_bn = recalibrate_bn
         self.groups = None if groups is None else [int(g) for g in groups]
         self.seed = seed
         self.export = export
@@ -145,6 +151,8 @@ class MaskPruning(Callback):
         self.report: dict[str, Any] = {}
         self._cluster_device: Tensor | None = None
         self._masks: dict[str, Any] = {}
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._optimizer_state: dict[str, Any] | None = None
 
     @property
     def uses_annotations(self) -> bool:
@@ -187,7 +195,7 @@ class MaskPruning(Callback):
             )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.phase != "waiting":  # resumed: the optimizer state about to be restored has the mask group
+        if self.phase != "waiting":  # resumed: frozen weights, mask modes and the mask optimizer come back
             self._enter(trainer, pl_module, self.phase, resumed=True)
 
     # -- phases ---------------------------------------------------------------------------------
@@ -202,6 +210,7 @@ class MaskPruning(Callback):
             self._log_densities(pl_module)
         if self.phase != "waiting" and self.cluster_balanced:
             self._balance_clusters(trainer)
+        self._hold_bn(pl_module)
 
     def _balance_clusters(self, trainer: L.Trainer) -> None:
         """Per-sample weights ``1 / size of its cluster`` on the training sampler (this epoch's draw on)."""
@@ -231,18 +240,47 @@ class MaskPruning(Callback):
                 param.requires_grad_(not freeze_weights)
         for mask in masks.values():
             mask.set_mode("learn" if phase == "learning" else "fixed")
-        self._add_mask_group(trainer, masks)
         self._masks = masks
+        if phase == "learning" and self._optimizer is None:
+            self._optimizer = torch.optim.Adam([m.logits for m in masks.values()], lr=self.mask_lr)
+            if self._optimizer_state is not None:  # resumed: Adam's moments continue
+                self._optimizer.load_state_dict(self._optimizer_state)
+                self._optimizer_state = None
         self.phase = phase
+        if phase == "fixed" and not resumed and self.recalibrate_bn:
+            self._recalibrate_bn(trainer, pl_module)
 
-    def _add_mask_group(self, trainer: L.Trainer, masks: dict[str, Any]) -> None:
-        """The mask logits as their own Adam-like group of the module's optimizer (``BaseFinetuning`` style)."""
-        optimizer = trainer.optimizers[0]
-        logits = [m.logits for m in masks.values()]
-        present = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if all(id(p) in present for p in logits):
+    def _hold_bn(self, pl_module: L.LightningModule) -> None:
+        """BatchNorm in eval mode while the weights are frozen: statistics of the dense model, not of noisy masks."""
+        if self.phase == "learning" or (self.phase == "fixed" and self.finetune_epochs == 0):
+            for module in pl_module.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+
+    @torch.no_grad()
+    def _recalibrate_bn(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Re-estimates the BatchNorm statistics of the pruned network over the split (averaged over ranks)."""
+        norms = [m for m in pl_module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+        if not norms:
             return
-        optimizer.add_param_group({"params": logits, "lr": self.mask_lr, "weight_decay": 0.0})
+        was_training = pl_module.training
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the pass
+        pl_module.train()
+        show = trainer.is_global_zero
+        loader = trainer.datamodule.dataloader(self.split)
+        for batch in tqdm(
+            loader, desc="PruSC: BatchNorm statistics of the pruned model", leave=False, disable=not show
+        ):
+            pl_module(batch["image"].to(pl_module.device))
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+            if trainer.world_size > 1:
+                m.running_mean.copy_(trainer.strategy.reduce(m.running_mean, reduce_op="mean"))
+                m.running_var.copy_(trainer.strategy.reduce(m.running_var, reduce_op="mean"))
+        pl_module.train(was_training)
 
     # -- clustering -----------------------------------------------------------------------------
     def _cluster(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -299,18 +337,27 @@ class MaskPruning(Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
     ) -> None:
-        """Averages the mask gradients over DDP ranks: the logits were created after DDP wrapped the model."""
-        if self.phase != "learning" or trainer.world_size == 1:
+        """Steps the mask logits with this stage's own Adam, whatever optimizer the module uses.
+
+        The logits are created after DDP wraps the model, so their gradients are averaged over the
+        ranks here (the strategy's ``reduce``). A step with a non-finite gradient (e.g. an AMP
+        overflow) is skipped, as the module's optimizer skips it.
+        """
+        if self.phase != "learning" or self._optimizer is None:
             return
         logits = [m.logits for m in self._masks.values() if m.logits.grad is not None]
         if not logits:
             return
         flat = torch.cat([p.grad.flatten() for p in logits])
-        flat = trainer.strategy.reduce(flat, reduce_op="mean")
-        offset = 0
-        for p in logits:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
+        if trainer.world_size > 1:
+            flat = trainer.strategy.reduce(flat, reduce_op="mean")
+            offset = 0
+            for p in logits:
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+                offset += p.numel()
+        if bool(torch.isfinite(flat).all()):
+            self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.phase == "waiting":
@@ -356,7 +403,7 @@ class MaskPruning(Callback):
 
     def _parameters(self) -> dict[str, Any]:
         keys = ("start_epoch", "prune_epochs", "finetune_epochs", "num_clusters", "modules", "lambda_sparse", "beta",
-                "temperature", "gumbel_temperature", "init_logit", "mask_lr", "target_density", "split", "cluster_balanced", "groups",
+                "temperature", "gumbel_temperature", "init_logit", "mask_lr", "target_density", "split", "cluster_balanced", "recalibrate_bn", "groups",
                 "seed", "export")  # fmt: skip
         return {k: getattr(self, k) for k in keys}
 
@@ -367,6 +414,7 @@ class MaskPruning(Callback):
             "started_epoch": self.started_epoch,
             "clusters": self.clusters,
             "report": self.report,
+            "optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -374,6 +422,7 @@ class MaskPruning(Callback):
         self.started_epoch = state_dict.get("started_epoch")
         self.clusters = state_dict.get("clusters")
         self.report = state_dict.get("report", {})
+        self._optimizer_state = state_dict.get("optimizer")
 
 
 def _summary(found: dict[str, float]) -> str:
