@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -50,10 +51,37 @@ class GumbelSigmoidMask(nn.Module):
             return weight
         if mode == "fixed" or not self.training:
             return weight * self.hard().detach().to(weight.dtype)
-        u = torch.rand_like(self.logits).clamp_(1e-6, 1 - 1e-6)
-        soft = torch.sigmoid((self.logits + u.log() - (-u).log1p()) / self.temperature)
-        mask = (soft > 0.5).to(soft.dtype) - soft.detach() + soft
-        return weight * mask.to(weight.dtype)
+        return _GumbelSigmoidMasked.apply(weight, self.logits, self.temperature)
+
+
+class _GumbelSigmoidMasked(torch.autograd.Function):
+    """``weight * 1[z > 0]`` with ``z = (logit + logistic noise) / T``; backward through ``sigmoid(z)``.
+
+    The straight-through Gumbel-sigmoid in one node: the same values and gradients as composing it
+    from autograd ops, without their intermediate tensors (each the size of the weights).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, logits: Tensor, temperature: float) -> Tensor:
+        z = torch.logit(torch.rand_like(logits)).add_(logits)  # logit + logistic noise (log u - log(1 - u))
+        if temperature != 1:
+            z.div_(temperature)
+        ctx.save_for_backward(weight, z)
+        ctx.temperature = temperature
+        return torch.where(z > 0, weight, 0.0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        weight, z = ctx.saved_tensors
+        grad_weight = torch.where(z > 0, grad, 0.0) if ctx.needs_input_grad[0] else None
+        grad_logits = None
+        if ctx.needs_input_grad[1]:
+            s = torch.sigmoid(z)
+            grad_logits = (grad * weight).mul_(s).mul_(s.neg_().add_(1))  # d sigmoid(z) / dz = s (1 - s)
+            if ctx.temperature != 1:
+                grad_logits.div_(ctx.temperature)
+            grad_logits = grad_logits.to(z.dtype)
+        return grad_weight, grad_logits, None
 
 
 def maskable_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -291,3 +291,25 @@ def test_batchnorm_is_held_during_mask_learning_and_recalibrated_after(tmp_path,
         after = stats(model)
         same = all(torch.equal(before[k], after[k]) for k in before)
         assert same is not recalibrate
+
+
+def test_fused_gumbel_sigmoid_equals_its_autograd_composition():
+    from shortcut_lightning.masks import GumbelSigmoidMask
+
+    mask = GumbelSigmoidMask(torch.Size([6, 5]), temperature=0.7)
+    mask.set_mode("learn")
+    torch.nn.init.normal_(mask.logits)
+    weight = torch.randn(6, 5, requires_grad=True)
+    upstream = torch.randn(6, 5)
+    torch.manual_seed(3)
+    fused = mask(weight)
+    (fused * upstream).sum().backward()
+    got = (fused.detach(), weight.grad.clone(), mask.logits.grad.clone())
+    weight.grad, mask.logits.grad = None, None
+    torch.manual_seed(3)  # the same noise, composed from autograd ops
+    u = torch.rand_like(mask.logits)
+    soft = torch.sigmoid((mask.logits + u.log() - (-u).log1p()) / 0.7)
+    composed = weight * ((soft > 0.5).float() - soft.detach() + soft)
+    (composed * upstream).sum().backward()
+    for a, b in zip(got, (composed.detach(), weight.grad, mask.logits.grad), strict=True):
+        torch.testing.assert_close(a, b)
