@@ -1,0 +1,78 @@
+"""A debiasing stage from an ERM checkpoint, as in the ablation tables of docs/results.md (not part of CI).
+
+    python bench/stage_from_checkpoint.py {score|prusc} CKPT {background|patch|both} OUT_DIR 'JSON'
+
+The checkpoint is loaded as ``model.weights``; the stage starts at epoch 0, the model is tested after
+the fit and a RESULT line is printed. JSON keys, both stages: "epochs" (default 3), "lr" (AdamW of the
+module, default 1e-3), "seed" (data seed, default 0), "backbone_kwargs" (e.g. {"output_stride": 8} for
+checkpoints of configs/synthetic_sscore.yaml).
+
+- score: "mining" (SpuriousPositiveMining arguments), "reg" (NeuronRegularization arguments),
+  "mining_file" (reuse a mining.json instead of mining; with "reg": {"strength": 0.0} this is the
+  continued-ERM control).
+- prusc: "prusc" (MaskPruning arguments).
+"""
+
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from shortcut_lightning import ShortcutClassifier
+from shortcut_lightning.callbacks import (
+    GroupMetrics,
+    MaskPruning,
+    NeuronRegularization,
+    SpuriousPositiveMining,
+)
+from shortcut_lightning.data import SyntheticShortcuts
+
+
+def stage_callbacks(stage: str, cfg: dict) -> list[L.Callback]:
+    if stage == "prusc":
+        return [MaskPruning(**cfg.get("prusc", {}))]
+    if "mining_file" in cfg:
+        return [NeuronRegularization(mining_file=cfg["mining_file"], **cfg.get("reg", {}))]
+    return [
+        SpuriousPositiveMining(report_splits=("test",), **cfg.get("mining", {})),
+        NeuronRegularization(**cfg.get("reg", {})),
+    ]
+
+
+def main() -> None:
+    stage, ckpt, spurious, out = sys.argv[1:5]
+    cfg = json.loads(sys.argv[5])
+    torch.manual_seed(0)
+    model = ShortcutClassifier(
+        "resnet18",
+        num_classes=2,
+        weights=ckpt,
+        backbone_kwargs=cfg.get("backbone_kwargs"),
+        optimizer=partial(torch.optim.AdamW, lr=cfg.get("lr", 1e-3), weight_decay=1e-4),
+    )
+    seed = cfg.get("seed", 0)
+    dm = SyntheticShortcuts(spurious=spurious, image_size=32, batch_size=64, seed=seed, data_seed=seed)
+    callbacks = stage_callbacks(stage, cfg)
+    start = time.time()
+    trainer = L.Trainer(
+        max_epochs=cfg.get("epochs", 3), default_root_dir=out, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, callbacks=[GroupMetrics(print_table=False), *callbacks], limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm, verbose=False)
+    tested = json.loads(Path(out, "metrics.json").read_text())
+    pruned = {k: round(v, 3) for k, v in getattr(callbacks[0], "report", {}).get("densities", {}).items()}
+    groups = {k: round(v["acc"], 3) for k, v in tested["groups"].items()}
+    print(
+        "RESULT", stage, json.dumps(cfg), "wga", round(tested["wga"], 3), "mean", round(tested["mean"], 3),
+        groups, {k: v for k, v in pruned.items() if k.startswith("Prune")}, f"{time.time() - start:.0f}s",
+        flush=True,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
