@@ -129,3 +129,14 @@ def group_reports(
         metric.update(emb.logits if logits is None else logits[split], emb.target, emb.group)
         reports[split] = group_report(metric.compute(), dm.group_names, split)
     return reports
+
+
+def embed_splits(
+    pl_module: L.LightningModule, dm: Any, head: nn.Module, splits: Iterable[str], desc: str
+) -> dict[str, Embeddings]:
+    """:func:`collect_embeddings` of each of ``splits`` that the data has (``desc``: e.g. "DFR: embedding")."""
+    return {
+        s: collect_embeddings(pl_module, dm.dataloader(s), head, desc=f"{desc} {s}")
+        for s in splits
+        if s in dm.splits
+    }

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from shortcut_lightning.callbacks.model_stage import ModelStage
 from shortcut_lightning.data.base import require_group_datamodule
-from shortcut_lightning.embedding_pass import Embeddings, collect_embeddings, head_change_reports
+from shortcut_lightning.embedding_pass import Embeddings, embed_splits, head_change_reports
 from shortcut_lightning.errors import DataError, ModelError, ShortcutError
 from shortcut_lightning.last_layer import C_GRID, LinearHead, check_balance_labels, fit_dfr
 from shortcut_lightning.metrics import format_group_table
@@ -102,11 +102,7 @@ class DeepFeatureReweighting(ModelStage):
         splits = [self.split, *(s for s in self.report_splits if s != self.split)]
         if self.scaler_split and self.scaler_split not in splits:
             splits.append(self.scaler_split)
-        embeddings = {
-            s: collect_embeddings(pl_module, dm.dataloader(s), head, desc=f"DFR: embedding {s}")
-            for s in splits
-            if s in dm.splits
-        }
+        embeddings = embed_splits(pl_module, dm, head, splits, "DFR: embedding")
         if self.split not in embeddings:
             raise DataError(
                 f"DFR refit split {self.split!r} is not in the data; it has {', '.join(dm.splits)}"

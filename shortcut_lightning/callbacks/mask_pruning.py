@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from shortcut_lightning.data.base import require_group_datamodule
 from shortcut_lightning.data.samplers import BalancedSampler
-from shortcut_lightning.embedding_pass import collect_embeddings, group_reports
+from shortcut_lightning.embedding_pass import collect_embeddings, embed_splits, group_reports
 from shortcut_lightning.errors import ShortcutError
 from shortcut_lightning.kmeans import cosine_kmeans
 from shortcut_lightning.masks import attach_masks, bake_masks, densities, model_masks, set_density
@@ -305,12 +305,7 @@ class MaskPruning(Callback):
         rank_zero_info(f"PruSC{tag}: {self.num_clusters} clusters of the {self.split} split (cosine k-means)")
 
     def _reports(self, pl_module: L.LightningModule, dm: Any, head: Any, when: str) -> dict[str, Any]:
-        splits = [s for s in self.report_splits if s in dm.splits]
-        embeddings = {
-            s: collect_embeddings(pl_module, dm.dataloader(s), head, desc=f"PruSC: {s} {when}")
-            for s in splits
-        }
-        return group_reports(dm, embeddings)
+        return group_reports(dm, embed_splits(pl_module, dm, head, self.report_splits, f"PruSC ({when}):"))
 
     # -- the loss -------------------------------------------------------------------------------
     def training_penalty(

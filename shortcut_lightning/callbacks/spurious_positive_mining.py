@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from shortcut_lightning.callbacks.embedding_projector import project_2d
 from shortcut_lightning.callbacks.spurious_score import MASK_SOURCES, find_pooled_layer
 from shortcut_lightning.data.base import require_group_datamodule
-from shortcut_lightning.embedding_pass import Embeddings, collect_embeddings, group_reports
+from shortcut_lightning.embedding_pass import Embeddings, collect_embeddings, embed_splits, group_reports
 from shortcut_lightning.errors import ShortcutError
 from shortcut_lightning.hooks import InputCapture, OutputCapture
 from shortcut_lightning.metrics import format_group_table
@@ -382,12 +382,7 @@ class SpuriousPositiveMining(Callback):
         return panel
 
     def _reports(self, pl_module: L.LightningModule, dm: Any, head: nn.Linear) -> dict[str, Any]:
-        splits = [s for s in self.report_splits if s in dm.splits]
-        embeddings = {
-            s: collect_embeddings(pl_module, dm.dataloader(s), head, desc=f"SCORE: {s} before")
-            for s in splits
-        }
-        return group_reports(dm, embeddings)
+        return group_reports(dm, embed_splits(pl_module, dm, head, self.report_splits, "SCORE (before):"))
 
     def _parameters(self) -> dict[str, Any]:
         keys = ("start_epoch", "selection", "layer", "top_m", "top_q", "dilation", "fill", "num_selected",

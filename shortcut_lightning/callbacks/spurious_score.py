@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from shortcut_lightning.callbacks.model_stage import ModelStage
 from shortcut_lightning.data.base import require_group_datamodule
 from shortcut_lightning.data.transforms import denormalize
-from shortcut_lightning.embedding_pass import collect_embeddings, head_change_reports
+from shortcut_lightning.embedding_pass import embed_splits, head_change_reports
 from shortcut_lightning.errors import DataError, ModelError
 from shortcut_lightning.figures import new_figure
 from shortcut_lightning.hooks import InputCapture, OutputCapture
@@ -211,11 +211,7 @@ class SpuriousScore(ModelStage):
         self, trainer: L.Trainer, pl_module: L.LightningModule, dm: Any, head: nn.Linear, scores: Tensor
     ) -> dict:
         pruned = (scores > self.prune_above).nonzero().flatten()
-        embeddings = {
-            s: collect_embeddings(pl_module, dm.dataloader(s), head, desc=f"s-score pruning: embedding {s}")
-            for s in self.report_splits
-            if s in dm.splits
-        }
+        embeddings = embed_splits(pl_module, dm, head, self.report_splits, "s-score pruning: embedding")
         with torch.no_grad():
             head.weight[:, pruned.to(head.weight.device)] = 0.0
         bias = None if head.bias is None else head.bias.detach()
