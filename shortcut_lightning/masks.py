@@ -76,8 +76,8 @@ class _GumbelSigmoidMasked(torch.autograd.Function):
         grad_weight = torch.where(z > 0, grad, 0.0) if ctx.needs_input_grad[0] else None
         grad_logits = None
         if ctx.needs_input_grad[1]:
-            s = torch.sigmoid(z)
-            grad_logits = (grad * weight).mul_(s).mul_(s.neg_().add_(1))  # d sigmoid(z) / dz = s (1 - s)
+            # g * w * s * (1 - s) with s = sigmoid(z), in one kernel
+            grad_logits = torch.ops.aten.sigmoid_backward(grad * weight, torch.sigmoid(z))
             if ctx.temperature != 1:
                 grad_logits.div_(ctx.temperature)
             grad_logits = grad_logits.to(z.dtype)
