@@ -153,6 +153,11 @@ def test_mask_learning_keeps_weights_frozen_and_writes_a_plain_pruned_model(tmp_
     plain = ShortcutClassifier("test_resnet", weights=str(tmp_path / "masked.ckpt")).eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(plain(x), model.eval()(x))
+    # and a test run with the stage in its callbacks evaluates that checkpoint with its masks
+    fresh = ShortcutClassifier("test_resnet")
+    tester = _trainer(tmp_path / "test", [MaskPruning(num_clusters=4)], 1, enable_checkpointing=False)
+    tester.test(fresh, datamodule=tiny_synthetic(), ckpt_path=tmp_path / "masked.ckpt", verbose=False)
+    torch.testing.assert_close(fresh.eval()(x), plain(x))
     saved = torch.load(tmp_path / "masks_rank0.pt")
     # cluster-balanced batches: every cluster carries the same total sampling weight
     weights, clusters = trainer.train_dataloader.sampler.weights, pruning.clusters

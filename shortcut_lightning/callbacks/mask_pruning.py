@@ -160,7 +160,10 @@ class MaskPruning(Callback):
 
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
+        if (
+            stage != "fit"
+        ):  # validate/test a checkpoint of this stage: its masks (and their mode) load into these
+            attach_masks(pl_module, self.modules, self.init_logit, self.gumbel_temperature)
             return
         dm = require_group_datamodule(getattr(trainer, "datamodule", None), "MaskPruning")
         if self.split not in dm.splits:
