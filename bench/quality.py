@@ -23,6 +23,7 @@ from shortcut_lightning.metrics import SUMMARY_KEYS
 
 OUT = Path(__file__).resolve().parent / "results"
 SSCORE_KEYS = ("mean", "mean_used_neurons", "head_weighted_mean")
+STAGE_FILES = ("dfr.json", "prusc.json", "mining.json")  # stages that report the model before they ran
 
 
 def run(
@@ -39,23 +40,19 @@ def run(
     seconds = time.perf_counter() - start
     run_dir = next(save_dir.glob(f"*/seed{seed}"))
     before, sscore = None, None
-    for stage_file in (
-        "dfr.json",
-        "prusc.json",
-        "mining.json",
-    ):  # a stage that reports the model before it ran
-        if (run_dir / stage_file).is_file():
-            before = json.loads((run_dir / stage_file).read_text())["before"].get("test")
-    if (run_dir / "sscore.json").is_file():
-        report = json.loads((run_dir / "sscore.json").read_text())
-        sscore = {k: report[k] for k in SSCORE_KEYS}
-        if "pruning" in report:
-            before = before or report["pruning"]["before"]["test"]
-            sscore["pruned_neurons"] = len(report["pruning"]["neurons"])
     report = json.loads((run_dir / "metrics.json").read_text())
-    if (run_dir / "prusc.json").is_file():  # how much of the model PruSC removed
-        densities = json.loads((run_dir / "prusc.json").read_text())["densities"]
-        report.update(Prune_f=densities["Prune_f"], Prune_h=densities["Prune_h"])
+    for stage_file in STAGE_FILES:
+        if (run_dir / stage_file).is_file():
+            stage = json.loads((run_dir / stage_file).read_text())
+            before = stage["before"].get("test")
+            if "densities" in stage:  # how much of the model PruSC removed
+                report.update(Prune_f=stage["densities"]["Prune_f"], Prune_h=stage["densities"]["Prune_h"])
+    if (run_dir / "sscore.json").is_file():
+        scores = json.loads((run_dir / "sscore.json").read_text())
+        sscore = {k: scores[k] for k in SSCORE_KEYS}
+        if "pruning" in scores:
+            before = before or scores["pruning"]["before"]["test"]
+            sscore["pruned_neurons"] = len(scores["pruning"]["neurons"])
     return report, before, sscore, seconds
 
 

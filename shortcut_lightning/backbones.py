@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from shortcut_lightning.errors import ModelError
+from shortcut_lightning.masks import attach_masks, bake_masks
 
 
 def create_backbone(
@@ -66,27 +67,16 @@ def _from_lightning_checkpoint(path: Path, name: str, num_classes: int, **kwargs
     net = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
     if not net:
         raise ModelError(f"model.weights {path} holds no ShortcutClassifier network (no 'net.*' weights)")
-    net = _multiply_masks_in(net)
     model = timm.create_model(name, num_classes=num_classes, pretrained=False, **kwargs)
+    suffix = ".parametrizations.weight.original"
+    masked = sorted(k.removesuffix(suffix) for k in net if k.endswith(suffix))  # layers under a PruSC mask
     try:
+        if masked:
+            attach_masks(model, masked)
         model.load_state_dict(net)
-    except RuntimeError as exc:
+    except (RuntimeError, ModelError) as exc:
         raise ModelError(
             f"model.weights {path} do not fit backbone {name!r} with {num_classes} classes: {exc}"
         ) from exc
+    bake_masks(model)
     return model
-
-
-def _multiply_masks_in(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Plain weights from a state dict whose layers carry PruSC masks (``parametrizations.weight``)."""
-    suffix = ".parametrizations.weight.original"
-    plain = {k: v for k, v in state.items() if ".parametrizations." not in k}
-    for key, weight in state.items():
-        if not key.endswith(suffix):
-            continue
-        prefix = key.removesuffix(suffix)
-        mode = state.get(f"{prefix}.parametrizations.weight.0.mode_id")
-        logits = state.get(f"{prefix}.parametrizations.weight.0.logits")
-        masked = mode is not None and int(mode) != 0 and logits is not None
-        plain[f"{prefix}.weight"] = weight * (logits > 0).to(weight.dtype) if masked else weight
-    return plain

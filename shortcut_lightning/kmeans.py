@@ -62,7 +62,8 @@ def _plus_plus(z: Tensor, k: int, generator: torch.Generator) -> Tensor:
     for _ in range(1, k):
         weights = distance.cpu()
         if float(weights.sum()) <= 0:  # fewer distinct points than k: take any not yet chosen
-            rest = [i for i in range(len(z)) if i not in set(chosen)]
+            taken = set(chosen)
+            rest = [i for i in range(len(z)) if i not in taken]
             nxt = rest[int(torch.randint(len(rest), (1,), generator=generator))]
         else:
             nxt = int(torch.multinomial(weights, 1, generator=generator))

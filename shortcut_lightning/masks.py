@@ -45,13 +45,16 @@ class GumbelSigmoidMask(nn.Module):
         """The deterministic mask ``1[logit > 0]``."""
         return (self.logits > 0).to(self.logits.dtype)
 
-    def forward(self, weight: Tensor) -> Tensor:
-        mode = self.mode
-        if mode == "off":
+    def deterministic(self, weight: Tensor) -> Tensor:
+        """The weight as evaluation sees it: as is when ``off``, else times :meth:`hard`."""
+        if self.mode == "off":
             return weight
-        if mode == "fixed" or not self.training:
-            return weight * self.hard().detach().to(weight.dtype)
-        return _GumbelSigmoidMasked.apply(weight, self.logits, self.temperature)
+        return weight * self.hard().detach().to(weight.dtype)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if self.mode == "learn" and self.training:
+            return _GumbelSigmoidMasked.apply(weight, self.logits, self.temperature)
+        return self.deterministic(weight)
 
 
 class _GumbelSigmoidMasked(torch.autograd.Function):
@@ -144,15 +147,16 @@ def original_weight(module: nn.Module) -> Tensor:
 
 
 def bake_masks(model: nn.Module) -> int:
-    """Multiplies every mask into its weight and removes it: a plain network. Returns how many were baked."""
+    """Puts every mask's evaluation weight in place of the mask: a plain network. Returns how many were baked."""
     baked = 0
     for module in list(model.modules()):
         mask = find_mask(module)
         if mask is None:
             continue
+        weight = original_weight(module)
         with torch.no_grad():
-            value = original_weight(module) * mask.hard().to(original_weight(module).dtype)
-        requires_grad = original_weight(module).requires_grad
+            value = mask.deterministic(weight)
+        requires_grad = weight.requires_grad
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
         module.weight.data.copy_(value)
         module.weight.requires_grad_(requires_grad)

@@ -24,8 +24,6 @@ from shortcut_lightning.metrics import format_group_table
 from shortcut_lightning.model_parts import find_head
 from shortcut_lightning.supcon import cluster_supcon
 
-PHASES = ("waiting", "learning", "fixed")
-
 
 class MaskPruning(Callback):
     """Learns which weights to keep so that an ERM model's spurious clusters break apart (PruSC, seed 000).
@@ -160,11 +158,14 @@ class MaskPruning(Callback):
 
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if (
-            stage != "fit"
-        ):  # validate/test a checkpoint of this stage: its masks (and their mode) load into these
-            attach_masks(pl_module, self.modules, self.init_logit, self.gumbel_temperature)
-            return
+        if stage == "fit":
+            self._prepare_fit(trainer)
+        # masks exist (mode off) before any checkpoint is restored or DDP wraps the model; a checkpoint
+        # of this stage that is validated or tested loads its masks (and their mode) into them
+        attach_masks(pl_module, self.modules, self.init_logit, self.gumbel_temperature)
+
+    def _prepare_fit(self, trainer: L.Trainer) -> None:
+        """Checks the data and the strategy; points the datamodule at the split and groups to train on."""
         dm = require_group_datamodule(getattr(trainer, "datamodule", None), "MaskPruning")
         if self.split not in dm.splits:
             raise ShortcutError(
@@ -185,8 +186,6 @@ class MaskPruning(Callback):
                 f"num_clusters={self.num_clusters} is more than the {n} samples of the {self.split} split"
             )
         self._check_strategy(trainer.strategy, trainer.world_size)
-        # masks exist (mode off) before any checkpoint is restored or DDP wraps the model
-        attach_masks(pl_module, self.modules, self.init_logit, self.gumbel_temperature)
 
     @staticmethod
     def _check_strategy(strategy: Any, world_size: int) -> None:
@@ -238,8 +237,9 @@ class MaskPruning(Callback):
                 set_density(masks, self.target_density)
             rank_zero_info(f"PruSC: masks fixed, {_summary(densities(pl_module))}")
         freeze_weights = phase == "learning" or self.finetune_epochs == 0
-        for name, param in pl_module.named_parameters():
-            if not name.endswith(".logits"):
+        logits = {id(m.logits) for m in masks.values()}
+        for param in pl_module.parameters():
+            if id(param) not in logits:
                 param.requires_grad_(not freeze_weights)
         for mask in masks.values():
             mask.set_mode("learn" if phase == "learning" else "fixed")
@@ -321,8 +321,7 @@ class MaskPruning(Callback):
                 "MaskPruning needs the penultimate features of the training forward: pass "
                 "{'features': features, 'logits': logits} to total_penalty in training_step"
             )
-        masks = self._masks or model_masks(pl_module)
-        sparsity = torch.stack([torch.sigmoid(m.logits).sum() for m in masks.values()]).sum()
+        sparsity = torch.stack([torch.sigmoid(m.logits).sum() for m in self._masks.values()]).sum()
         if self._cluster_device is None or self._cluster_device.device != outputs["features"].device:
             self._cluster_device = self.clusters.to(outputs["features"].device)
         clusters = self._cluster_device[batch["index"]]
