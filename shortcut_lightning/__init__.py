@@ -8,6 +8,7 @@ from shortcut_lightning.callbacks import (
     NeuronRegularization,
     SpuriousPositiveMining,
     SpuriousScore,
+    TokenViews,
 )
 from shortcut_lightning.data import ISIC, CelebA, MetadataDataModule, SyntheticShortcuts, Waterbirds
 from shortcut_lightning.errors import DataError, ModelError, ShortcutError
@@ -35,6 +36,7 @@ __all__ = [
     "SpuriousPositiveMining",
     "SpuriousScore",
     "SyntheticShortcuts",
+    "TokenViews",
     "Waterbirds",
     "total_penalty",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 
+from timm.models import vision_transformer as timm_vit
 from torch import nn
 
 from shortcut_lightning.errors import ModelError
@@ -41,6 +42,12 @@ def find_head(model: nn.Module, path: str | None = None, argument: str = "head")
             f"name it with the callback's `{argument}` argument, e.g. {argument}='net.fc'"
         )
     return head
+
+
+def last_transformer_block(model: nn.Module) -> str | None:
+    """Dotted name of the last timm ViT block (seed 001's Grad-CAM layer for ViTs), or None."""
+    names = [name for name, module in model.named_modules() if type(module) is timm_vit.Block]
+    return names[-1] if names else None
 
 
 def _timm_classifier(model: nn.Module) -> nn.Module | None:

@@ -8,6 +8,7 @@ from shortcut_lightning.callbacks.mask_pruning import MaskPruning
 from shortcut_lightning.callbacks.neuron_regularization import NeuronRegularization
 from shortcut_lightning.callbacks.spurious_positive_mining import SpuriousPositiveMining
 from shortcut_lightning.callbacks.spurious_score import SpuriousScore
+from shortcut_lightning.callbacks.token_views import TokenViews
 
 __all__ = [
     "BestAndLastCheckpoint",
@@ -18,4 +19,5 @@ __all__ = [
     "NeuronRegularization",
     "SpuriousPositiveMining",
     "SpuriousScore",
+    "TokenViews",
 ]

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from shortcut_lightning.activations import reduce_channels
 from shortcut_lightning.callbacks.spurious_positive_mining import SpuriousPositiveMining
 from shortcut_lightning.errors import ShortcutError
 from shortcut_lightning.hooks import OutputCapture
@@ -139,15 +140,14 @@ class NeuronRegularization(Callback):
     ) -> Tensor | None:
         if self._capture is None or self._capture.value is None:
             return None
-        activation = self._capture.value
-        if self._index is None or self._index.device != activation.device:  # first step: check and place once
-            if max(self.neurons) >= activation.shape[1]:
+        pooled = reduce_channels(self._capture.value)
+        if self._index is None or self._index.device != pooled.device:  # first step: check and place once
+            if max(self.neurons) >= pooled.shape[1]:
                 raise ShortcutError(
                     f"NeuronRegularization: neuron {max(self.neurons)} does not exist in {self.layer}, which "
-                    f"has {activation.shape[1]} channels"
+                    f"has {pooled.shape[1]} channels"
                 )
-            self._index = torch.tensor(self.neurons, dtype=torch.long, device=activation.device)
-        pooled = activation.flatten(2).mean(2) if activation.ndim > 2 else activation
+            self._index = torch.tensor(self.neurons, dtype=torch.long, device=pooled.device)
         selected = pooled[:, self._index]
         value = selected.abs().mean() if self.norm == "l1" else selected.pow(2).mean()
         pl_module.log("score/selected_activation", selected.detach().mean(), on_step=True, on_epoch=True)

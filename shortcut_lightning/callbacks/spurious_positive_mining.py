@@ -17,8 +17,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from shortcut_lightning.activations import reduce_channels
 from shortcut_lightning.callbacks.embedding_projector import project_2d
-from shortcut_lightning.callbacks.spurious_score import MASK_SOURCES, find_pooled_layer
+from shortcut_lightning.callbacks.spurious_score import MASK_SOURCES, find_feature_layer
 from shortcut_lightning.data.base import require_group_datamodule
 from shortcut_lightning.embedding_pass import Embeddings, collect_embeddings, embed_splits, group_reports
 from shortcut_lightning.errors import ShortcutError
@@ -79,7 +80,7 @@ class SpuriousPositiveMining(Callback):
     Args:
         start_epoch: the epoch before which mining runs.
         selection: ``auto``, ``oracle`` or ``manual``.
-        layer: dotted name of the layer whose neurons are scored; default: the block the embedding pools.
+        layer: dotted name of the layer whose neurons are scored; default: the block the embedding pools (a ViT: its last block).
         head: dotted name of the head; default: found.
         top_m: top samples per class.
         top_q: share of the pixels kept in a relevance mask.
@@ -197,7 +198,7 @@ class SpuriousPositiveMining(Callback):
                 f"none ({MASK_SOURCES}); or use selection='auto' or 'manual'"
             )
         probe = torch.stack([dataset[i]["image"] for i in range(min(2, len(dataset)))]).to(pl_module.device)
-        layer_name = self.layer or find_pooled_layer(pl_module, head, probe)
+        layer_name = self.layer or find_feature_layer(pl_module, head, probe)
         layer = find_module(pl_module, layer_name, "layer")
         train = collect_embeddings(pl_module, dm.dataloader("train"), head, desc=f"SCORE: ranking train{tag}")
         per_class: dict[str, Any] = {}
@@ -329,7 +330,7 @@ class SpuriousPositiveMining(Callback):
             got = {
                 "images": x.cpu(),
                 "masks": masks.cpu(),
-                "activation": activation.flatten(2).mean(2).cpu(),
+                "activation": reduce_channels(activation).cpu(),
                 "relevance": lrp.layers[layer_name].cpu(),
                 "embedding": embedding.flatten(1).cpu(),
                 "kept": (lrp.logits.argmax(1) == c).cpu(),

@@ -23,14 +23,17 @@ from shortcut_lightning.errors import DataError, ModelError
 from shortcut_lightning.figures import new_figure
 from shortcut_lightning.hooks import InputCapture, OutputCapture
 from shortcut_lightning.metrics import format_group_table
-from shortcut_lightning.model_parts import find_head, find_module
+from shortcut_lightning.model_parts import find_head, find_module, last_transformer_block
 from shortcut_lightning.xai.gradcam import is_pooled_layer, neuron_gradcam, spurious_scores
 
 MASK_SOURCES = "MetadataDataModule reads them from a mask_filename column (docs/datasets.md); SyntheticShortcuts has them"
 
 
-def find_pooled_layer(model: nn.Module, head: nn.Module, images: Tensor) -> str:
-    """Dotted name of the shallowest module whose output the penultimate embedding is the average pool of."""
+def find_feature_layer(model: nn.Module, head: nn.Module, images: Tensor) -> str:
+    """The default neuron layer: the shallowest module the embedding is the average pool of; a ViT's last block."""
+    block = last_transformer_block(model)
+    if block is not None:
+        return block
     captures = {
         name: OutputCapture(m) for name, m in model.named_modules() if name and not isinstance(m, nn.Linear)
     }
@@ -170,7 +173,7 @@ class SpuriousScore(ModelStage):
         pl_module.eval()
         try:
             images = batch["image"].to(pl_module.device)
-            layer_name = self.layer or find_pooled_layer(pl_module, head, images[:2])
+            layer_name = self.layer or find_feature_layer(pl_module, head, images[:2])
             layer = find_module(pl_module, layer_name, "layer")
             check_resolution(pl_module, layer, layer_name, images[:1])
             maps = [

@@ -1,4 +1,4 @@
-"""zennit canonizers for the residual blocks of torchvision's and timm's ResNets.
+"""zennit canonizers for the residual blocks of torchvision's and timm's ResNets (ViTs: :mod:`.attention`).
 
 LRP needs every residual addition to be a module, so that a rule (zennit's ``Norm`` on ``Sum``) can split
 the relevance between the two branches in proportion to their contributions. Left as a plain ``+``,
@@ -23,6 +23,7 @@ from zennit.canonizers import AttributeCanonizer, Canonizer, SequentialMergeBatc
 from zennit.layer import Sum
 
 from shortcut_lightning.errors import ModelError
+from shortcut_lightning.xai.attention import VIT_CLASSES, ViTCanonizer, check_vit_module, has_vit_modules
 
 try:  # timm is a dependency, but keep the torchvision path usable without it
     from timm.models import resnet as timm_resnet
@@ -82,7 +83,7 @@ if timm_resnet is not None:
     _BLOCKS[timm_resnet.BasicBlock] = ("timm", _timm_basic, _TIMM_BASIC)
     _BLOCKS[timm_resnet.Bottleneck] = ("timm", _timm_bottleneck, _TIMM_BASIC | {"act3", "conv3", "bn3"})
 
-SUPPORTED_BLOCKS = tuple(f"{cls.__module__}.{cls.__qualname__}" for cls in _BLOCKS)
+SUPPORTED_BLOCKS = tuple(f"{cls.__module__}.{cls.__qualname__}" for cls in (*_BLOCKS, *VIT_CLASSES[1:]))
 
 
 def _check_block(name: str, block: nn.Module) -> None:
@@ -135,8 +136,11 @@ def residual_blocks(model: nn.Module) -> dict[str, nn.Module]:
     return blocks
 
 
-def canonizers_for(model: nn.Module) -> list[Canonizer]:
+def canonizers_for(model: nn.Module, epsilon: float = 1e-6) -> list[Canonizer]:
     """Canonizers for LRP on ``model``: merge each BatchNorm into the conv before it, rewrite residual adds.
+
+    timm vision transformers also get :class:`~shortcut_lightning.xai.attention.ViTCanonizer` (its
+    attention and token-pooling rules use ``epsilon``).
 
     BatchNorm merging uses the running statistics (the model must be in eval mode when attributing, as
     :func:`~shortcut_lightning.xai.lrp.relevance` ensures). Plain models (no residual blocks, e.g. VGG)
@@ -145,4 +149,10 @@ def canonizers_for(model: nn.Module) -> list[Canonizer]:
     activations outside a canonized block, and raises :class:`ModelError` naming the block class.
     """
     residual_blocks(model)
-    return [SequentialMergeBatchNorm(), ResidualBlockCanonizer()]
+    canonizers: list[Canonizer] = [SequentialMergeBatchNorm(), ResidualBlockCanonizer()]
+    if has_vit_modules(model):
+        for name, module in model.named_modules():
+            if type(module) in VIT_CLASSES:
+                check_vit_module(name, module)
+        canonizers.append(ViTCanonizer(epsilon))
+    return canonizers

@@ -4,7 +4,8 @@ Grad-CAM of penultimate neuron ``z_i`` at layer ``A`` (C x h x w): ``relu(sum_k 
 ``alpha_ik = mean_hw dz_i/dA_k``. When ``z`` is the global average pool of ``A`` (a CNN's last block),
 ``dz_i/dA_k = delta_ik / (h w)`` is constant over space, so the map is ``relu(A_i) / (h w)``: every
 neuron's map comes from ONE forward pass. Other layers use a batched Jacobian (one backward per chunk
-of neurons, vectorised over them).
+of neurons, vectorised over them). A ViT layer's tokens [N, T, C] are read as a map over the patch grid
+(prefix tokens dropped), as seed 001 does for its ViTs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shortcut_lightning.activations import require_token_layout
 from shortcut_lightning.hooks import InputCapture, OutputCapture
 
 
@@ -69,6 +71,8 @@ def neuron_gradcam(
         if is_pooled_layer(activation, features):
             maps = activation.detach()[:, neurons].relu() / (activation.shape[2] * activation.shape[3])
             return NeuronMaps(maps, neurons.cpu(), fast=True)
+        layout = require_token_layout(model, "Grad-CAM of a token layer") if activation.ndim == 3 else None
+        grid = activation.detach() if layout is None else layout.to_grid(activation.detach())
         parts = []
         for start in range(0, len(neurons), chunk):
             ids = neurons[start : start + chunk]
@@ -78,9 +82,11 @@ def neuron_gradcam(
             cotangents[torch.arange(len(ids)), :, ids] = 1.0
             (grads,) = torch.autograd.grad(
                 features, activation, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True
-            )  # [K, N, C, h, w]
+            )  # [K, N, C, h, w] (tokens: [K, N, T, C])
+            if layout is not None:
+                grads = layout.to_grid(grads.flatten(0, 1)).unflatten(0, grads.shape[:2])
             alpha = grads.mean(dim=(3, 4), keepdim=True)
-            cams = (alpha * activation.detach().unsqueeze(0)).sum(dim=2).relu()  # [K, N, h, w]
+            cams = (alpha * grid.unsqueeze(0)).sum(dim=2).relu()  # [K, N, h, w]
             parts.append(cams.transpose(0, 1))
         return NeuronMaps(torch.cat(parts, dim=1), neurons.cpu(), fast=False)
 

@@ -10,8 +10,9 @@ Conventions:
 * The relevance starts as ``one_hot(target) * logit``: the total relevance of a sample is its target
   logit, and positive relevance is evidence FOR the class. LRP rules conserve this total layer by layer
   (exactly when biases are left out of the rules, ``zero_params="bias"``; otherwise biases absorb a part).
-* Per-channel relevance at a layer is the relevance at the layer's OUTPUT summed over all positions
-  (dims 2 and up): ``[N, C]`` for a conv stage, ``[N, F]`` for a flat layer.
+* Relevance at a layer is the relevance at the layer's OUTPUT, per channel (summed over positions):
+  ``[N, C]`` for a conv stage ``[N, C, H, W]``, a ViT block's tokens ``[N, T, C]`` or a flat layer; or
+  per position (summed over channels, ``per="position"``): ``[N, H, W]`` or ``[N, T]``.
 * Nothing is silently wrong: an operation combining two activations outside a canonized block (a residual
   add zennit does not know, a gate, attention), a module with parameters but no rule (LayerNorm, ...),
   or canonizers that change the model's output raise :class:`~shortcut_lightning.errors.ModelError`.
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
+from timm.layers import LayerScale
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
@@ -32,6 +34,7 @@ from zennit.core import Composite
 from zennit.layer import Sum
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear
 
+from shortcut_lightning.activations import reduce_channels, reduce_positions
 from shortcut_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from shortcut_lightning.errors import ModelError, ShortcutError
 from shortcut_lightning.model_parts import find_module
@@ -40,6 +43,7 @@ from shortcut_lightning.xai.rules import (
     EpsilonDirect,
     FlatDirect,
     GammaNonNegative,
+    LayerNormEpsilon,
     NormDirect,
     PassThrough,
     ZBoxDirect,
@@ -88,11 +92,13 @@ def make_composite(
     layer_map: list[tuple[Any, Any]] = [
         (BatchNorm, PassThrough()),
         (Activation, PassThrough()),
-        (Sum, NormDirect()),
-        (AvgPool, NormDirect()),
+        (Sum, NormDirect(stabilizer=epsilon)),
+        (AvgPool, NormDirect(stabilizer=epsilon)),
         (nn.Linear, EpsilonDirect(epsilon=epsilon, zero_params=zero_params)),
+        (nn.LayerNorm, LayerNormEpsilon(epsilon=epsilon, zero_params=zero_params)),
+        (LayerScale, PassThrough()),
     ]
-    kwargs: dict[str, Any] = {"layer_map": layer_map, "canonizers": canonizers_for(model)}
+    kwargs: dict[str, Any] = {"layer_map": layer_map, "canonizers": canonizers_for(model, epsilon)}
     if COMPOSITES[name] is EpsilonGammaBox:
         m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -114,14 +120,18 @@ def relevance(
     target: int | Tensor,
     composite: str | Composite = "epsilon_plus_flat",
     layers: Sequence[str] = (),
+    per: str = "channel",
 ) -> LRPResult:
     """LRP relevance of class ``target`` (an int, or one class per sample [N]) for a batch of ``images``.
 
     ``composite`` is a name of :data:`COMPOSITES` (built with :func:`make_composite`) or a ready zennit
     ``Composite`` (one not registered elsewhere; it must bring its own canonizers). ``layers`` are dotted
     module names of ``model`` (e.g. ``"net.layer4"`` for a ShortcutClassifier); an unknown name raises
-    ModelError listing the nearest ones. Returns detached tensors on the model's device.
+    ModelError listing the nearest ones; ``per`` is ``"channel"`` or ``"position"`` (module docstring).
+    Returns detached tensors on the model's device.
     """
+    if per not in ("channel", "position"):
+        raise ShortcutError(f"per must be 'channel' or 'position', got {per!r}")
     layers = [layers] if isinstance(layers, str) else list(layers)
     modules = {name: find_module(model, name, "LRP layer") for name in layers}
     param = next(model.parameters(), None)
@@ -156,7 +166,7 @@ def relevance(
                 raise ModelError(
                     f"LRP layer {name!r} does not lead to the model's output; pick a layer on its path"
                 )
-            per_layer[name] = grad.flatten(2).sum(2) if grad.ndim > 2 else grad
+            per_layer[name] = reduce_channels(grad, "sum") if per == "channel" else reduce_positions(grad)
         return LRPResult(grads[0].detach(), {k: v.detach() for k, v in per_layer.items()}, logits.detach())
     finally:
         for capture in captures.values():
@@ -250,7 +260,7 @@ class _Guard(TorchFunctionMode):
         def hook(module: nn.Module, args: Any) -> None:
             raise ModelError(
                 f"{type(module).__name__} {name!r} has parameters but no LRP rule in this composite, so its "
-                "relevance would be a plain gradient; LRP here supports conv/linear/BatchNorm/pooling networks"
+                "relevance would be a plain gradient; LRP here supports conv/linear/BatchNorm/pooling networks and timm ViTs"
             )
 
         return hook

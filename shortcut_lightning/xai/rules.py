@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from zennit.core import ParamMod
+from zennit.core import Hook, ParamMod
 from zennit.rules import Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
 
 
@@ -168,3 +168,41 @@ class ZBoxDirect(_DirectBasicHook, ZBox):
 
 class NormDirect(_DirectBasicHook, Norm):
     """zennit's ``Norm`` (residual sums, average pooling) without the layer's plain backward."""
+
+
+def _stabilize(z: Tensor, epsilon: float) -> Tensor:
+    """zennit's stabiliser: ``z + epsilon * sign(z)`` with sign(0) = 1, so no denominator is zero."""
+    return z + epsilon * (z >= 0).to(z.dtype).mul_(2).sub_(1)
+
+
+class LayerNormEpsilon(_DirectRule, Hook):
+    """AttnLRP's rule for LayerNorm: identity on the normalisation (the std is held constant), epsilon on the rest.
+
+    With the std detached, LayerNorm is linear in its input (centring, scaling, the affine weight), and
+    the epsilon rule of that linear map conserves the relevance: ``R_x = x * d/dx[z] (R / (z + eps))``.
+    ``zero_params`` containing ``"bias"`` leaves the bias out of ``z`` (exact conservation).
+    """
+
+    def __init__(self, epsilon: float = 1e-6, zero_params: Any = None) -> None:
+        super().__init__()
+        zero = [zero_params] if isinstance(zero_params, str) else list(zero_params or ())
+        self.epsilon = float(epsilon)
+        self.use_bias = "bias" not in zero
+
+    def copy(self) -> LayerNormEpsilon:
+        return LayerNormEpsilon(self.epsilon, None if self.use_bias else "bias")
+
+    def relevance(self, module: nn.Module, x: Tensor | None, grad_output: Tensor) -> Tensor:
+        assert x is not None
+        xi = x.detach().requires_grad_(True)
+        dims = tuple(range(-len(module.normalized_shape), 0))
+        with torch.enable_grad():
+            centred = xi - xi.mean(dim=dims, keepdim=True)
+            std = (centred.detach().pow(2).mean(dim=dims, keepdim=True) + module.eps).sqrt()
+            z = centred / std
+            if module.weight is not None:
+                z = z * module.weight.detach()
+            if self.use_bias and module.bias is not None:
+                z = z + module.bias.detach()
+        (grad,) = torch.autograd.grad(z, xi, grad_output / _stabilize(z.detach(), self.epsilon))
+        return grad.mul_(xi.detach())
