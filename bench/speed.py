@@ -16,6 +16,8 @@
   per-weight mask work dominates, and at 224 px (batch 16). Target <= 1.5.
 - ``lrp``: LRP input-relevance throughput (EpsilonPlusFlat, timm canonizers, batch 32) vs forward-only
   throughput of the same model and batch. Target >= 0.3x.
+- ``attnlrp``: the same for a timm ViT (``--vit``, default vit_tiny_patch16_224 at 224 px): AttnLRP
+  (ViT canonizer, LayerNorm and attention rules) vs forward-only. Target >= 0.25x.
 """
 
 from __future__ import annotations
@@ -187,7 +189,7 @@ def bench_sscore(n_neurons: int | None) -> dict:
     }  # fmt: skip
 
 
-def bench_lrp(backbone: str, image_size: int, repeats: int) -> dict:
+def bench_lrp(backbone: str, image_size: int, repeats: int, target: str = ">= 0.3") -> dict:
     """Images per second: LRP input relevance vs a plain forward, same model, same batch of 32."""
     from shortcut_lightning.xai import relevance
 
@@ -215,7 +217,7 @@ def bench_lrp(backbone: str, image_size: int, repeats: int) -> dict:
         "benchmark": "LRP input relevance vs forward-only throughput (batch 32)",
         "backbone": backbone, "image_size": image_size, "batch": 32,
         "forward_img_per_s": 32 / timings["forward"], "lrp_img_per_s": 32 / timings["lrp"],
-        "ratio": timings["forward"] / timings["lrp"], "target": ">= 0.3",
+        "ratio": timings["forward"] / timings["lrp"], "target": target,
     }  # fmt: skip
 
 
@@ -289,11 +291,13 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--only", default="erm,dfr,sscore,score,prusc,lrp", help="comma-separated benchmarks to run"
+        "--only", default="erm,dfr,sscore,score,prusc,lrp,attnlrp", help="comma-separated benchmarks to run"
     )
+    parser.add_argument("--vit", default="vit_tiny_patch16_224", help="backbone of the attnlrp benchmark")
     parser.add_argument("--lrp-size", type=int, default=224, help="image side for the lrp benchmark")
     parser.add_argument("--sscore-neurons", type=int, default=None, help="captum loop over this many neurons")
     args = parser.parse_args()
+    args.only = set(args.only.split(","))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     OUT.mkdir(exist_ok=True)
     if "dfr" in args.only:
@@ -341,6 +345,13 @@ def main() -> None:
         print(f"forward        {result['forward_img_per_s']:.1f} img/s")
         print(f"LRP            {result['lrp_img_per_s']:.1f} img/s")
         print(f"ratio          {result['ratio']:.3f}  (target >= 0.3)")
+    if "attnlrp" in args.only:
+        result = bench_lrp(args.vit, args.lrp_size, args.repeats, target=">= 0.25")
+        (OUT / f"speed_attnlrp_{device}.json").write_text(json.dumps(result, indent=2))
+        print(f"\nAttnLRP vs forward ({args.vit}, batch 32 at {args.lrp_size} px)")
+        print(f"forward        {result['forward_img_per_s']:.1f} img/s")
+        print(f"AttnLRP        {result['lrp_img_per_s']:.1f} img/s")
+        print(f"ratio          {result['ratio']:.3f}  (target >= 0.25)")
     if "erm" not in args.only:
         return
     dm = make_data(args.n, args.image_size)

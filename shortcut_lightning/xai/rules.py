@@ -34,6 +34,7 @@ class _DirectRule:
     """
 
     saves_input = True
+    saves_output = False  # rules that read the layer's output get it as ``relevance(..., output=)``
 
     def pre_forward(self, module: nn.Module, input: Any) -> None:
         return None
@@ -59,13 +60,15 @@ class _RuleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, box: list[Tensor], rule: _DirectRule, module: nn.Module) -> Tensor:
-        ctx.save_for_backward(x if rule.saves_input else None)
+        ctx.save_for_backward(x if rule.saves_input else None, box[0] if rule.saves_output else None)
         ctx.rule, ctx.module = rule, module
         return box[0]
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None, None]:
-        (x,) = ctx.saved_tensors
+        x, output = ctx.saved_tensors
+        if ctx.rule.saves_output:
+            return ctx.rule.relevance(ctx.module, x, grad_output, output=output), None, None, None
         return ctx.rule.relevance(ctx.module, x, grad_output), None, None, None
 
 
@@ -155,7 +158,31 @@ class PassThrough(_DirectRule, Pass):
 
 
 class EpsilonDirect(_DirectBasicHook, Epsilon):
-    """zennit's ``Epsilon`` without the layer's plain backward."""
+    """zennit's ``Epsilon`` without the layer's plain backward; on a ``Linear``, from its saved output.
+
+    For a linear layer ``z`` is the output the forward already computed (minus the bias when it is a
+    zero param), so the rule is one matrix product: ``x * ((R / (z + eps)) @ W)``; no re-run forward.
+    """
+
+    saves_output = True
+
+    def __init__(self, epsilon: float = 1e-6, zero_params: Any = None) -> None:
+        super().__init__(epsilon=epsilon, zero_params=zero_params)
+        self.epsilon, self.zero_params = float(epsilon), zero_params
+
+    def copy(self) -> EpsilonDirect:
+        return EpsilonDirect(self.epsilon, self.zero_params)
+
+    def relevance(
+        self, module: nn.Module, x: Tensor | None, grad_output: Tensor, output: Tensor | None = None
+    ) -> Tensor:
+        if output is None or type(module) is not nn.Linear:
+            return super().relevance(module, x, grad_output)
+        assert x is not None
+        zero = [self.zero_params] if isinstance(self.zero_params, str) else list(self.zero_params or ())
+        z = output - module.bias if module.bias is not None and "bias" in zero else output
+        ratio = grad_output / _stabilize(z, self.epsilon)
+        return (ratio @ module.weight).mul_(x)
 
 
 class FlatDirect(_DirectBasicHook, Flat):
