@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench bench-quick
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,5 +23,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# the results suite (not part of CI): regenerates docs/results.md's head and docs/results.png
 bench: $(STAMP)
-	$(BIN)/python bench/speed.py
+	$(BIN)/python bench/suite.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/suite.py --quick

@@ -44,10 +44,21 @@ def find_head(model: nn.Module, path: str | None = None, argument: str = "head")
     return head
 
 
+def transformer_blocks(model: nn.Module) -> list[str]:
+    """Dotted names of the timm ViT blocks of ``model``, in order."""
+    return [name for name, module in model.named_modules() if type(module) is timm_vit.Block]
+
+
 def last_transformer_block(model: nn.Module) -> str | None:
     """Dotted name of the last timm ViT block (seed 001's Grad-CAM layer for ViTs), or None."""
-    names = [name for name, module in model.named_modules() if type(module) is timm_vit.Block]
+    names = transformer_blocks(model)
     return names[-1] if names else None
+
+
+def first_transformer_block(model: nn.Module) -> str | None:
+    """Dotted name of the first timm ViT block, or None."""
+    names = transformer_blocks(model)
+    return names[0] if names else None
 
 
 def _timm_classifier(model: nn.Module) -> nn.Module | None:

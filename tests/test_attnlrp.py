@@ -39,8 +39,9 @@ def test_conservation_through_blocks():
     for name in blocks:
         total = result.layers[name].sum(1)
         assert torch.allclose(total, target, rtol=1e-3, atol=1e-6), name
-    # without the canonizer's Sum rule the residual adds would double the total at every block
-    assert result.layers["blocks.0"].shape == (3, model.embed_dim)
+    assert result.layers["blocks.0"].shape == (3, model.embed_dim)  # per channel, summed over tokens
+    hidden = relevance(model, x, 2, "epsilon_plus_flat", ["blocks.2.mlp.act"]).layers["blocks.2.mlp.act"]
+    assert hidden.shape == (3, model.blocks[2].mlp.fc1.out_features)  # an MLP's hidden units
 
 
 def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:

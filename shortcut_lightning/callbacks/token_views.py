@@ -17,8 +17,9 @@ from shortcut_lightning.data.base import require_group_datamodule
 from shortcut_lightning.data.transforms import denormalize
 from shortcut_lightning.errors import ShortcutError
 from shortcut_lightning.figures import new_figure
-from shortcut_lightning.model_parts import last_transformer_block
-from shortcut_lightning.xai.token_views import attention_maps, token_relevance
+from shortcut_lightning.model_parts import first_transformer_block
+from shortcut_lightning.xai.lrp import relevance
+from shortcut_lightning.xai.token_views import attention_maps
 
 
 class TokenViews(Callback):
@@ -27,8 +28,9 @@ class TokenViews(Callback):
     After every ``every_n_epochs``-th validation (and once on ``validate``/``test``), on rank 0, for one
     fixed sample of each group of ``split`` (up to ``num_samples``): a grid of attention maps (rows:
     blocks, columns: heads) of the token ``query`` (``"cls"`` or ``[row, col]`` of a patch), and the
-    AttnLRP relevance of the sample's label per patch at ``block`` (default: the last block). Logged
-    as TensorBoard figures ``tokens/<group>`` and written to ``<log_dir>/token_views/``.
+    AttnLRP relevance of the sample's label on the pixels and per patch token at ``block`` (default:
+    the first block; at the last block of a class-token ViT all relevance sits on the class token).
+    Logged as TensorBoard figures ``tokens/<group>`` and written to ``<log_dir>/token_views/``.
 
     Example::
 
@@ -40,7 +42,7 @@ class TokenViews(Callback):
         split: the split the samples come from.
         num_samples: samples shown (one per group first).
         query: ``"cls"`` or ``[row, col]`` of the query patch.
-        block: dotted name of the block whose token relevance is drawn; default the last ViT block.
+        block: dotted name of the block whose token relevance is drawn; default the first ViT block.
         composite: LRP composite.
         every_n_epochs: draw after every n-th validation epoch.
     """
@@ -77,7 +79,7 @@ class TokenViews(Callback):
         if not trainer.is_global_zero:
             return
         layout = require_token_layout(pl_module, "TokenViews")
-        block = self.block or last_transformer_block(pl_module)
+        block = self.block or first_transformer_block(pl_module)
         query = 0 if self.query == "cls" else layout.position(*self.query)
         dm = require_group_datamodule(getattr(trainer, "datamodule", None), "TokenViews")
         dataset = dm.dataset(self.split)
@@ -89,15 +91,17 @@ class TokenViews(Callback):
         pl_module.eval()
         try:
             attention = attention_maps(pl_module, images, query).cpu()  # [L, N, heads, rows, cols]
-            relevance = token_relevance(pl_module, images, targets, block, self.composite).cpu()
+            lrp = relevance(pl_module, images, targets, self.composite, [block], per="position")
         finally:
             pl_module.train(was_training)
+        tokens = layout.to_grid(lrp.layers[block]).cpu()
         log_dir = Path(trainer.log_dir or trainer.default_root_dir) / "token_views"
         log_dir.mkdir(parents=True, exist_ok=True)
         for k, index in enumerate(picks):
             group = dm.group_names[int(dataset.groups[index])]
-            figure = _figure(images[k].cpu(), attention[:, k], relevance[k], f"{group} #{index}", block)
-            path = log_dir / f"{trainer.state.fn}_epoch{trainer.current_epoch:03d}_{group}.png"
+            maps = {"LRP pixels": lrp.input[k].sum(0).cpu(), f"LRP {block.split('.', 1)[-1]}": tokens[k]}
+            figure = _figure(images[k].cpu(), attention[:, k], maps, f"{group} #{index}")
+            path = log_dir / f"{trainer.state.fn.value}_epoch{trainer.current_epoch:03d}_{group}.png"
             figure.savefig(path, dpi=80)
             self.written.append(str(path))
             for logger in trainer.loggers:
@@ -118,19 +122,21 @@ def _one_per_group(groups: Tensor, n: int) -> list[int]:
     return order
 
 
-def _figure(image: Tensor, attention: Tensor, relevance: Tensor, title: str, block: str) -> Any:
-    """The image, its relevance per patch, and one attention map per (block, head)."""
+def _figure(image: Tensor, attention: Tensor, relevance: dict[str, Tensor], title: str) -> Any:
+    """The image and its relevance maps down the first two columns, one attention map per (block, head)."""
     layers, heads = attention.shape[:2]
-    figure = new_figure(1.3 * (heads + 2), 1.3 * layers + 0.4)
+    rows = max(layers, (len(relevance) + 2) // 2)
+    figure = new_figure(1.3 * (heads + 2), 1.3 * rows + 0.4)
     figure.suptitle(title, fontsize=9)
-    grid = figure.add_gridspec(layers, heads + 2)
+    grid = figure.add_gridspec(rows, heads + 2)
     ax = figure.add_subplot(grid[0, 0])
     ax.imshow(denormalize(image[None])[0].permute(1, 2, 0).numpy())
     ax.set_title("image", fontsize=7)
-    ax = figure.add_subplot(grid[0, 1])
-    bound = float(relevance.abs().max().clamp_min(1e-12))
-    ax.imshow(relevance.numpy(), cmap="bwr", vmin=-bound, vmax=bound)
-    ax.set_title(f"LRP {block.split('.', 1)[-1]}", fontsize=7)
+    for k, (name, values) in enumerate(relevance.items(), start=1):
+        ax = figure.add_subplot(grid[k // 2, k % 2])
+        bound = float(values.abs().max().clamp_min(1e-12))
+        ax.imshow(values.numpy(), cmap="bwr", vmin=-bound, vmax=bound)
+        ax.set_title(name, fontsize=7)
     for b in range(layers):
         for h in range(heads):
             ax = figure.add_subplot(grid[b, h + 2])
