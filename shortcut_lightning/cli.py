@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import Namespace, lazy_instance
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -30,9 +30,11 @@ class ShortcutCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault(
-            "trainer_defaults", {"logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="shortcut")}
-        )
+        # a class_path dict, not jsonargparse's lazy_instance: the parser is pickled with the trainer
+        # under ddp_spawn, and a lazy instance's generated class cannot be unpickled in the workers
+        logger = {"class_path": f"{TensorBoardLogger.__module__}.{TensorBoardLogger.__name__}"}
+        logger["init_args"] = {"save_dir": "runs", "name": "shortcut"}
+        kwargs.setdefault("trainer_defaults", {"logger": logger})
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(ShortcutClassifier, GroupDataModule, *args, **kwargs)

@@ -130,3 +130,17 @@ def test_prusc_config_end_to_end_and_its_pruned_model_as_weights(tmp_path):
     pruned = log_dir / "checkpoints" / "pruned.ckpt"
     again = run_cli(tmp_path / "again", "--model.weights", str(pruned), subcommand="test")
     assert json.loads((again / "metrics.json").read_text())["groups"] == tested["groups"]
+
+
+def test_two_processes_from_the_cli_give_the_one_process_metrics(tmp_path):
+    """``--trainer.devices 2 --trainer.strategy ddp_spawn`` through the CLI (the parser is pickled into the
+    workers: a lazy_instance default logger used to make them fail and the parent wait forever)."""
+    log_dir = run_cli(tmp_path, "--trainer.max_epochs", "1", "--test_after_fit", "false")
+    ckpt = str(log_dir / "checkpoints" / "last.ckpt")
+    args = ("--ckpt_path", ckpt, "--trainer.accelerator", "cpu")
+    one = run_cli(tmp_path / "one", *args, subcommand="test", config="synthetic_dfr.yaml")
+    two = run_cli(tmp_path / "two", *args, "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn",
+                  subcommand="test", config="synthetic_dfr.yaml")  # fmt: skip
+    single, double = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    flat = [{g: (v["acc"], v["n"]) for g, v in r["groups"].items()} for r in (single, double)]
+    assert flat[0] == flat[1] and double["wga"] == pytest.approx(single["wga"])
