@@ -80,7 +80,7 @@ class SpuriousPositiveMining(Callback):
     Args:
         start_epoch: the epoch before which mining runs.
         selection: ``auto``, ``oracle`` or ``manual``.
-        layer: dotted name of the layer whose neurons are scored; default: the block the embedding pools (a ViT: its last block).
+        layer: dotted name of the layer whose neurons are scored; default: the block the embedding pools (a ViT: its last block's norm1).
         head: dotted name of the head; default: found.
         top_m: top samples per class.
         top_q: share of the pixels kept in a relevance mask.

@@ -30,10 +30,15 @@ MASK_SOURCES = "MetadataDataModule reads them from a mask_filename column (docs/
 
 
 def find_feature_layer(model: nn.Module, head: nn.Module, images: Tensor) -> str:
-    """The default neuron layer: the shallowest module the embedding is the average pool of; a ViT's last block."""
+    """The default neuron layer: the shallowest module the embedding is the average pool of (a CNN).
+
+    For a class-token ViT: the last block's first LayerNorm, the last layer whose patch tokens still reach
+    the class token (through that block's attention). At the block's output only the class token gets a
+    gradient, so every patch's Grad-CAM would be zero.
+    """
     block = last_transformer_block(model)
     if block is not None:
-        return block
+        return f"{block}.norm1"
     captures = {
         name: OutputCapture(m) for name, m in model.named_modules() if name and not isinstance(m, nn.Linear)
     }
