@@ -176,7 +176,10 @@ def speed(quick: bool) -> dict:
     if quick:
         args += ["--sscore-neurons", "64", "--n", "640"]
     subprocess.run(args, check=True, cwd=ROOT)
-    return {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("speed_*_cpu.json"))}
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"speed_*_{device}.json"))}
 
 
 def environment() -> dict:
@@ -280,7 +283,7 @@ def markdown(result: dict, command: str) -> str:
              f"{env['zennit']}. Raw numbers: `bench/results/{result['name']}.json`.", ""]  # fmt: skip
     seeds = result.get("seeds", [])
     for variant, rows in result.get("quality", {}).items():
-        lines += [f"### Quality: `SyntheticShortcuts(spurious=\"{variant}\")`, ResNet-18, seeds {seeds}"
+        lines += [f"### Quality: `SyntheticShortcuts(spurious=\"{variant}\")`, ResNet-18, seeds {', '.join(map(str, seeds))}"
                   + (f", {result['extra']}" if result.get("extra") else ""), "",
                   "| method | worst-group | mean | train-weighted mean | worst class | mean s-score | ERM of the same run (WGA) | wall s / run |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -331,7 +334,7 @@ def plot(result: dict) -> None:
         return
     variants = list(quality_)
     methods = list(next(iter(quality_.values())))
-    figure = new_figure(1.4 + 1.2 * len(methods) * max(1, len(variants)) / 2, 3.2)
+    figure = new_figure(max(6.0, 1.5 + 0.6 * len(methods) * len(variants)), 3.4)
     ax = figure.add_subplot(1, 1, 1)
     width = 0.8 / len(variants)
     for v, variant in enumerate(variants):
@@ -343,7 +346,8 @@ def plot(result: dict) -> None:
     ax.set_xticklabels(methods, fontsize=8, rotation=15)
     ax.set_ylabel("test worst-group accuracy")
     ax.set_ylim(0, 1)
-    ax.set_title(f"Embedded benchmark, ResNet-18, seeds {result['seeds']} ({result['name']})", fontsize=9)
+    seeds = ", ".join(map(str, result["seeds"]))
+    ax.set_title(f"Embedded benchmark, ResNet-18, seeds {seeds} ({result['name']})", fontsize=9)
     ax.legend(fontsize=8, title="spurious", title_fontsize=8)
     figure.tight_layout()
     figure.savefig(PLOT, dpi=110)
