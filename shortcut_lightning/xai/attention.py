@@ -3,8 +3,8 @@
 :class:`ViTCanonizer` rewrites, for the duration of one attribution, the ``forward`` of timm's
 ``vision_transformer.Block`` and ``Attention`` (and the token pooling of ``VisionTransformer``):
 
-* residual adds become ``Sum`` modules, so zennit's ``Norm`` rule splits the relevance between the
-  branch and the shortcut in proportion to their contributions (a plain ``+`` would double it);
+* residual adds get zennit's ``Norm`` rule (:class:`_ResidualAdd`): the relevance is split between
+  the branch and the shortcut in proportion to their contributions (a plain ``+`` would double it);
 * the attention probabilities are computed without gradient: no relevance flows through the
   query-key product (CP-LRP; AttnLRP's softmax rule differs only there), and ``attn @ v`` is linear in
   the values, attributed with the epsilon rule (:class:`_AttentionValues`);
@@ -27,12 +27,10 @@ import torch
 from timm.models import vision_transformer as timm_vit
 from torch import Tensor, nn
 from zennit.canonizers import AttributeCanonizer
-from zennit.layer import Sum
 
 from shortcut_lightning.errors import ModelError
 from shortcut_lightning.xai.rules import _stabilize
 
-ATTENTION_SUM, MLP_SUM = "lrp_attention_sum", "lrp_mlp_sum"
 _BLOCK_PARTS = {"norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"}
 _ATTENTION_PARTS = {"qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"}
 VIT_CLASSES = (timm_vit.VisionTransformer, timm_vit.Block, timm_vit.Attention)
@@ -72,15 +70,35 @@ class _TokenMean(torch.autograd.Function):
         return tokens * ratio.unsqueeze(1) / tokens.shape[1], None
 
 
-def _residual(block: nn.Module, name: str, shortcut: Tensor, branch: Tensor) -> Tensor:
-    return getattr(block, name)(torch.stack([shortcut, branch], dim=-1))
+class _ResidualAdd(torch.autograd.Function):
+    """``shortcut + branch`` with zennit's ``Norm`` rule as its backward: each gets its share of the sum.
+
+    The same relevance as a ``Sum`` module over the stacked pair (what the ResNet canonizer uses),
+    without stacking the two activations into a new tensor on every block.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, shortcut: Tensor, branch: Tensor, epsilon: float) -> Tensor:
+        ctx.save_for_backward(shortcut, branch)
+        ctx.epsilon = epsilon
+        return shortcut.detach() + branch.detach()
+
+    @staticmethod
+    def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor, Tensor, None]:
+        shortcut, branch = ctx.saved_tensors
+        denominator = _stabilize(shortcut + branch, ctx.epsilon)
+        ratio = torch.div(relevance, denominator, out=denominator)
+        return shortcut * ratio, ratio.mul_(branch), None
 
 
-def _block_forward(self: Any, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-    if attn_mask is not None or is_causal:
-        raise ModelError("LRP of a ViT block with an attention mask is not supported")
-    x = _residual(self, ATTENTION_SUM, x, self.drop_path1(self.ls1(self.attn(self.norm1(x)))))
-    return _residual(self, MLP_SUM, x, self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
+def _block_forward(epsilon: float) -> Callable[..., Tensor]:
+    def forward(self: Any, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise ModelError("LRP of a ViT block with an attention mask is not supported")
+        x = _ResidualAdd.apply(x, self.drop_path1(self.ls1(self.attn(self.norm1(x)))), epsilon)
+        return _ResidualAdd.apply(x, self.drop_path2(self.ls2(self.mlp(self.norm2(x)))), epsilon)
+
+    return forward
 
 
 def attention_probabilities(attention: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -141,14 +159,14 @@ class ViTCanonizer(AttributeCanonizer):
     """Rewrites timm ViT blocks, attention and token pooling for LRP (see the module docstring); removal restores them."""
 
     def __init__(self, epsilon: float = 1e-6) -> None:
-        attention, pool = _attention_forward(epsilon), _pool(epsilon)
+        block, attention, pool = _block_forward(epsilon), _attention_forward(epsilon), _pool(epsilon)
 
         def attributes(name: str, module: nn.Module) -> dict[str, Any] | None:
             if type(module) not in VIT_CLASSES:
                 return None
             check_vit_module(name, module)
             if type(module) is timm_vit.Block:
-                return {"forward": _block_forward.__get__(module), ATTENTION_SUM: Sum(), MLP_SUM: Sum()}
+                return {"forward": block.__get__(module)}
             if type(module) is timm_vit.Attention:
                 return {"forward": attention.__get__(module)}
             return {"pool": pool.__get__(module)}
