@@ -284,7 +284,7 @@ def markdown(result: dict, command: str) -> str:
     seeds = result.get("seeds", [])
     for variant, rows in result.get("quality", {}).items():
         lines += [f"### Quality: `SyntheticShortcuts(spurious=\"{variant}\")`, ResNet-18, seeds {', '.join(map(str, seeds))}"
-                  + (f", {result['extra']}" if result.get("extra") else ""), "",
+                  + (f"; `{result['extra']}`" if result.get("extra") else ""), "",
                   "| method | worst-group | mean | train-weighted mean | worst class | mean s-score | ERM of the same run (WGA) | wall s / run |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for label, row in rows.items():
@@ -377,6 +377,9 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/suite", help="where the runs' logs go")
     parser.add_argument("--n-train", type=int, help="training images per run (default 3000; --quick 1500)")
     parser.add_argument("--extra", default="", help="more CLI arguments for the quality runs, one string")
+    parser.add_argument(
+        "--render-only", action="store_true", help="rewrite the docs from the last JSON, run nothing"
+    )
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -384,6 +387,12 @@ def main() -> None:
     n_train = args.n_train or (1500 if args.quick else None)
     extra = (["--data.n_train", str(n_train)] if n_train else []) + shlex.split(args.extra)
     name = "suite_quick" if args.quick else "suite"
+    command = "make bench-quick" if args.quick else "make bench"
+    if args.render_only:
+        result = json.loads((RESULTS / f"{name}.json").read_text())
+        write_doc(markdown(result, command))
+        plot(result)
+        return
     runs = (ROOT / args.runs / name).resolve()
     result: dict = {"name": name, "seeds": seeds, "extra": " ".join(extra), "environment": environment()}
     start = time.perf_counter()
@@ -402,7 +411,6 @@ def main() -> None:
     result["wall_s"] = time.perf_counter() - start
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
-    command = "make bench-quick" if args.quick else "make bench"
     write_doc(markdown(result, command))
     plot(result)
     print(
