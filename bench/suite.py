@@ -49,8 +49,9 @@ METHODS: list[tuple[str, str, dict]] = [
 ]
 
 
-def config_with(config: str, overrides: dict, out: Path, **top: object) -> str:
-    """A copy of ``config`` with callback init_args replaced (jsonargparse cannot override one list item)."""
+def config_with(config: str, name: str, overrides: dict, out: Path, **top: object) -> str:
+    """A copy of ``config`` as ``out/<name>.yaml`` with callback init_args replaced by class name and
+    ``top`` keys (``a__b`` for ``a.b``) set: jsonargparse cannot override one item of the callbacks list."""
     if not overrides and not top:
         return config
     data = yaml.safe_load((ROOT / config).read_text())
@@ -65,10 +66,14 @@ def config_with(config: str, overrides: dict, out: Path, **top: object) -> str:
             node = node.setdefault(key, {})
         node[leaf] = value
     out.mkdir(parents=True, exist_ok=True)
-    name = Path(config).stem + "".join(f"_{v}" for v in overrides.get("SpuriousPositiveMining", {}).values())
-    path = out / f"{name}{'_' + str(abs(hash(str(top))) % 10_000) if top else ''}.yaml"
+    path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)
+
+
+def _slug(label: str) -> str:
+    """A method's label as a file name: ``SCORE (oracle)`` -> ``SCORE_oracle``."""
+    return label.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "")
 
 
 def quality(seeds: list[int], variants: list[str], extra: list[str], runs: Path) -> dict:
@@ -78,10 +83,10 @@ def quality(seeds: list[int], variants: list[str], extra: list[str], runs: Path)
         rows: dict = {}
         erm: list[dict] = []
         for label, config, overrides in METHODS:
-            path = config_with(config, overrides, runs / "configs")
+            path = config_with(config, _slug(label), overrides, runs / "configs")
+            name = f"{variant}_{_slug(label)}"
             reports, befores, sscores, seconds = [], [], [], []
             for seed in seeds:
-                name = f"{variant}_{label.replace(' ', '_').replace('(', '').replace(')', '')}"
                 report, before, sscore, sec = run(
                     path, seed, runs / name, ["--data.spurious", variant, *extra]
                 )
@@ -133,7 +138,7 @@ def scaling(checkpoint: str, base: int, runs: Path) -> dict:
     }  # fmt: skip
     out: dict = {}
     for label, (config, overrides, top, command) in stages.items():
-        path = config_with(config, overrides, runs / "configs", **top)
+        path = config_with(config, f"scaling_{_slug(label)}", overrides, runs / "configs", **top)
         times = []
         for factor in (1, 2, 4):
             sizes = ["--data.n_train", str(base * factor), "--data.n_val", "200", "--data.n_test", "200"]

@@ -176,6 +176,7 @@ class EpsilonDirect(_DirectBasicHook, Epsilon):
     def __init__(self, epsilon: float = 1e-6, zero_params: Any = None) -> None:
         super().__init__(epsilon=epsilon, zero_params=zero_params)
         self.epsilon, self.zero_params = float(epsilon), zero_params
+        self.zero_bias = _zeroes_bias(zero_params)
 
     def copy(self) -> EpsilonDirect:
         return EpsilonDirect(self.epsilon, self.zero_params)
@@ -186,8 +187,7 @@ class EpsilonDirect(_DirectBasicHook, Epsilon):
         if output is None or type(module) is not nn.Linear:
             return super().relevance(module, x, grad_output)
         assert x is not None
-        zero = [self.zero_params] if isinstance(self.zero_params, str) else list(self.zero_params or ())
-        z = output - module.bias if module.bias is not None and "bias" in zero else output
+        z = output - module.bias if module.bias is not None and self.zero_bias else output
         denominator = _stabilize(z, self.epsilon)
         ratio = torch.div(grad_output, denominator, out=denominator)
         return (ratio @ module.weight).mul_(x)
@@ -223,6 +223,11 @@ class NormDirect(_DirectBasicHook, Norm):
         return x * ratio.unsqueeze(module.dim)
 
 
+def _zeroes_bias(zero_params: Any) -> bool:
+    """Whether zennit's ``zero_params`` (a name or a list of names) leaves the bias out of a rule."""
+    return "bias" in ([zero_params] if isinstance(zero_params, str) else list(zero_params or ()))
+
+
 def _stabilize(z: Tensor, epsilon: float) -> Tensor:
     """zennit's stabiliser: ``z + epsilon * sign(z)`` with sign(+0) = 1, so no denominator is zero.
 
@@ -242,9 +247,8 @@ class LayerNormEpsilon(_DirectRule, Hook):
 
     def __init__(self, epsilon: float = 1e-6, zero_params: Any = None) -> None:
         super().__init__()
-        zero = [zero_params] if isinstance(zero_params, str) else list(zero_params or ())
         self.epsilon = float(epsilon)
-        self.use_bias = "bias" not in zero
+        self.use_bias = not _zeroes_bias(zero_params)
 
     def copy(self) -> LayerNormEpsilon:
         return LayerNormEpsilon(self.epsilon, None if self.use_bias else "bias")
