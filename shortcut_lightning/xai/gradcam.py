@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from shortcut_lightning.activations import require_token_layout
 from shortcut_lightning.hooks import InputCapture, OutputCapture
+from shortcut_lightning.xai.precision import float32_attribution
 
 
 @dataclass
@@ -62,8 +63,12 @@ def neuron_gradcam(
     The model is used as it is (call it in eval mode). Gradients are enabled locally, also inside
     Lightning's ``inference_mode`` evaluation loops.
     """
-    with torch.inference_mode(False), torch.enable_grad():
-        x = images.clone()
+    with (
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        float32_attribution(model, images.device.type, "Grad-CAM"),
+    ):
+        x = images.float().clone()
         activation, features = _forward(model, layer, head, x)
         if neurons is None:
             neurons = torch.arange(features.shape[1])

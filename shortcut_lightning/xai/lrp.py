@@ -39,6 +39,7 @@ from shortcut_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from shortcut_lightning.errors import ModelError, ShortcutError
 from shortcut_lightning.model_parts import find_module
 from shortcut_lightning.xai.canonizers import SUPPORTED_BLOCKS, canonizers_for
+from shortcut_lightning.xai.precision import float32_attribution
 from shortcut_lightning.xai.rules import (
     EpsilonDirect,
     FlatDirect,
@@ -142,8 +143,12 @@ def relevance(
     captures: dict[str, _Capture] = {}
     try:
         model.eval()
-        with torch.inference_mode(False), torch.enable_grad():
-            x = images.detach().clone().requires_grad_(True)
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            float32_attribution(model, images.device.type, "LRP"),
+        ):
+            x = images.detach().float().clone().requires_grad_(True)
             with torch.no_grad():
                 reference = model(x[:1])
             guard = _Guard(model)

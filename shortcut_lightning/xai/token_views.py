@@ -10,6 +10,7 @@ from shortcut_lightning.activations import TokenLayout, require_token_layout
 from shortcut_lightning.errors import ModelError
 from shortcut_lightning.xai.attention import attention_probabilities
 from shortcut_lightning.xai.lrp import relevance
+from shortcut_lightning.xai.precision import float32_attribution
 
 
 def token_relevance(
@@ -34,8 +35,8 @@ def attention_maps(model: nn.Module, images: Tensor, query: int = 0) -> Tensor:
     inputs: list[Tensor] = []
     handles = [b.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for b in blocks]
     try:
-        with torch.no_grad():
-            model(images)
+        with torch.no_grad(), float32_attribution(model, images.device.type, "attention_maps"):
+            model(images.float())
     finally:
         for handle in handles:
             handle.remove()
@@ -43,7 +44,7 @@ def attention_maps(model: nn.Module, images: Tensor, query: int = 0) -> Tensor:
         raise ModelError(f"query token {query} does not exist: the model has {inputs[0].shape[1]} tokens")
     maps = []
     for block, x in zip(blocks, inputs, strict=True):
-        with torch.no_grad():
+        with torch.no_grad(), float32_attribution(model, x.device.type, "attention_maps"):
             probabilities, _ = attention_probabilities(block, x)
         row = probabilities[:, :, query]  # [N, heads, T]
         maps.append(_keys_to_grid(layout, row))
