@@ -350,12 +350,12 @@ def test_plain_network_conserves():
 
 
 def stock_composite(name: str, model: nn.Module) -> object:
-    """zennit's own composite with our canonizers: the reference our faster rules must match."""
+    """zennit's own composite and rules (its `Norm` on a `Sum` module at each residual add) with our canonizers."""
     from zennit.composites import EpsilonGammaBox
     from zennit.rules import Pass
     from zennit.types import BatchNorm
 
-    kwargs = {"layer_map": [(BatchNorm, Pass())], "canonizers": canonizers_for(model)}
+    kwargs = {"layer_map": [(BatchNorm, Pass())], "canonizers": canonizers_for(model, sum_module=True)}
     if name == "epsilon_plus_flat":
         return EpsilonPlusFlat(**kwargs)
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, -1, 1, 1), torch.tensor(IMAGENET_STD).view(1, -1, 1, 1)

@@ -3,7 +3,7 @@
 :class:`ViTCanonizer` rewrites, for the duration of one attribution, the ``forward`` of timm's
 ``vision_transformer.Block`` and ``Attention`` (and the token pooling of ``VisionTransformer``):
 
-* residual adds get zennit's ``Norm`` rule (:class:`_ResidualAdd`): the relevance is split between
+* residual adds get zennit's ``Norm`` rule (:class:`~shortcut_lightning.xai.rules.ResidualAdd`): the relevance is split between
   the branch and the shortcut in proportion to their contributions (a plain ``+`` would double it);
 * the attention probabilities are computed without gradient: no relevance flows through the
   query-key product (CP-LRP; AttnLRP's softmax rule differs only there), and ``attn @ v`` is linear in
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from zennit.canonizers import AttributeCanonizer
 
 from shortcut_lightning.errors import ModelError
-from shortcut_lightning.xai.rules import _stabilize
+from shortcut_lightning.xai.rules import ResidualAdd, stabilize
 
 _BLOCK_PARTS = {"norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"}
 _ATTENTION_PARTS = {"qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"}
@@ -49,7 +49,7 @@ class _AttentionValues(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, relevance: Tensor) -> tuple[None, Tensor, None]:
         attn, values, out = ctx.saved_tensors
-        ratio = relevance / _stabilize(out, ctx.epsilon)
+        ratio = relevance / stabilize(out, ctx.epsilon)
         return None, values * (attn.transpose(-2, -1) @ ratio), None
 
 
@@ -66,37 +66,16 @@ class _TokenMean(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor, None]:
         tokens, out = ctx.saved_tensors
-        ratio = relevance / _stabilize(out, ctx.epsilon)
+        ratio = relevance / stabilize(out, ctx.epsilon)
         return tokens * ratio.unsqueeze(1) / tokens.shape[1], None
-
-
-class _ResidualAdd(torch.autograd.Function):
-    """``shortcut + branch`` with zennit's ``Norm`` rule as its backward: each gets its share of the sum.
-
-    The same relevance as a ``Sum`` module over the stacked pair (what the ResNet canonizer uses),
-    without stacking the two activations into a new tensor on every block.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, shortcut: Tensor, branch: Tensor, epsilon: float) -> Tensor:
-        ctx.save_for_backward(shortcut, branch)
-        ctx.epsilon = epsilon
-        return shortcut.detach() + branch.detach()
-
-    @staticmethod
-    def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor, Tensor, None]:
-        shortcut, branch = ctx.saved_tensors
-        denominator = _stabilize(shortcut + branch, ctx.epsilon)
-        ratio = torch.div(relevance, denominator, out=denominator)
-        return shortcut * ratio, ratio.mul_(branch), None
 
 
 def _block_forward(epsilon: float) -> Callable[..., Tensor]:
     def forward(self: Any, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise ModelError("LRP of a ViT block with an attention mask is not supported")
-        x = _ResidualAdd.apply(x, self.drop_path1(self.ls1(self.attn(self.norm1(x)))), epsilon)
-        return _ResidualAdd.apply(x, self.drop_path2(self.ls2(self.mlp(self.norm2(x)))), epsilon)
+        x = ResidualAdd.apply(x, self.drop_path1(self.ls1(self.attn(self.norm1(x)))), epsilon)
+        return ResidualAdd.apply(x, self.drop_path2(self.ls2(self.mlp(self.norm2(x)))), epsilon)
 
     return forward
 

@@ -1,12 +1,13 @@
 """zennit canonizers for the residual blocks of torchvision's and timm's ResNets (ViTs: :mod:`.attention`).
 
-LRP needs every residual addition to be a module, so that a rule (zennit's ``Norm`` on ``Sum``) can split
-the relevance between the two branches in proportion to their contributions. Left as a plain ``+``,
-autograd hands the FULL relevance to both branches and the total doubles at every block. zennit's own
-``ResNetCanonizer`` rewrites torchvision's blocks only; timm's ``BasicBlock``/``Bottleneck`` are other
-classes, so on a timm ResNet it silently does nothing. :class:`ResidualBlockCanonizer` rewrites both
-families' ``forward`` (a copy of the library's forward with ``x + shortcut`` replaced by a ``Sum`` over a
-stacked pair) and :func:`canonizers_for` adds BatchNorm merging. Parts a copied forward does not know
+LRP needs every residual addition to split the relevance between the two branches in proportion to
+their contributions (zennit's ``Norm`` rule). Left as a plain ``+``, autograd hands the FULL relevance
+to both branches and the total doubles at every block. zennit's own ``ResNetCanonizer`` rewrites
+torchvision's blocks only; timm's ``BasicBlock``/``Bottleneck`` are other classes, so on a timm ResNet it
+silently does nothing. :class:`ResidualBlockCanonizer` rewrites both families' ``forward`` (a copy of the
+library's forward with ``x + shortcut`` replaced by :class:`~shortcut_lightning.xai.rules.ResidualAdd`,
+or by a zennit ``Sum`` module over the stacked pair when the composite's own rule for ``Sum`` should
+apply) and :func:`canonizers_for` adds BatchNorm merging. Parts a copied forward does not know
 (squeeze-excitation gates, blur pooling, children added by a newer library version) are refused with a
 :class:`~shortcut_lightning.errors.ModelError` rather than ignored.
 """
@@ -24,18 +25,22 @@ from zennit.layer import Sum
 
 from shortcut_lightning.errors import ModelError
 from shortcut_lightning.xai.attention import VIT_CLASSES, ViTCanonizer, check_vit_module, has_vit_modules
+from shortcut_lightning.xai.rules import ResidualAdd
 
 try:  # timm is a dependency, but keep the torchvision path usable without it
     from timm.models import resnet as timm_resnet
 except ImportError:  # pragma: no cover
     timm_resnet = None
 
-SUM_ATTRIBUTE = "lrp_residual_sum"
+SUM_ATTRIBUTE, EPSILON_ATTRIBUTE = "lrp_residual_sum", "lrp_residual_epsilon"
 
 
 def _add(block: nn.Module, shortcut: Tensor, x: Tensor) -> Tensor:
-    """The residual addition as a module call, so zennit can attach its ``Norm`` rule to it."""
-    return getattr(block, SUM_ATTRIBUTE)(torch.stack([shortcut, x], dim=-1))
+    """The residual addition with the ``Norm`` rule: built in, or as a ``Sum`` module the composite rules."""
+    sum_module = getattr(block, SUM_ATTRIBUTE, None)
+    if sum_module is not None:
+        return sum_module(torch.stack([shortcut, x], dim=-1))
+    return ResidualAdd.apply(shortcut, x, getattr(block, EPSILON_ATTRIBUTE))
 
 
 def _torchvision_basic(self: Any, x: Tensor) -> Tensor:
@@ -108,24 +113,36 @@ def _check_block(name: str, block: nn.Module) -> None:
         )
 
 
-def _block_attributes(name: str, module: nn.Module) -> dict[str, Any] | None:
-    """zennit ``attribute_map``: a rewritten ``forward`` and a ``Sum`` module for every known residual block."""
-    if type(module) not in _BLOCKS:
-        return None
-    _check_block(name, module)
-    forward = _BLOCKS[type(module)][1]
-    return {"forward": forward.__get__(module), SUM_ATTRIBUTE: Sum()}
-
-
 class ResidualBlockCanonizer(AttributeCanonizer):
-    """Makes the residual add of torchvision's and timm's ``BasicBlock``/``Bottleneck`` a ``Sum`` module.
+    """Gives the residual add of torchvision's and timm's ``BasicBlock``/``Bottleneck`` the ``Norm`` rule.
 
-    Applying it sets an instance ``forward`` and a ``lrp_residual_sum`` child on each block; removing it
-    deletes both, which brings back the class's own forward.
+    By default the add is :class:`~shortcut_lightning.xai.rules.ResidualAdd` (stabiliser ``epsilon``);
+    ``sum_module=True`` makes it a zennit ``Sum`` module instead, which the composite's rule for ``Sum``
+    attributes (zennit's composites give it ``Norm``; slower: the pair is stacked into a new tensor).
+    Applying it sets an instance ``forward`` and one attribute on each block; removing it deletes both,
+    which brings back the class's own forward.
+
+    Example::
+
+        composite = EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm(), ResidualBlockCanonizer()])
     """
 
-    def __init__(self) -> None:
-        super().__init__(_block_attributes)
+    def __init__(self, epsilon: float = 1e-6, sum_module: bool = False) -> None:
+        self.epsilon, self.sum_module = float(epsilon), sum_module
+        super().__init__(self._block_attributes)
+
+    def _block_attributes(self, name: str, module: nn.Module) -> dict[str, Any] | None:
+        """zennit ``attribute_map``: a rewritten ``forward`` and the add's rule for every known residual block."""
+        if type(module) not in _BLOCKS:
+            return None
+        _check_block(name, module)
+        forward = _BLOCKS[type(module)][1].__get__(module)
+        if self.sum_module:
+            return {"forward": forward, SUM_ATTRIBUTE: Sum()}
+        return {"forward": forward, EPSILON_ATTRIBUTE: self.epsilon}
+
+    def copy(self) -> ResidualBlockCanonizer:
+        return ResidualBlockCanonizer(self.epsilon, self.sum_module)
 
 
 def residual_blocks(model: nn.Module) -> dict[str, nn.Module]:
@@ -136,11 +153,12 @@ def residual_blocks(model: nn.Module) -> dict[str, nn.Module]:
     return blocks
 
 
-def canonizers_for(model: nn.Module, epsilon: float = 1e-6) -> list[Canonizer]:
+def canonizers_for(model: nn.Module, epsilon: float = 1e-6, sum_module: bool = False) -> list[Canonizer]:
     """Canonizers for LRP on ``model``: merge each BatchNorm into the conv before it, rewrite residual adds.
 
-    timm vision transformers also get :class:`~shortcut_lightning.xai.attention.ViTCanonizer` (its
-    attention and token-pooling rules use ``epsilon``).
+    Residual adds use ``epsilon`` as the ``Norm`` rule's stabiliser (``sum_module``: see
+    :class:`ResidualBlockCanonizer`). timm vision transformers also get
+    :class:`~shortcut_lightning.xai.attention.ViTCanonizer` (its attention and token-pooling rules use ``epsilon``).
 
     BatchNorm merging uses the running statistics (the model must be in eval mode when attributing, as
     :func:`~shortcut_lightning.xai.lrp.relevance` ensures). Plain models (no residual blocks, e.g. VGG)
@@ -149,7 +167,7 @@ def canonizers_for(model: nn.Module, epsilon: float = 1e-6) -> list[Canonizer]:
     activations outside a canonized block, and raises :class:`ModelError` naming the block class.
     """
     residual_blocks(model)
-    canonizers: list[Canonizer] = [SequentialMergeBatchNorm(), ResidualBlockCanonizer()]
+    canonizers: list[Canonizer] = [SequentialMergeBatchNorm(), ResidualBlockCanonizer(epsilon, sum_module)]
     if has_vit_modules(model):
         for name, module in model.named_modules():
             if type(module) in VIT_CLASSES:

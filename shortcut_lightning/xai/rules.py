@@ -91,7 +91,7 @@ class _DirectBasicHook(_DirectRule):
 
     def relevance(self, module: nn.Module, x: Tensor | None, grad_output: Tensor) -> Tensor:
         assert x is not None
-        skip = self.negative_pairs if not (x < 0).any() else ()
+        skip = self.negative_pairs if non_negative(x) else ()
         inputs: list[Tensor] = []
         outputs: list[Tensor | None] = []
         modifiers = zip(self.input_modifiers, self.param_modifiers, self.output_modifiers, strict=True)  # type: ignore[attr-defined]
@@ -139,12 +139,14 @@ class ZPlusNonNegative(_DirectBasicHook, ZPlus):
 
     def relevance(self, module: nn.Module, x: Tensor | None, grad_output: Tensor) -> Tensor:
         assert x is not None
-        if (x < 0).any():
+        if not non_negative(x):
             return super().relevance(module, x, grad_output)
         xi = x.detach().requires_grad_(True)
         with ParamMod.ensure(self.param_modifiers[0])(module) as modified, torch.enable_grad():
             z = modified.forward(xi)
-        (grad,) = torch.autograd.grad(z, xi, grad_output / (z.detach() + self.stabilizer))
+        # the layer's backward does not read z, so its buffer takes the ratio: no new wide tensor
+        ratio = z.detach().add_(self.stabilizer)
+        (grad,) = torch.autograd.grad(z, xi, torch.div(grad_output, ratio, out=ratio))
         return grad.mul_(xi.detach())
 
 
@@ -188,7 +190,7 @@ class EpsilonDirect(_DirectBasicHook, Epsilon):
             return super().relevance(module, x, grad_output)
         assert x is not None
         z = output - module.bias if module.bias is not None and self.zero_bias else output
-        denominator = _stabilize(z, self.epsilon)
+        denominator = stabilize(z, self.epsilon)
         ratio = torch.div(grad_output, denominator, out=denominator)
         return (ratio @ module.weight).mul_(x)
 
@@ -219,7 +221,7 @@ class NormDirect(_DirectBasicHook, Norm):
         if not isinstance(module, Sum):
             return super().relevance(module, x, grad_output)
         assert x is not None
-        ratio = grad_output / _stabilize(x.sum(module.dim), self.stabilizer)
+        ratio = grad_output / stabilize(x.sum(module.dim), self.stabilizer)
         return x * ratio.unsqueeze(module.dim)
 
 
@@ -228,13 +230,39 @@ def _zeroes_bias(zero_params: Any) -> bool:
     return "bias" in ([zero_params] if isinstance(zero_params, str) else list(zero_params or ()))
 
 
-def _stabilize(z: Tensor, epsilon: float) -> Tensor:
+def non_negative(x: Tensor) -> bool:
+    """Whether ``x`` has no negative entry (one reduction pass; no boolean tensor as wide as ``x``)."""
+    return x.numel() == 0 or bool(x.amin() >= 0)
+
+
+def stabilize(z: Tensor, epsilon: float) -> Tensor:
     """zennit's stabiliser: ``z + epsilon * sign(z)`` with sign(+0) = 1, so no denominator is zero.
 
     Three passes into one new tensor (elementwise passes over wide layers dominate LRP's cost on a
     CPU). Only a ``-0.0`` differs from zennit (``-epsilon`` instead of ``+epsilon``).
     """
     return z.abs().add_(epsilon).copysign_(z)
+
+
+class ResidualAdd(torch.autograd.Function):
+    """``shortcut + branch`` with zennit's ``Norm`` rule as its backward: each gets its share of the sum.
+
+    The relevance of a zennit ``Sum`` module over the stacked pair, without stacking the two activations
+    into a new tensor at every residual add. ``ResidualAdd.apply(shortcut, branch, epsilon)``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, shortcut: Tensor, branch: Tensor, epsilon: float) -> Tensor:
+        ctx.save_for_backward(shortcut, branch)
+        ctx.epsilon = epsilon
+        return shortcut.detach() + branch.detach()
+
+    @staticmethod
+    def backward(ctx: Any, relevance: Tensor) -> tuple[Tensor, Tensor, None]:
+        shortcut, branch = ctx.saved_tensors
+        denominator = stabilize(shortcut + branch, ctx.epsilon)
+        ratio = torch.div(relevance, denominator, out=denominator)
+        return shortcut * ratio, ratio.mul_(branch), None
 
 
 class LayerNormEpsilon(_DirectRule, Hook):
@@ -264,5 +292,5 @@ class LayerNormEpsilon(_DirectRule, Hook):
         z = centred * scale
         if self.use_bias and module.bias is not None:
             z = z + module.bias.detach()
-        g = grad_output / _stabilize(z, self.epsilon) * scale
+        g = grad_output / stabilize(z, self.epsilon) * scale
         return x * (g - g.mean(dim=dims, keepdim=True))
