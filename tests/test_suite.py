@@ -1,0 +1,80 @@
+"""bench/suite.py's report: the tables it writes say what the JSON holds, and only between their markers."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def suite():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("suite")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _stat(mean: float, std: float = 0.0) -> dict:
+    return {"mean": mean, "std": std}
+
+
+def _result() -> dict:
+    def row(wga: float, before: float | None, failed: dict | None = None) -> dict:
+        keys = {
+            "wga": _stat(wga, 0.01),
+            "mean": _stat(0.9),
+            "weighted_mean": _stat(0.95),
+            "worst_class": _stat(0.8),
+        }
+        return {
+            "after": keys,
+            "before": {"wga": _stat(before)} if before is not None else None,
+            "wall_s": [10.0, 12.0],
+            "failed": failed or {},
+        }
+
+    quality = {
+        "background": {"ERM": {"after": {"wga": _stat(0.6)}}, "DFR": row(0.93, 0.6), "PruSC": row(0.7, 0.55)},
+        "patch": {
+            "ERM": {"after": {"wga": _stat(0.5)}},
+            "DFR": row(0.88, 0.5),
+            "PruSC": row(0.52, 0.5, {2: "E"}),
+        },
+    }
+    env = {"date": "2026-11-23", "machine": "x86_64, 2 threads", "gpu": "none", "python": "3.11.7",
+           "torch": "2.14.1", "lightning": "2.6.6", "timm": "1.0.31", "zennit": "0.5.1"}  # fmt: skip
+    return {"name": "suite", "seeds": [0, 1, 2], "extra": "", "precision": "32-true", "environment": env,
+            "quality": quality}  # fmt: skip
+
+
+def test_results_table_reports_each_method_gain_and_failures(suite):
+    text = suite.markdown(_result(), "make bench")
+    assert text.startswith(suite.START) and text.endswith(suite.END)
+    pruning = next(line for line in text.splitlines() if line.startswith("| PruSC") and "0.520" in line)
+    assert "+0.020" in pruning  # WGA gain over the run's own ERM
+    assert "| DFR | 0.930 ± 0.010 |" in text and "+0.330" in text
+    assert "Failed runs (left out of the means; errors in the JSON): PruSC seed 2." in text
+    assert "precision 32-true" in text
+
+
+def test_readme_table_has_a_column_pair_per_variant(suite):
+    text = suite.readme_table(_result())
+    header = next(line for line in text.splitlines() if line.startswith("| method"))
+    assert header.count("worst-group") == 2
+    assert "| DFR | 0.930 ± 0.010 | 0.900 | 0.880 ± 0.010 | 0.900 |" in text
+    assert "| ERM | 0.600 ± 0.000 | n/a | 0.500 ± 0.000 | n/a |" in text
+
+
+def test_write_between_replaces_only_the_marked_part(suite, tmp_path):
+    path = tmp_path / "README.md"
+    path.write_text(f"# Title\n\nintro\n{suite.TABLE_START}\nold\n{suite.TABLE_END}\n\nrest\n")
+    suite.write_between(
+        path, suite.TABLE_START, suite.TABLE_END, f"{suite.TABLE_START}\nnew\n{suite.TABLE_END}"
+    )
+    assert path.read_text() == f"# Title\n\nintro\n{suite.TABLE_START}\nnew\n{suite.TABLE_END}\n\nrest\n"
