@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/shortcut fit --config configs/synthetic_dfr.yaml
+	$(BIN)/shortcut fit --config configs/synthetic_score.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

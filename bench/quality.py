@@ -18,6 +18,8 @@ import statistics
 import time
 from pathlib import Path
 
+import yaml
+
 from shortcut_lightning.cli import main as cli_main
 from shortcut_lightning.metrics import SUMMARY_KEYS
 
@@ -26,19 +28,31 @@ SSCORE_KEYS = ("mean", "mean_used_neurons", "head_weighted_mean")
 STAGE_FILES = ("dfr.json", "prusc.json", "mining.json")  # stages that report the model before they ran
 
 
+RUN_RECORD = "bench_run.json"  # written when a run has finished: its arguments and wall time
+
+
 def run(
-    config: str, seed: int, save_dir: Path, extra: list[str]
+    config: str, seed: int, save_dir: Path, extra: list[str], reuse: bool = False
 ) -> tuple[dict, dict | None, dict | None, float]:
-    for stale in save_dir.glob(f"*/seed{seed}"):  # files of an earlier run must not be read as this one's
-        shutil.rmtree(stale)
-    start = time.perf_counter()
-    cli_main(
-        ["fit", "--config", config, "--seed_everything", str(seed), "--data.seed", str(seed),
-         "--data.data_seed", str(seed), "--trainer.logger.init_args.save_dir", str(save_dir),
-         "--trainer.logger.init_args.version", f"seed{seed}", "--trainer.enable_progress_bar", "false", *extra]
-    )  # fmt: skip
-    seconds = time.perf_counter() - start
-    run_dir = next(save_dir.glob(f"*/seed{seed}"))
+    """One ``shortcut fit`` of ``config`` with ``seed``; its test report, the report before the stage,
+    s-scores and wall seconds. ``reuse``: a finished run with the same arguments is read, not rerun
+    (how a killed suite resumes)."""
+    args = ["fit", "--config", config, "--seed_everything", str(seed), "--data.seed", str(seed),
+            "--data.data_seed", str(seed), "--trainer.logger.init_args.save_dir", str(save_dir),
+            "--trainer.logger.init_args.version", f"seed{seed}", "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
+    finished = [d for d in save_dir.glob(f"*/seed{seed}") if _finished_with(d, args, config)]
+    if reuse and finished:
+        run_dir = finished[0]
+        seconds = json.loads((run_dir / RUN_RECORD).read_text())["seconds"]
+    else:
+        for stale in save_dir.glob(f"*/seed{seed}"):  # files of an earlier run must not be read as this one's
+            shutil.rmtree(stale)
+        start = time.perf_counter()
+        cli_main(args)
+        seconds = time.perf_counter() - start
+        run_dir = next(save_dir.glob(f"*/seed{seed}"))
+        record = {"args": args, "config_text": Path(config).read_text(), "seconds": seconds}
+        (run_dir / RUN_RECORD).write_text(json.dumps(record, indent=2))
     before, sscore = None, None
     report = json.loads((run_dir / "metrics.json").read_text())
     for stage_file in STAGE_FILES:
@@ -47,6 +61,8 @@ def run(
             before = stage["before"].get("test")
             if "densities" in stage:  # how much of the model PruSC removed
                 report.update(Prune_f=stage["densities"]["Prune_f"], Prune_h=stage["densities"]["Prune_h"])
+            if stage_file == "mining.json":  # how well SCORE's selection found the shortcut's samples
+                report["mining"] = mining_quality(stage)
     if (run_dir / "sscore.json").is_file():
         scores = json.loads((run_dir / "sscore.json").read_text())
         sscore = {k: scores[k] for k in SSCORE_KEYS}
@@ -54,6 +70,28 @@ def run(
             before = before or scores["pruning"]["before"]["test"]
             sscore["pruned_neurons"] = len(scores["pruning"]["neurons"])
     return report, before, sscore, seconds
+
+
+MINING_KEYS = ("lrp_mask_overlap_with_spurious_region", "precision_vs_oracle")
+
+
+def mining_quality(mined: dict) -> dict:
+    """Per class of a ``mining.json``: samples selected, the top samples' LRP-mask overlap with the true
+    spurious region, and the share of the selected ones the oracle rule accepts (where masks exist)."""
+    return {
+        name: {"selected": len(entry["selected_indices"]), **{k: entry.get(k) for k in MINING_KEYS}}
+        for name, entry in mined["classes"].items()
+    }
+
+
+def _finished_with(run_dir: Path, args: list[str], config: str) -> bool:
+    """Whether ``run_dir`` holds a finished run of exactly these arguments and this config."""
+    record = run_dir / RUN_RECORD
+    if not (record.is_file() and (run_dir / "metrics.json").is_file()):
+        return False
+    saved = json.loads(record.read_text())
+    same_config = yaml.safe_load(saved["config_text"]) == yaml.safe_load(Path(config).read_text())
+    return saved["args"] == args and same_config  # comments in the config do not count
 
 
 def summarise(reports: list[dict]) -> dict:

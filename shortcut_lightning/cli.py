@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from shortcut_lightning.callbacks import BestAndLastCheckpoint, GroupMetrics
 from shortcut_lightning.data import GroupDataModule
 from shortcut_lightning.errors import ShortcutError
+from shortcut_lightning.metrics import format_group_table
 from shortcut_lightning.module import ShortcutClassifier
 
 
@@ -89,6 +90,20 @@ class ShortcutCLI(LightningCLI):
         best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
         ckpt = None if staged or not best else best
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
+        self._print_before_after()
+
+    def _print_before_after(self) -> None:
+        """A stage that reports the model before it ran (``before_reports``) gets one before/after test table."""
+        metrics = next((cb for cb in self.trainer.callbacks if isinstance(cb, GroupMetrics)), None)
+        after = metrics.reports.get("test") if metrics is not None else None
+        if after is None or not self.trainer.is_global_zero:
+            return
+        for callback in self.trainer.callbacks:
+            before = getattr(callback, "before_reports", {}).get("test")
+            if before is not None:
+                label = getattr(callback, "stage_label", type(callback).__name__)
+                table = format_group_table({"before": before, "after": after})
+                print(f"\n{label}: test accuracy before and after the stage\n{table}\n", flush=True)
 
     def after_predict(self) -> None:
         """Writes ``predictions.csv`` (test split) to the log directory."""

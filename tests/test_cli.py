@@ -28,6 +28,22 @@ def run_cli(tmp_path: Path, *extra: str, subcommand: str = "fit", config: str = 
     return max(save_dir.glob("*/version_*"), key=lambda p: p.stat().st_mtime)
 
 
+def run_stage_config(tmp_path: Path, config: str, callback_args: list[dict]) -> Path:
+    """A stage config shortened to 2 epochs (each callback's init_args updated in order), run on tiny
+    data through the CLI; returns the run's log directory."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / "configs" / config).read_text())
+    data["trainer"]["max_epochs"] = 2
+    for callback, args in zip(data["trainer"]["callbacks"], callback_args, strict=True):
+        callback["init_args"].update(args)
+    short = tmp_path / config
+    short.write_text(yaml.safe_dump(data))
+    save_dir = tmp_path / "runs"
+    main(["fit", "--config", str(short), *TINY_ARGS, "--trainer.logger.init_args.save_dir", str(save_dir)])
+    return next(save_dir.glob(f"{Path(config).stem}/version_*"))
+
+
 def test_fit_then_test_end_to_end(tmp_path, capsys):
     log_dir = run_cli(tmp_path, "--trainer.max_epochs", "2")
     report = json.loads((log_dir / "metrics.json").read_text())
@@ -113,16 +129,9 @@ def test_last_checkpoint_follows_every_epoch_when_the_metric_stalls(tmp_path):
 def test_prusc_config_end_to_end_and_its_pruned_model_as_weights(tmp_path):
     """synthetic_prusc.yaml, shortened: ERM epoch, mask learning, test of the pruned model; then the
     exported pruned.ckpt, loaded as plain weights by the ERM config, tests the same."""
-    import yaml
-
-    config = yaml.safe_load((ROOT / "configs" / "synthetic_prusc.yaml").read_text())
-    config["trainer"]["max_epochs"] = 2
-    config["trainer"]["callbacks"][0]["init_args"].update(start_epoch=1, prune_epochs=1, num_clusters=4)
-    short = tmp_path / "prusc.yaml"
-    short.write_text(yaml.safe_dump(config))
-    save_dir = tmp_path / "runs"
-    main(["fit", "--config", str(short), *TINY_ARGS, "--trainer.logger.init_args.save_dir", str(save_dir)])
-    log_dir = next(save_dir.glob("synthetic_prusc/version_*"))
+    log_dir = run_stage_config(
+        tmp_path, "synthetic_prusc.yaml", [dict(start_epoch=1, prune_epochs=1, num_clusters=4)]
+    )
     report = json.loads((log_dir / "prusc.json").read_text())
     assert report["parameters"]["num_clusters"] == 4 and "Prune_f" in report["densities"]
     tested = json.loads((log_dir / "metrics.json").read_text())
@@ -130,6 +139,21 @@ def test_prusc_config_end_to_end_and_its_pruned_model_as_weights(tmp_path):
     pruned = log_dir / "checkpoints" / "pruned.ckpt"
     again = run_cli(tmp_path / "again", "--model.weights", str(pruned), subcommand="test")
     assert json.loads((again / "metrics.json").read_text())["groups"] == tested["groups"]
+
+
+def test_score_config_end_to_end_prints_the_test_table_before_and_after(tmp_path, capsys):
+    """synthetic_score.yaml (what ``make demo`` runs), shortened: ERM epoch, mining, a regularized epoch;
+    one before/after table whose columns are mining.json's report and the final test."""
+    mining = dict(start_epoch=1, top_m=8, n_confusers=4, num_selected=3, num_neurons=4,
+                  require_masked_prediction=False)  # fmt: skip
+    log_dir = run_stage_config(tmp_path, "synthetic_score.yaml", [mining, dict(start_epoch=1)])
+    mined = json.loads((log_dir / "mining.json").read_text())
+    tested = json.loads((log_dir / "metrics.json").read_text())
+    out = capsys.readouterr().out
+    table = out.split("SCORE: test accuracy before and after the stage", 1)[1].split("\n\n", 1)[0]
+    wga_line = next(line for line in table.splitlines() if line.startswith("wga"))
+    assert wga_line.split()[1:] == [f"{mined['before']['test']['wga']:.3f}", f"{tested['wga']:.3f}"]
+    assert (log_dir / "review_backslash.png").is_file()
 
 
 def test_two_processes_from_the_cli_give_the_one_process_metrics(tmp_path):

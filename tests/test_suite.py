@@ -78,3 +78,63 @@ def test_write_between_replaces_only_the_marked_part(suite, tmp_path):
         path, suite.TABLE_START, suite.TABLE_END, f"{suite.TABLE_START}\nnew\n{suite.TABLE_END}"
     )
     assert path.read_text() == f"# Title\n\nintro\n{suite.TABLE_START}\nnew\n{suite.TABLE_END}\n\nrest\n"
+
+
+def test_a_finished_run_is_reused_only_with_the_same_arguments_and_config(suite, tmp_path, monkeypatch):
+    """How a killed suite resumes: a run with a record of its arguments and config is read, not rerun;
+    a changed argument or config text reruns it."""
+    import json
+
+    quality = sys.modules["quality"]
+    config = tmp_path / "stage.yaml"
+    config.write_text("trainer: {max_epochs: 2}\n")
+    calls = []
+
+    def fake_cli(args):  # stands in for `shortcut fit`: writes what a finished run leaves
+        calls.append(args)
+        run_dir = Path(args[args.index("--trainer.logger.init_args.save_dir") + 1]) / "stage" / "seed0"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").write_text(json.dumps({"wga": 0.1 * len(calls)}))
+
+    monkeypatch.setattr(quality, "cli_main", fake_cli)
+    first = quality.run(str(config), 0, tmp_path / "runs", ["--a", "1"], reuse=True)
+    again = quality.run(str(config), 0, tmp_path / "runs", ["--a", "1"], reuse=True)
+    assert len(calls) == 1 and again[0] == first[0] and again[3] == first[3]
+    quality.run(str(config), 0, tmp_path / "runs", ["--a", "2"], reuse=True)
+    assert len(calls) == 2
+    config.write_text("# a comment does not change the run\ntrainer: {max_epochs: 2}\n")
+    quality.run(str(config), 0, tmp_path / "runs", ["--a", "2"], reuse=True)
+    assert len(calls) == 2
+    config.write_text("trainer: {max_epochs: 3}\n")
+    changed = quality.run(str(config), 0, tmp_path / "runs", ["--a", "2"], reuse=True)
+    assert len(calls) == 3 and changed[0]["wga"] == pytest.approx(0.3)
+    quality.run(str(config), 0, tmp_path / "runs", ["--a", "2"], reuse=False)
+    assert len(calls) == 4  # without reuse every run is fresh
+
+
+def test_the_quick_suite_keeps_its_own_section_and_figure(suite, tmp_path):
+    quick = {**_result(), "name": "suite_quick"}
+    text = suite.markdown(quick, "make bench-quick")
+    start, end = suite.markers("suite_quick")
+    assert text.startswith(start) and text.endswith(end) and suite.START not in text
+    doc = tmp_path / "results.md"
+    doc.write_text(f"# Results\n\n{suite.START}\nfull\n{suite.END}\n\nhand-written\n")
+    suite.write_between(doc, start, end, text)
+    assert f"{suite.START}\nfull\n{suite.END}" in doc.read_text()  # the full suite's section is kept
+    assert suite.plot_path("suite").name == "results.png"
+    assert suite.plot_path("suite_quick").name == "results_quick.png"
+
+
+def test_mining_quality_is_averaged_over_seeds_per_class(suite):
+    result = _result()
+    seeds = [
+        {"slash": {"selected": 10, "lrp_mask_overlap_with_spurious_region": 0.8, "precision_vs_oracle": 1.0}},
+        {"slash": {"selected": 6, "lrp_mask_overlap_with_spurious_region": 0.6, "precision_vs_oracle": 0.5}},
+    ]
+    result["quality"]["background"]["SCORE (auto)"] = {
+        **result["quality"]["background"]["DFR"],
+        "mining": seeds,
+    }
+    text = suite.markdown(result, "make bench")
+    assert "| background | SCORE (auto) | slash | 8.00 | 0.70 | 0.75 |" in text
+    assert "| background | DFR |" not in text.split("SCORE mining quality", 1)[1]

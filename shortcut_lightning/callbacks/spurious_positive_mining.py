@@ -99,6 +99,8 @@ class SpuriousPositiveMining(Callback):
         report_splits: splits whose group table is printed and saved before fine-tuning.
     """
 
+    stage_label = "SCORE"  # how the CLI's before/after table names the stage
+
     def __init__(
         self,
         start_epoch: int = 0,
@@ -166,6 +168,11 @@ class SpuriousPositiveMining(Callback):
     @property
     def neurons(self) -> list[int] | None:
         return None if self.result is None else self.result["neurons"]
+
+    @property
+    def before_reports(self) -> dict[str, Any]:
+        """Group reports per split of the model as mined, before fine-tuning (the CLI prints them beside the test)."""
+        return {} if self.result is None else self.result["before"]
 
     @property
     def layer_name(self) -> str | None:
