@@ -31,12 +31,16 @@ STAGE_FILES = ("dfr.json", "prusc.json", "mining.json")  # stages that report th
 RUN_RECORD = "bench_run.json"  # written when a run has finished: its arguments and wall time
 
 
+class NotRun(Exception):
+    """A run that has not finished, asked for with ``run_missing=False``."""
+
+
 def run(
-    config: str, seed: int, save_dir: Path, extra: list[str], reuse: bool = False
+    config: str, seed: int, save_dir: Path, extra: list[str], reuse: bool = False, run_missing: bool = True
 ) -> tuple[dict, dict | None, dict | None, float]:
     """One ``shortcut fit`` of ``config`` with ``seed``; its test report, the report before the stage,
     s-scores and wall seconds. ``reuse``: a finished run with the same arguments is read, not rerun
-    (how a killed suite resumes)."""
+    (how a killed suite resumes); ``run_missing=False`` raises :class:`NotRun` instead of running."""
     args = ["fit", "--config", config, "--seed_everything", str(seed), "--data.seed", str(seed),
             "--data.data_seed", str(seed), "--trainer.logger.init_args.save_dir", str(save_dir),
             "--trainer.logger.init_args.version", f"seed{seed}", "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
@@ -44,6 +48,8 @@ def run(
     if reuse and finished:
         run_dir = finished[0]
         seconds = json.loads((run_dir / RUN_RECORD).read_text())["seconds"]
+    elif not run_missing:
+        raise NotRun(f"{config} seed {seed} has not finished in {save_dir}")
     else:
         for stale in save_dir.glob(f"*/seed{seed}"):  # files of an earlier run must not be read as this one's
             shutil.rmtree(stale)

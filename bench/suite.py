@@ -32,7 +32,7 @@ from datetime import date
 from pathlib import Path
 
 import yaml
-from quality import run, summarise
+from quality import NotRun, run, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -94,10 +94,12 @@ def _slug(label: str) -> str:
 
 
 def quality(
-    seeds: list[int], variants: list[str], extra: list[str], runs: Path, resume: bool = False
-) -> dict:
+    seeds: list[int], variants: list[str], extra: list[str], runs: Path, resume: bool = False,
+    finished_only: bool = False,
+) -> dict:  # fmt: skip
     """Every method on every variant and seed: summaries (mean, std), per-seed reports and wall times.
-    ``resume``: runs that finished before (same arguments and config) are read, not rerun."""
+    ``resume``: runs that finished before (same arguments and config) are read, not rerun;
+    ``finished_only``: only those are read, the others are listed as not run."""
     out: dict = {}
     for variant in variants:
         rows: dict = {}
@@ -105,12 +107,16 @@ def quality(
         for label, config, overrides in METHODS:
             path = config_with(config, _slug(label), overrides, runs / "configs")
             name = f"{variant}_{_slug(label)}"
-            reports, befores, sscores, seconds, failures = [], [], [], [], {}
+            reports, befores, sscores, seconds, failures, not_run = [], [], [], [], {}, []
             for seed in seeds:
                 try:
                     report, before, sscore, sec = run(
-                        path, seed, runs / name, ["--data.spurious", variant, *extra], reuse=resume
-                    )
+                        path, seed, runs / name, ["--data.spurious", variant, *extra],
+                        reuse=resume or finished_only, run_missing=not finished_only,
+                    )  # fmt: skip
+                except NotRun:
+                    not_run.append(seed)
+                    continue
                 except Exception as error:  # one broken run must not lose the hours of the others
                     failures[seed] = f"{type(error).__name__}: {error}"
                     print(f"[quality] {variant} {label} seed {seed}: FAILED {failures[seed]}", flush=True)
@@ -133,6 +139,7 @@ def quality(
                 "per_seed_wga": [r["wga"] for r in reports],
                 "mining": [r["mining"] for r in reports if r.get("mining")] or None,
                 "failed": failures,
+                "not_run": not_run,
             }
         out[variant] = {"ERM": {"after": summarise(erm), "per_seed_wga": [b["wga"] for b in erm]}, **rows}
     return out
@@ -361,22 +368,25 @@ def markdown(result: dict, command: str) -> str:
     for variant, rows in result.get("quality", {}).items():
         lines += [f"### Quality: `SyntheticShortcuts(spurious=\"{variant}\")`, ResNet-18, seeds {', '.join(map(str, seeds))}"
                   + (f"; `{result['extra']}`" if result.get("extra") else ""), "",
-                  "| method | worst-group | mean | train-weighted mean | worst class | mean s-score | ERM of the same run (WGA) | WGA gain | wall s / run |",
+                  "| method | worst-group | mean | train-weighted mean | worst class | mean s-score | ERM of the same run (WGA) | WGA gain | median wall s / run |",
                   "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for label, row in rows.items():
             sscore = f"{statistics.mean(row['sscore']):.3f}" if row.get("sscore") else "n/a"
             before = _cell(row.get("before"), "wga") if label != "ERM" else "n/a"
-            wall = f"{statistics.mean(row['wall_s']):.0f}" if row.get("wall_s") else "(in DFR's run)"
+            wall = f"{statistics.median(row['wall_s']):.0f}" if row.get("wall_s") else "(in DFR's run)"
             cells = " | ".join(_cell(row["after"], k) for k in KEYS)
             lines.append(f"| {label} | {cells} | {sscore} | {before} | {_gain(row)} | {wall} |")
         lines.append("")
         failed = [f"{label} seed {seed}" for label, row in rows.items() for seed in row.get("failed", {})]
         if failed:
             lines += [f"Failed runs (left out of the means; errors in the JSON): {', '.join(failed)}.", ""]
+        missing = [f"{label} seed {seed}" for label, row in rows.items() for seed in row.get("not_run", [])]
+        if missing:
+            lines += [f"Not run yet (left out of the means): {', '.join(missing)}.", ""]
     lines += mining_lines(result.get("quality", {}))
     lines += ["ERM: the last-epoch model each DFR run starts from. mean s-score: only the s-score run computes it "
               "(the model before pruning, with `output_stride: 8`; the others use a plain ResNet-18 whose last block "
-              "is 1 x 1 at 32 px). Wall time: fit + stage + test of one run.", ""]  # fmt: skip
+              "is 1 x 1 at 32 px). Wall time: fit + stage + test of one run, the median over seeds (robust to a run that shared the cores).", ""]  # fmt: skip
     if result.get("speed"):
         lines += ["### Speed (each ratio against its baseline in the same run)", "",
                   "| what | measured | ratio | target |", "|---|---|---|---|"]  # fmt: skip
@@ -442,8 +452,10 @@ def plot(result: dict) -> None:
     ax = figure.add_subplot(1, 1, 1)
     width = 0.8 / len(variants)
     for v, variant in enumerate(variants):
-        means = [quality_[variant][m]["after"]["wga"]["mean"] for m in methods]
-        stds = [quality_[variant][m]["after"]["wga"]["std"] for m in methods]
+        # a method with no finished run has no bar (0 +- 0 would read as a measured zero)
+        wga = [quality_[variant].get(m, {}).get("after", {}).get("wga", {}) for m in methods]
+        means = [w.get("mean", float("nan")) for w in wga]
+        stds = [w.get("std", 0.0) for w in wga]
         xs = [i + (v - (len(variants) - 1) / 2) * width for i in range(len(methods))]
         ax.bar(xs, means, width, yerr=stds, capsize=3, label=variant)
     ax.set_xticks(range(len(methods)))
@@ -504,6 +516,11 @@ def main() -> None:
         help="quality: read the runs a killed suite finished (same arguments and config) instead of rerunning them",
     )
     parser.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="quality: read the runs that finished, run none (the others are listed as not run)",
+    )
+    parser.add_argument(
         "--render-only", action="store_true", help="rewrite the docs from the last JSON, run nothing"
     )
     args = parser.parse_args()
@@ -527,7 +544,7 @@ def main() -> None:
     )
     start = time.perf_counter()
     if "quality" in parts:
-        result["quality"] = quality(seeds, variants, extra, runs, resume=args.resume)
+        result["quality"] = quality(seeds, variants, extra, runs, args.resume, args.finished_only)
     checkpoint = next(
         iter(sorted(runs.glob(f"{variants[0]}_DFR/*/seed{seeds[0]}/checkpoints/last.ckpt"))), None
     )

@@ -1,13 +1,31 @@
-"""Finding the parts of any model a stage needs: a named layer, the classification head."""
+"""Finding the parts of any model a stage needs (a named layer, the classification head) and probing it unchanged."""
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from timm.models import vision_transformer as timm_vit
 from torch import nn
 
 from shortcut_lightning.errors import ModelError
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for a probe or an analysis pass, its train/eval mode restored afterwards.
+
+    A forward in train mode, even under ``no_grad``, updates every BatchNorm's running statistics: a
+    probe of two images in the middle of ``fit`` would silently change the model being trained.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.train(training)
 
 
 def find_module(model: nn.Module, path: str, argument: str = "layer") -> nn.Module:

@@ -127,6 +127,33 @@ def test_mining_writes_its_report_sheets_and_neurons(tmp_path, capsys):
         assert all(int(targets[i]) == c for i in entry["top_indices"])
 
 
+class _StateRecorder(L.Callback):
+    """Keeps a copy of the model's state at each train epoch start (where in the callback list it stands)."""
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, torch.Tensor]] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.states.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+        assert pl_module.training
+
+
+def test_mining_in_the_middle_of_fit_leaves_the_model_unchanged(tmp_path):
+    """Mining runs in train mode between epochs; none of its passes (the layer probe, ranking, LRP) may
+    move a BatchNorm statistic. The layer probe once did, so the "before" report and the fine-tuning
+    started from a model other than the trained one."""
+    torch.manual_seed(0)
+    before, after = _StateRecorder(), _StateRecorder()
+    trainer = _trainer(
+        tmp_path, [before, _mining(require_masked_prediction=False), after], limit_train_batches=1
+    )
+    trainer.fit(ShortcutClassifier("test_resnet"), datamodule=_data())
+    (state_before,), (state_after,) = before.states, after.states
+    assert any("running_mean" in k for k in state_before)
+    for key, value in state_before.items():
+        assert torch.equal(value, state_after[key]), key
+
+
 def test_oracle_selects_the_samples_whose_mask_is_most_on_the_spurious_region(tmp_path):
     torch.manual_seed(0)
     mining = _mining(

@@ -138,3 +138,19 @@ def test_mining_quality_is_averaged_over_seeds_per_class(suite):
     text = suite.markdown(result, "make bench")
     assert "| background | SCORE (auto) | slash | 8.00 | 0.70 | 0.75 |" in text
     assert "| background | DFR |" not in text.split("SCORE mining quality", 1)[1]
+
+
+def test_runs_not_finished_are_listed_and_drawn_without_a_bar(suite, monkeypatch, tmp_path):
+    result = _result()
+    result["quality"]["patch"]["PruSC"] = {
+        "after": {},
+        "before": None,
+        "wall_s": [],
+        "failed": {},
+        "not_run": [0, 1],
+    }
+    text = suite.markdown(result, "make bench")
+    assert "Not run yet (left out of the means): PruSC seed 0, PruSC seed 1." in text
+    monkeypatch.setattr(suite, "plot_path", lambda name: tmp_path / "plot.png")
+    suite.plot(result)
+    assert (tmp_path / "plot.png").stat().st_size > 0

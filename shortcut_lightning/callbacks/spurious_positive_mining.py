@@ -26,7 +26,7 @@ from shortcut_lightning.errors import ShortcutError
 from shortcut_lightning.hooks import InputCapture, OutputCapture
 from shortcut_lightning.metrics import format_group_table
 from shortcut_lightning.mining_figures import masked_embedding_view, review_sheet
-from shortcut_lightning.model_parts import find_head, find_module
+from shortcut_lightning.model_parts import evaluating, find_head, find_module
 from shortcut_lightning.spurious_positives import (
     confuser_similarity,
     mask_images,
@@ -434,14 +434,11 @@ def _forward(
     pl_module: L.LightningModule, images: Tensor, layer: nn.Module, head: nn.Module
 ) -> tuple[Tensor, Tensor]:
     """``layer``'s output and the embedding (the head's input) of ``images``, in eval mode without gradients."""
-    was_training = pl_module.training
-    pl_module.eval()
     activation, embedding = OutputCapture(layer), InputCapture(head)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(pl_module):
             pl_module(images)
     finally:
         activation.remove()
         embedding.remove()
-        pl_module.train(was_training)
     return activation.value, embedding.value

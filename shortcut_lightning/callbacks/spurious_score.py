@@ -23,7 +23,7 @@ from shortcut_lightning.errors import DataError, ModelError
 from shortcut_lightning.figures import new_figure
 from shortcut_lightning.hooks import InputCapture, OutputCapture
 from shortcut_lightning.metrics import format_group_table
-from shortcut_lightning.model_parts import find_head, find_module, last_transformer_block
+from shortcut_lightning.model_parts import evaluating, find_head, find_module, last_transformer_block
 from shortcut_lightning.xai.gradcam import is_pooled_layer, neuron_gradcam, spurious_scores
 
 MASK_SOURCES = "MetadataDataModule reads them from a mask_filename column (docs/datasets.md); SyntheticShortcuts has them"
@@ -44,7 +44,7 @@ def find_feature_layer(model: nn.Module, head: nn.Module, images: Tensor) -> str
     }
     embedding = InputCapture(head)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):  # a probe must not move BatchNorm statistics
             model(images)
     finally:
         for c in captures.values():
@@ -68,7 +68,7 @@ def check_resolution(model: nn.Module, layer: nn.Module, name: str, image: Tenso
     """A 1x1 map is uniform over the image: its s-score would only be the mask's share of the image."""
     capture = OutputCapture(layer)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             model(image)
     finally:
         capture.remove()
