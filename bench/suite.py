@@ -333,7 +333,8 @@ def _gain(row: dict) -> str:
 
 
 def readme_table(result: dict) -> str:
-    """The README's results table: worst-group accuracy and mean accuracy per method and variant."""
+    """The README's results table: worst-group accuracy (its gain over the stage's own ERM) and mean
+    accuracy per method and variant."""
     quality_ = result["quality"]
     variants = list(quality_)
     methods = list(next(iter(quality_.values())))
@@ -344,12 +345,20 @@ def readme_table(result: dict) -> str:
         cells = []
         for variant in variants:
             row = quality_[variant].get(label)
-            cells += [_cell(row and row["after"], "wga"), _mean(row and row["after"], "mean")]
+            gain = _gain(row) if row and label != "ERM" else "n/a"
+            wga = _cell(row and row["after"], "wga") + (f" ({gain})" if gain != "n/a" else "")
+            cells += [wga, _mean(row and row["after"], "mean")]
         lines.append(f"| {label} | {' | '.join(cells)} |")
     env = result["environment"]
-    lines += ["", f"Test split, mean ± std over seeds {seeds}; `make bench` on {env['date']} ({env['machine']}, GPU "
-              f"{env['gpu']}); every stage after its own ERM, gains over that ERM in [docs/results.md](docs/results.md).",
-              "", TABLE_END]  # fmt: skip
+    missing = sum(len(row.get("not_run", [])) + len(row.get("failed", {})) for rows in quality_.values()
+                  for row in rows.values())  # fmt: skip
+    lines += ["", f"Test split, mean ± std over seeds {seeds}; in brackets the gain over the worst-group accuracy "
+              f"of the ERM model the stage started from (same run). `make bench` on {env['date']} ({env['machine']}, "
+              f"GPU {env['gpu']}); the full tables in [docs/results.md](docs/results.md)."]  # fmt: skip
+    if missing:
+        lines.append(f"{missing} run(s) had not finished or failed; they are named in docs/results.md.")
+    lines += ["", TABLE_END]
+    return "\n".join(lines)
     return "\n".join(lines)
 
 
@@ -373,7 +382,8 @@ def markdown(result: dict, command: str) -> str:
         for label, row in rows.items():
             sscore = f"{statistics.mean(row['sscore']):.3f}" if row.get("sscore") else "n/a"
             before = _cell(row.get("before"), "wga") if label != "ERM" else "n/a"
-            wall = f"{statistics.median(row['wall_s']):.0f}" if row.get("wall_s") else "(in DFR's run)"
+            wall = f"{statistics.median(row['wall_s']):.0f}" if row.get("wall_s") else "n/a"
+            wall = "(in DFR's run)" if label == "ERM" else wall
             cells = " | ".join(_cell(row["after"], k) for k in KEYS)
             lines.append(f"| {label} | {cells} | {sscore} | {before} | {_gain(row)} | {wall} |")
         lines.append("")

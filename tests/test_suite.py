@@ -67,7 +67,8 @@ def test_readme_table_has_a_column_pair_per_variant(suite):
     text = suite.readme_table(_result())
     header = next(line for line in text.splitlines() if line.startswith("| method"))
     assert header.count("worst-group") == 2
-    assert "| DFR | 0.930 ± 0.010 | 0.900 | 0.880 ± 0.010 | 0.900 |" in text
+    assert "| DFR | 0.930 ± 0.010 (+0.330) | 0.900 | 0.880 ± 0.010 (+0.380) | 0.900 |" in text
+    assert "1 run(s) had not finished or failed" in text  # PruSC seed 2 of the patch variant
     assert "| ERM | 0.600 ± 0.000 | n/a | 0.500 ± 0.000 | n/a |" in text
 
 
