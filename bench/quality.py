@@ -54,7 +54,12 @@ def run(
         for stale in save_dir.glob(f"*/seed{seed}"):  # files of an earlier run must not be read as this one's
             shutil.rmtree(stale)
         start = time.perf_counter()
-        cli_main(args)
+        try:
+            cli_main(args)
+        except SystemExit as stop:  # an input error of ours: the CLI printed it and exits 2
+            raise RuntimeError(
+                f"shortcut fit exited with status {stop.code} (its error is printed above)"
+            ) from None
         seconds = time.perf_counter() - start
         run_dir = next(save_dir.glob(f"*/seed{seed}"))
         record = {"args": args, "config_text": Path(config).read_text(), "seconds": seconds}

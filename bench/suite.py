@@ -2,6 +2,8 @@
 
     python bench/suite.py           # make bench: 3 seeds x 3 variants x every method, full speed and scaling
     python bench/suite.py --quick   # make bench-quick: seed 0, background variant, 1500 training images
+    python bench/suite.py --resume  # after a kill: the runs that finished are read, the rest run
+    python bench/suite.py --parts quality --variants both   # one part, one variant: merged into the last JSON
 
 Parts (``--parts quality,speed,scaling,ddp``):
 
@@ -548,16 +550,22 @@ def main() -> None:
         return
     runs = (ROOT / args.runs / name).resolve()
     last = RESULTS / f"{name}.json"
-    result: dict = json.loads(last.read_text()) if parts != set(PARTS) and last.is_file() else {}
+    partial = parts != set(PARTS) or args.variants
+    result: dict = json.loads(last.read_text()) if partial and last.is_file() else {}
     result.update(
         name=name, seeds=seeds, extra=" ".join(extra), precision=precision, environment=environment()
     )
     start = time.perf_counter()
     if "quality" in parts:
-        result["quality"] = quality(seeds, variants, extra, runs, args.resume, args.finished_only)
+        measured = quality(seeds, variants, extra, runs, args.resume, args.finished_only)
+        # --variants names a subset: the other variants of the last JSON are kept
+        result["quality"] = {**result.get("quality", {}), **measured} if args.variants else measured
     checkpoint = next(
         iter(sorted(runs.glob(f"{variants[0]}_DFR/*/seed{seeds[0]}/checkpoints/last.ckpt"))), None
     )
+    if parts & {"scaling", "ddp"} and checkpoint is None:
+        print(f"[suite] no ERM checkpoint under {runs}/{variants[0]}_DFR: scaling and ddp need the quality part "
+              f"of the {variants[0]} variant first (it keeps its checkpoints); skipped", flush=True)  # fmt: skip
     if "speed" in parts:
         result["speed"] = speed(args.quick)
     if "scaling" in parts and checkpoint is not None:

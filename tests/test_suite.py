@@ -155,3 +155,18 @@ def test_runs_not_finished_are_listed_and_drawn_without_a_bar(suite, monkeypatch
     monkeypatch.setattr(suite, "plot_path", lambda name: tmp_path / "plot.png")
     suite.plot(result)
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_a_run_the_cli_refuses_is_an_error_not_the_end_of_the_suite(suite, tmp_path, monkeypatch):
+    """The CLI exits 2 on our input errors (e.g. SCORE's oracle finding nothing): SystemExit would end
+    the whole suite, so the runner turns it into an exception the suite records as a failed run."""
+    quality = sys.modules["quality"]
+    config = tmp_path / "stage.yaml"
+    config.write_text("trainer: {max_epochs: 2}\n")
+
+    def refusing_cli(args):
+        raise SystemExit(2)
+
+    monkeypatch.setattr(quality, "cli_main", refusing_cli)
+    with pytest.raises(RuntimeError, match="exited with status 2"):
+        quality.run(str(config), 0, tmp_path / "runs", [])
