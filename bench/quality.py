@@ -44,9 +44,11 @@ def run(
     args = ["fit", "--config", config, "--seed_everything", str(seed), "--data.seed", str(seed),
             "--data.data_seed", str(seed), "--trainer.logger.init_args.save_dir", str(save_dir),
             "--trainer.logger.init_args.version", f"seed{seed}", "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
-    finished = [d for d in save_dir.glob(f"*/seed{seed}") if _finished_with(d, args, config)]
-    if reuse and finished:
-        run_dir = finished[0]
+    finished = None
+    if reuse or not run_missing:  # only then are earlier runs read at all
+        finished = next((d for d in save_dir.glob(f"*/seed{seed}") if _finished_with(d, args, config)), None)
+    if finished is not None:
+        run_dir = finished
         seconds = json.loads((run_dir / RUN_RECORD).read_text())["seconds"]
     elif not run_missing:
         raise NotRun(f"{config} seed {seed} has not finished in {save_dir}")

@@ -24,8 +24,8 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for module, training in modes:
-            module.train(training)
+        for module, training in modes:  # the flag itself: train() would recurse into every subtree again
+            module.training = training
 
 
 def find_module(model: nn.Module, path: str, argument: str = "layer") -> nn.Module:

@@ -174,9 +174,7 @@ class SpuriousScore(ModelStage):
         dm = require_group_datamodule(getattr(trainer, "datamodule", None), "SpuriousScore")
         head = find_head(pl_module, self.head_path)
         batch = self.samples(dm)
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with evaluating(pl_module):
             images = batch["image"].to(pl_module.device)
             layer_name = self.layer or find_feature_layer(pl_module, head, images[:2])
             layer = find_module(pl_module, layer_name, "layer")
@@ -184,8 +182,6 @@ class SpuriousScore(ModelStage):
             maps = [
                 neuron_gradcam(pl_module, images[i : i + 8], layer, head) for i in range(0, len(images), 8)
             ]
-        finally:
-            pl_module.train(was_training)
         all_maps = torch.cat([m.maps for m in maps]).cpu()
         scores = spurious_scores(all_maps, batch["mask"], self.alpha, self.interpolation)
         usage = head.weight.detach().abs().sum(0).cpu()  # how much the head reads each neuron

@@ -17,7 +17,7 @@ from shortcut_lightning.data.base import require_group_datamodule
 from shortcut_lightning.data.transforms import denormalize
 from shortcut_lightning.errors import ShortcutError
 from shortcut_lightning.figures import new_figure
-from shortcut_lightning.model_parts import first_transformer_block
+from shortcut_lightning.model_parts import evaluating, first_transformer_block
 from shortcut_lightning.xai.lrp import relevance
 from shortcut_lightning.xai.token_views import attention_maps
 
@@ -87,13 +87,9 @@ class TokenViews(Callback):
         samples = [dataset[i] for i in picks]
         images = torch.stack([s["image"] for s in samples]).to(pl_module.device)
         targets = torch.tensor([int(s["target"]) for s in samples], device=pl_module.device)
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with evaluating(pl_module):
             attention = attention_maps(pl_module, images, query).cpu()  # [L, N, heads, rows, cols]
             lrp = relevance(pl_module, images, targets, self.composite, [block], per="position")
-        finally:
-            pl_module.train(was_training)
         tokens = layout.to_grid(lrp.layers[block]).cpu()
         log_dir = Path(trainer.log_dir or trainer.default_root_dir) / "token_views"
         log_dir.mkdir(parents=True, exist_ok=True)
