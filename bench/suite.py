@@ -361,7 +361,6 @@ def readme_table(result: dict) -> str:
         lines.append(f"{missing} run(s) had not finished or failed; they are named in docs/results.md.")
     lines += ["", TABLE_END]
     return "\n".join(lines)
-    return "\n".join(lines)
 
 
 def _mean(stat: dict | None, key: str) -> str:
