@@ -5,12 +5,18 @@
 The checkpoint is loaded as ``model.weights``; the stage starts at epoch 0, the model is tested after
 the fit and a RESULT line is printed. JSON keys, both stages: "epochs" (default 3), "lr" (AdamW of the
 module, default 1e-3), "seed" (data seed, default 0), "backbone_kwargs" (e.g. {"output_stride": 8} for
-checkpoints of configs/synthetic_sscore.yaml).
+checkpoints of configs/synthetic_sscore.yaml), "sampler" (the training sampler: default, class_balanced or
+group_balanced; the last uses group labels).
 
 - score: "mining" (SpuriousPositiveMining arguments), "reg" (NeuronRegularization arguments),
   "mining_file" (reuse a mining.json instead of mining; with "reg": {"strength": 0.0} this is the
   continued-ERM control).
 - prusc: "prusc" (MaskPruning arguments).
+
+"sscore": true (both stages) scores the model before the stage and after it with ``SpuriousScore``
+(50 training samples, alpha 0.5; needs a checkpoint with spatial maps at layer4, e.g. of
+configs/synthetic_sscore.yaml with ``"backbone_kwargs": {"output_stride": 8}``) and adds both means to
+the RESULT line.
 """
 
 import json
@@ -28,6 +34,7 @@ from shortcut_lightning.callbacks import (
     MaskPruning,
     NeuronRegularization,
     SpuriousPositiveMining,
+    SpuriousScore,
 )
 from shortcut_lightning.data import SyntheticShortcuts
 
@@ -43,6 +50,17 @@ def stage_callbacks(stage: str, cfg: dict) -> list[L.Callback]:
     ]
 
 
+def mean_sscore(model: L.LightningModule, dm: SyntheticShortcuts, out: Path) -> float:
+    """Mean s-score of ``model``'s penultimate neurons (a validate pass that runs ``SpuriousScore``)."""
+    scorer = SpuriousScore(split="train", n_samples=50, alpha=0.5)
+    trainer = L.Trainer(
+        logger=False, default_root_dir=out, enable_progress_bar=False, inference_mode=False, callbacks=[scorer],
+        limit_val_batches=1,
+    )  # fmt: skip
+    trainer.validate(model, datamodule=dm, verbose=False)
+    return scorer.result["mean"]
+
+
 def main() -> None:
     stage, ckpt, spurious, out = sys.argv[1:5]
     cfg = json.loads(sys.argv[5])
@@ -55,8 +73,14 @@ def main() -> None:
         optimizer=partial(torch.optim.AdamW, lr=cfg.get("lr", 1e-3), weight_decay=1e-4),
     )
     seed = cfg.get("seed", 0)
-    dm = SyntheticShortcuts(spurious=spurious, image_size=32, batch_size=64, seed=seed, data_seed=seed)
+    dm = SyntheticShortcuts(
+        spurious=spurious, image_size=32, batch_size=64, seed=seed, data_seed=seed,
+        sampler=cfg.get("sampler", "default"),
+    )  # fmt: skip
     callbacks = stage_callbacks(stage, cfg)
+    sscores = (
+        {"sscore_before": mean_sscore(model, dm, Path(out, "sscore_before"))} if cfg.get("sscore") else {}
+    )
     start = time.time()
     trainer = L.Trainer(
         max_epochs=cfg.get("epochs", 3), default_root_dir=out, logger=False, enable_checkpointing=False,
@@ -65,11 +89,14 @@ def main() -> None:
     trainer.fit(model, datamodule=dm)
     trainer.test(model, datamodule=dm, verbose=False)
     tested = json.loads(Path(out, "metrics.json").read_text())
+    if sscores:
+        sscores["sscore_after"] = mean_sscore(model, dm, Path(out, "sscore_after"))
     pruned = {k: round(v, 3) for k, v in getattr(callbacks[0], "report", {}).get("densities", {}).items()}
     groups = {k: round(v["acc"], 3) for k, v in tested["groups"].items()}
     print(
         "RESULT", stage, json.dumps(cfg), "wga", round(tested["wga"], 3), "mean", round(tested["mean"], 3),
         groups, {k: v for k, v in pruned.items() if k.startswith("Prune")}, f"{time.time() - start:.0f}s",
+        *(f"{k} {v:.3f}" for k, v in sscores.items()),
         flush=True,
     )  # fmt: skip
 
