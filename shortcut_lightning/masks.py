@@ -71,9 +71,9 @@ class _GumbelSigmoidMasked(torch.autograd.Function):
             z.div_(temperature)
         ctx.save_for_backward(weight, z)
         ctx.temperature = temperature
-        # 1[z > 0] as floats (sign, then clamp) and a product: two vectorised passes, where a boolean
-        # comparison feeding ``torch.where`` costs about twice as much on the CPU
-        return weight * z.sign().clamp_(min=0)
+        # 1[z > 0] as floats (sign, then clamp) and a product: vectorised passes, where a boolean
+        # comparison feeding ``torch.where`` costs about twice as much on the CPU; in the weight's dtype
+        return weight * z.sign().clamp_(min=0).to(weight.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:

@@ -318,3 +318,12 @@ def test_fused_gumbel_sigmoid_equals_its_autograd_composition():
     (composed * upstream).sum().backward()
     for a, b in zip(got, (composed.detach(), weight.grad, mask.logits.grad), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_learned_mask_keeps_the_weight_dtype():
+    from shortcut_lightning.masks import GumbelSigmoidMask
+
+    mask = GumbelSigmoidMask(torch.Size([4, 3]))  # float32 logits, as attach_masks creates them
+    mask.set_mode("learn")
+    weight = torch.randn(4, 3, dtype=torch.bfloat16)
+    assert mask(weight).dtype == torch.bfloat16  # a bf16-true model's conv must get bf16 weights back
