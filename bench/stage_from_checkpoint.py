@@ -11,7 +11,8 @@ group_balanced; the last uses group labels).
 - score: "mining" (SpuriousPositiveMining arguments), "reg" (NeuronRegularization arguments),
   "mining_file" (reuse a mining.json instead of mining; with "reg": {"strength": 0.0} this is the
   continued-ERM control).
-- prusc: "prusc" (MaskPruning arguments).
+- prusc: "prusc" (MaskPruning arguments). With a "monitor" among them, every epoch is validated (the
+  monitor needs it); otherwise validation is skipped.
 
 "sscore": true (both stages) scores the model before the stage and after it with ``SpuriousScore``
 (50 training samples, alpha 0.5; needs a checkpoint with spatial maps at layer4, e.g. of
@@ -81,22 +82,24 @@ def main() -> None:
     sscores = (
         {"sscore_before": mean_sscore(model, dm, Path(out, "sscore_before"))} if cfg.get("sscore") else {}
     )
+    validate = bool(cfg.get("prusc", {}).get("monitor"))
     start = time.time()
     trainer = L.Trainer(
         max_epochs=cfg.get("epochs", 3), default_root_dir=out, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, callbacks=[GroupMetrics(print_table=False), *callbacks], limit_val_batches=0,
+        enable_progress_bar=False, callbacks=[GroupMetrics(print_table=False), *callbacks], limit_val_batches=None if validate else 0,
     )  # fmt: skip
     trainer.fit(model, datamodule=dm)
     trainer.test(model, datamodule=dm, verbose=False)
     tested = json.loads(Path(out, "metrics.json").read_text())
     if sscores:
         sscores["sscore_after"] = mean_sscore(model, dm, Path(out, "sscore_after"))
+    best = getattr(callbacks[0], "report", {}).get("best")
     pruned = {k: round(v, 3) for k, v in getattr(callbacks[0], "report", {}).get("densities", {}).items()}
     groups = {k: round(v["acc"], 3) for k, v in tested["groups"].items()}
     print(
         "RESULT", stage, json.dumps(cfg), "wga", round(tested["wga"], 3), "mean", round(tested["mean"], 3),
         groups, {k: v for k, v in pruned.items() if k.startswith("Prune")}, f"{time.time() - start:.0f}s",
-        *(f"{k} {v:.3f}" for k, v in sscores.items()),
+        *(f"{k} {v:.3f}" for k, v in sscores.items()), *([f"best epoch {best['epoch']}"] if best else []),
         flush=True,
     )  # fmt: skip
 

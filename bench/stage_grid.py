@@ -7,8 +7,8 @@ Each JSON is one setting for ``bench/stage_from_checkpoint.py`` (its keys), run 
 ``make bench`` run leaves them there). That checkpoint is the model after the suite's 6 ERM epochs, the
 same for every method of a seed (the suite's "ERM of the same run" column), so PruSC starts from it too.
 ``"reuse": true`` (SCORE) takes that run's ``mining.json`` (the same neurons, no mining). One line per
-setting and variant is appended to LOG: test worst-group accuracy per seed, their mean, and the mean
-accuracy.
+setting and variant is appended to LOG: test worst-group accuracy per seed, their mean, the mean
+accuracy and, for PruSC with a ``monitor``, the mask-learning epoch whose masks were kept.
 """
 
 import argparse
@@ -25,8 +25,9 @@ RUNS = ROOT / "runs" / "suite" / "suite"
 SEEDS = (0, 1, 2)
 
 
-def one(stage: str, variant: str, seed: int, setting: dict, out: str) -> tuple[float, float] | None:
-    """(test WGA, test mean) of one stage run, or None when it failed (its error goes to stderr)."""
+def one(stage: str, variant: str, seed: int, setting: dict, out: str) -> tuple[float, float, str] | None:
+    """(test WGA, test mean, PruSC's best epoch or "") of one stage run, or None when it failed (its error
+    goes to stderr)."""
     run = RUNS / f"{variant}_SCORE_auto" / "synthetic_score" / f"seed{seed}"
     cfg = {"seed": seed, **setting}
     if cfg.pop("reuse", False):
@@ -38,7 +39,8 @@ def one(stage: str, variant: str, seed: int, setting: dict, out: str) -> tuple[f
     if found is None:
         print(f"{variant} seed {seed} {cfg}: FAILED\n{done.stderr[-2000:]}", file=sys.stderr)
         return None
-    return float(found.group(1)), float(found.group(2))
+    best = re.search(r"best epoch (\d+)", done.stdout)
+    return float(found.group(1)), float(found.group(2)), best.group(1) if best else ""
 
 
 def main() -> None:
@@ -62,9 +64,11 @@ def main() -> None:
             if not results:
                 line = f"{args.stage} {text} | {variant} | every seed failed"
             else:
-                wga = " / ".join(f"{w:.3f}" for w, _ in results)
-                line = (f"{args.stage} {text} | {variant} | wga {wga}: {statistics.mean(w for w, _ in results):.3f} | "
-                        f"mean {statistics.mean(m for _, m in results):.3f}")  # fmt: skip
+                wga = " / ".join(f"{w:.3f}" for w, _, _ in results)
+                line = (f"{args.stage} {text} | {variant} | wga {wga}: {statistics.mean(w for w, _, _ in results):.3f} | "
+                        f"mean {statistics.mean(m for _, m, _ in results):.3f}")  # fmt: skip
+                if any(b for _, _, b in results):
+                    line += " | best epochs " + " / ".join(b for _, _, b in results)
             print(line, flush=True)
             with args.log.open("a") as file:
                 file.write(line + "\n")

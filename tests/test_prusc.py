@@ -126,9 +126,10 @@ def test_cosine_kmeans_finds_separated_directions_deterministically():
 
 
 def _trainer(tmp_path, callbacks, max_epochs, **kwargs):
+    kwargs = {"limit_val_batches": 0, **kwargs}
     return L.Trainer(
         accelerator="cpu", max_epochs=max_epochs, default_root_dir=tmp_path, logger=False,
-        enable_progress_bar=False, limit_val_batches=0, callbacks=callbacks, **kwargs,
+        enable_progress_bar=False, callbacks=callbacks, **kwargs,
     )  # fmt: skip
 
 
@@ -235,12 +236,57 @@ def test_resume_continues_mask_learning(tmp_path, tiny_synthetic):
     }  # Adam went on from the saved step: 3 epochs of 6 batches
 
 
+class _ScriptedMetric(L.Callback):
+    """Logs ``val/scripted`` from a script, one value per epoch, and keeps the mask logits each epoch was validated with."""
+
+    def __init__(self, values):
+        self.values, self.seen = values, {}
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        pl_module.log("val/scripted", self.values[trainer.current_epoch])
+        self.seen[trainer.current_epoch] = {
+            n: m.logits.detach().clone() for n, m in model_masks(pl_module).items()
+        }
+
+
+def test_monitor_keeps_the_masks_of_the_best_validated_epoch(tmp_path, tiny_synthetic):
+    torch.manual_seed(0)
+    model = ShortcutClassifier("test_resnet")
+    script = _ScriptedMetric([0.2, 0.9, 0.5])  # epoch 1 is best; the last epoch's masks differ from it
+    pruning = MaskPruning(
+        prune_epochs=3, num_clusters=4, mask_lr=0.5, init_logit=0.5, monitor="val/scripted",
+        report_splits=(), export=False,
+    )  # fmt: skip
+    trainer = _trainer(tmp_path, [script, pruning], 3, limit_val_batches=1, enable_checkpointing=False)
+    trainer.fit(model, datamodule=tiny_synthetic())
+    assert pruning.best["epoch"] == 1 and pruning.best["score"] == pytest.approx(0.9)
+    assert pruning.report["best"] == {"monitor": "val/scripted", "epoch": 1, "score": pytest.approx(0.9)}
+    for name, mask in model_masks(model).items():
+        assert not torch.equal(script.seen[1][name], script.seen[2][name])
+        assert torch.equal(mask.logits.detach(), script.seen[1][name])
+    # the best epoch is part of the callback's state, so a resumed run keeps it
+    restored = MaskPruning(monitor="val/scripted")
+    restored.load_state_dict(pruning.state_dict())
+    assert restored.best["epoch"] == 1
+    assert all(torch.equal(restored.best["logits"][n], script.seen[1][n]) for n in script.seen[1])
+    # a metric that is never logged is named, with what was
+    missing = MaskPruning(prune_epochs=1, num_clusters=4, monitor="val/nope", report_splits=(), export=False)
+    with pytest.raises(
+        ShortcutError,
+        match=r"monitor 'val/nope' was not logged in validation \(logged: val/loss, val/scripted",
+    ):
+        _trainer(tmp_path, [_ScriptedMetric([0.0]), missing], 1, limit_val_batches=1).fit(
+            ShortcutClassifier("test_resnet"), datamodule=tiny_synthetic()
+        )
+
+
 def test_bad_input(tmp_path, tiny_synthetic):
     for kwargs, match in (
         ({"target_density": 0.0}, "between 0 and 1"),
         ({"target_density": 1.0}, "between 0 and 1"),
         ({"num_clusters": 1}, "num_clusters must be >= 2"),
         ({"split": "test"}, "split must be 'train' or 'val'"),
+        ({"mode": "best"}, "mode must be 'max' or 'min'"),
     ):
         with pytest.raises(ShortcutError, match=match):
             MaskPruning(**kwargs)

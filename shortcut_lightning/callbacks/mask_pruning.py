@@ -36,7 +36,8 @@ class MaskPruning(Callback):
     through the penalty seam, ``lambda_sparse * sum(sigmoid(logits))`` and ``beta * SupCon`` on the
     normalised penultimate features of the same forward (positives: same class, other cluster;
     negatives: the anchor's cluster; :func:`~shortcut_lightning.supcon.cluster_supcon`). Then the masks
-    are fixed (at ``target_density`` if given) and, for ``finetune_epochs``, the surviving weights are
+    are fixed (at ``target_density`` if given; with ``monitor``, the masks of the mask-learning epoch
+    whose validation ``monitor`` was best) and, for ``finetune_epochs``, the surviving weights are
     trained with cross-entropy. At the end the masks are multiplied into the weights (``export``), so
     the model that is tested and saved (``checkpoints/pruned.ckpt``) is a plain network.
 
@@ -68,6 +69,9 @@ class MaskPruning(Callback):
         init_logit: initial mask logit (3: kept with probability 0.95).
         mask_lr: Adam learning rate of the mask logits.
         target_density: fix the masks at this kept share of the masked weights (in (0, 1)).
+        monitor: a validation metric (e.g. ``val/worst_class``, class labels only); the masks of the
+            mask-learning epoch where it was best are the ones fixed, instead of the last epoch's.
+        mode: ``max`` or ``min``: which ``monitor`` value is best.
         split: split to cluster and learn the masks on (``train`` or ``val``).
         cluster_balanced: draw the stage's batches so that every cluster is equally likely (no labels
             needed; the small clusters an ERM model forms around its minority samples are seen as
@@ -97,6 +101,8 @@ class MaskPruning(Callback):
         init_logit: float = 3.0,
         mask_lr: float = 0.05,
         target_density: float | None = None,
+        monitor: str | None = None,
+        mode: str = "max",
         split: str = "train",
         cluster_balanced: bool = True,
         recalibrate_bn: bool = False,
@@ -119,6 +125,8 @@ class MaskPruning(Callback):
                 f"target_density must be between 0 and 1 (exclusive), got {target_density}: 0 prunes everything, "
                 "1 nothing"
             )
+        if mode not in ("max", "min"):
+            raise ShortcutError(f"mode must be 'max' or 'min', got {mode!r}")
         if split not in ("train", "val"):
             raise ShortcutError(f"split must be 'train' or 'val', got {split!r}")
         for name, value in (("lambda_sparse", lambda_sparse), ("beta", beta)):
@@ -136,6 +144,8 @@ class MaskPruning(Callback):
         self.init_logit = init_logit
         self.mask_lr = mask_lr
         self.target_density = target_density
+        self.monitor = monitor
+        self.mode = mode
         self.split = split
         self.cluster_balanced = cluster_balanced
         self.recalibrate_bn = recalibrate_bn
@@ -147,6 +157,8 @@ class MaskPruning(Callback):
         self.started_epoch: int | None = None
         self.clusters: Tensor | None = None  # cluster of every sample of ``split``, by its index
         self.report: dict[str, Any] = {}
+        # with ``monitor``: the epoch, score and mask logits of the best mask-learning epoch so far
+        self.best: dict[str, Any] | None = None
         self._cluster_device: Tensor | None = None
         self._masks: dict[str, Any] = {}
         self._optimizer: torch.optim.Optimizer | None = None
@@ -233,6 +245,7 @@ class MaskPruning(Callback):
     ) -> None:
         masks = model_masks(pl_module)
         if phase == "fixed" and not resumed:
+            self._restore_best(masks)
             if self.target_density is not None:
                 set_density(masks, self.target_density)
             rank_zero_info(f"PruSC: masks fixed, {_summary(densities(pl_module))}")
@@ -369,6 +382,47 @@ class MaskPruning(Callback):
             key = name if name.startswith("Prune_") else f"density/{name}"
             pl_module.log(f"prune/{key}", value, on_epoch=True, rank_zero_only=True)
 
+    # -- the best epoch -------------------------------------------------------------------------
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """With ``monitor``: keeps the mask logits of the best mask-learning epoch so far."""
+        if self.monitor is None or self.phase != "learning" or trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            found = ", ".join(sorted(k for k in trainer.callback_metrics if k.startswith("val/"))) or "none"
+            raise ShortcutError(
+                f"MaskPruning monitor {self.monitor!r} was not logged in validation (logged: {found}); "
+                "set monitor to one of them, e.g. val/worst_class"
+            )
+        score = float(value)
+        if self.best is not None:
+            better = score > self.best["score"] if self.mode == "max" else score < self.best["score"]
+            if not better:
+                return
+        logits = {name: m.logits.detach().to("cpu", copy=True) for name, m in self._masks.items()}
+        self.best = {"epoch": trainer.current_epoch, "score": score, "logits": logits}
+
+    def _restore_best(self, masks: dict[str, Any]) -> None:
+        """Puts the best epoch's mask logits back (``monitor``); says so, or that there was none."""
+        if self.monitor is None:
+            return
+        if self.best is None:
+            rank_zero_info(
+                f"PruSC: {self.monitor} was never validated during mask learning; the last masks are kept"
+            )
+            return
+        with torch.no_grad():
+            for name, mask in masks.items():
+                mask.logits.copy_(self.best["logits"][name])
+        self.report["best"] = {
+            "monitor": self.monitor,
+            "epoch": self.best["epoch"],
+            "score": self.best["score"],
+        }
+        rank_zero_info(
+            f"PruSC: the masks of epoch {self.best['epoch']} are kept ({self.monitor} {self.best['score']:.4f})"
+        )
+
     # -- the end --------------------------------------------------------------------------------
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.phase == "waiting":
@@ -400,7 +454,7 @@ class MaskPruning(Callback):
 
     def _parameters(self) -> dict[str, Any]:
         keys = ("start_epoch", "prune_epochs", "finetune_epochs", "num_clusters", "modules", "lambda_sparse", "beta",
-                "temperature", "gumbel_temperature", "init_logit", "mask_lr", "target_density", "split", "cluster_balanced", "recalibrate_bn", "groups",
+                "temperature", "gumbel_temperature", "init_logit", "mask_lr", "target_density", "monitor", "mode", "split", "cluster_balanced", "recalibrate_bn", "groups",
                 "seed", "export")  # fmt: skip
         return {k: getattr(self, k) for k in keys}
 
@@ -412,6 +466,7 @@ class MaskPruning(Callback):
             "clusters": self.clusters,
             "report": self.report,
             "optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
+            "best": self.best,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -420,6 +475,7 @@ class MaskPruning(Callback):
         self.clusters = state_dict.get("clusters")
         self.report = state_dict.get("report", {})
         self._optimizer_state = state_dict.get("optimizer")
+        self.best = state_dict.get("best")
 
 
 def _summary(found: dict[str, float]) -> str:
