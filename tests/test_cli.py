@@ -134,6 +134,9 @@ def test_prusc_config_end_to_end_and_its_pruned_model_as_weights(tmp_path):
     )
     report = json.loads((log_dir / "prusc.json").read_text())
     assert report["parameters"]["num_clusters"] == 4 and "Prune_f" in report["densities"]
+    # the config keeps the masks of the best validated mask-learning epoch (the only one here: epoch 1)
+    best = report["best"]
+    assert (best["monitor"], best["epoch"]) == ("val/worst_class", 1) and 0 <= best["score"] <= 1
     tested = json.loads((log_dir / "metrics.json").read_text())
     assert tested["mean"] == pytest.approx(report["after"]["test"]["mean"])
     pruned = log_dir / "checkpoints" / "pruned.ckpt"
