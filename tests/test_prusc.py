@@ -345,7 +345,7 @@ def test_batchnorm_is_held_during_mask_learning_and_recalibrated_after(tmp_path,
 
 
 def test_fused_gumbel_sigmoid_equals_its_autograd_composition():
-    from shortcut_lightning.masks import GumbelSigmoidMask
+    from shortcut_lightning.masks import GumbelSigmoidMask, logistic_noise
 
     mask = GumbelSigmoidMask(torch.Size([6, 5]), temperature=0.7)
     mask.set_mode("learn")
@@ -358,12 +358,30 @@ def test_fused_gumbel_sigmoid_equals_its_autograd_composition():
     got = (fused.detach(), weight.grad.clone(), mask.logits.grad.clone())
     weight.grad, mask.logits.grad = None, None
     torch.manual_seed(3)  # the same noise, composed from autograd ops
-    u = torch.rand_like(mask.logits)
-    soft = torch.sigmoid((mask.logits + u.log() - (-u).log1p()) / 0.7)
+    soft = torch.sigmoid((mask.logits + logistic_noise(mask.logits)) / 0.7)
     composed = weight * ((soft > 0.5).float() - soft.detach() + soft)
     (composed * upstream).sum().backward()
     for a, b in zip(got, (composed.detach(), weight.grad, mask.logits.grad), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_logistic_noise_is_logistic_in_every_draw_position():
+    """Four 16-bit draws come from each random 64-bit integer: each position must be unbiased."""
+    from shortcut_lightning.masks import logistic_noise
+
+    torch.manual_seed(0)
+    noise = logistic_noise(torch.empty(400_000, 4))  # column j: the j-th 16 bits of each integer
+    torch.testing.assert_close(noise.mean(0), torch.zeros(4), atol=0.02, rtol=0)
+    torch.testing.assert_close(noise.var(0), torch.full((4,), torch.pi**2 / 3), atol=0.05, rtol=0)
+    for logit in (-3.0, 0.0, 2.0):  # a mask sample keeps a weight with probability sigmoid(logit)
+        kept = (noise + logit > 0).double().mean(0)
+        torch.testing.assert_close(
+            kept,
+            torch.full((4,), torch.sigmoid(torch.tensor(logit)).item(), dtype=torch.float64),
+            atol=0.004,
+            rtol=0,
+        )
+    assert logistic_noise(torch.empty(3, 5, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
 def test_learned_mask_keeps_the_weight_dtype():
