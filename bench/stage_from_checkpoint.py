@@ -93,8 +93,9 @@ def main() -> None:
     tested = json.loads(Path(out, "metrics.json").read_text())
     if sscores:
         sscores["sscore_after"] = mean_sscore(model, dm, Path(out, "sscore_after"))
-    best = getattr(callbacks[0], "report", {}).get("best")
-    pruned = {k: round(v, 3) for k, v in getattr(callbacks[0], "report", {}).get("densities", {}).items()}
+    report = getattr(callbacks[0], "report", {})
+    best = report.get("best")
+    pruned = {k: round(v, 3) for k, v in report.get("densities", {}).items()}
     groups = {k: round(v["acc"], 3) for k, v in tested["groups"].items()}
     print(
         "RESULT", stage, json.dumps(cfg), "wga", round(tested["wga"], 3), "mean", round(tested["mean"], 3),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -240,13 +241,18 @@ class _ScriptedMetric(L.Callback):
     """Logs ``val/scripted`` from a script, one value per epoch, and keeps the mask logits each epoch was validated with."""
 
     def __init__(self, values):
-        self.values, self.seen = values, {}
+        self.values, self.seen, self.state = values, {}, None
 
     def on_validation_epoch_end(self, trainer, pl_module):
         pl_module.log("val/scripted", self.values[trainer.current_epoch])
         self.seen[trainer.current_epoch] = {
             n: m.logits.detach().clone() for n, m in model_masks(pl_module).items()
         }
+
+    def on_train_epoch_end(self, trainer, pl_module):  # what a checkpoint of the last learning epoch holds
+        pruning = next((cb for cb in trainer.callbacks if isinstance(cb, MaskPruning)), None)
+        if pruning is not None and pruning.phase == "learning":
+            self.state = copy.deepcopy(pruning.state_dict())
 
 
 def test_monitor_keeps_the_masks_of_the_best_validated_epoch(tmp_path, tiny_synthetic):
@@ -264,11 +270,13 @@ def test_monitor_keeps_the_masks_of_the_best_validated_epoch(tmp_path, tiny_synt
     for name, mask in model_masks(model).items():
         assert not torch.equal(script.seen[1][name], script.seen[2][name])
         assert torch.equal(mask.logits.detach(), script.seen[1][name])
-    # the best epoch is part of the callback's state, so a resumed run keeps it
+    # the best epoch is part of the callback's state during mask learning, so a resumed run keeps it
     restored = MaskPruning(monitor="val/scripted")
-    restored.load_state_dict(pruning.state_dict())
+    restored.load_state_dict(script.state)
     assert restored.best["epoch"] == 1
     assert all(torch.equal(restored.best["logits"][n], script.seen[1][n]) for n in script.seen[1])
+    # once restored, the copy of the logits leaves the state (it would weigh down pruned.ckpt)
+    assert pruning.state_dict()["best"]["logits"] is None and pruning.best["epoch"] == 1
     # a metric that is never logged is named, with what was
     missing = MaskPruning(prune_epochs=1, num_clusters=4, monitor="val/nope", report_splits=(), export=False)
     with pytest.raises(

@@ -157,7 +157,7 @@ class MaskPruning(Callback):
         self.started_epoch: int | None = None
         self.clusters: Tensor | None = None  # cluster of every sample of ``split``, by its index
         self.report: dict[str, Any] = {}
-        # with ``monitor``: the epoch, score and mask logits of the best mask-learning epoch so far
+        # with ``monitor``: the epoch, score and mask logits (until restored) of the best mask-learning epoch
         self.best: dict[str, Any] | None = None
         self._cluster_device: Tensor | None = None
         self._masks: dict[str, Any] = {}
@@ -414,6 +414,8 @@ class MaskPruning(Callback):
         with torch.no_grad():
             for name, mask in masks.items():
                 mask.logits.copy_(self.best["logits"][name])
+        # restored: the copy (one float per weight) would only weigh down every later checkpoint
+        self.best["logits"] = None
         self.report["best"] = {
             "monitor": self.monitor,
             "epoch": self.best["epoch"],
