@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import lightning as L
 import pytest
@@ -273,6 +274,35 @@ def test_neurons_from_a_mining_file_and_finetune_from(tmp_path):
     assert torch.equal(after["net.conv1.0.weight"], before["net.conv1.0.weight"])
     assert torch.equal(after["net.layer2.0.conv1.weight"], before["net.layer2.0.conv1.weight"])
     assert not torch.equal(after["net.layer3.0.conv1.weight"], before["net.layer3.0.conv1.weight"])
+
+
+class _AdamSteps(L.Callback):
+    """The optimizer's step count on the head's weight after the first batch of each epoch."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, int] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            state = trainer.optimizers[0].state[pl_module.net.fc.weight]
+            self.steps[trainer.current_epoch] = int(state["step"])
+
+
+def test_fresh_optimizer_clears_the_state_once_when_the_stage_starts(tmp_path):
+    def fit(fresh: bool, max_epochs: int = 2, ckpt=None) -> tuple[L.Trainer, dict[int, int]]:
+        torch.manual_seed(0)
+        steps = _AdamSteps()
+        reg = NeuronRegularization(start_epoch=1, neurons=[0], layer="net.layer3", fresh_optimizer=fresh)
+        model = ShortcutClassifier("test_resnet", optimizer=partial(torch.optim.AdamW, lr=1e-3))
+        trainer = _trainer(tmp_path, [reg, steps], max_epochs=max_epochs)
+        trainer.fit(model, datamodule=_data(), ckpt_path=ckpt)  # 4 steps an epoch
+        return trainer, steps.steps
+
+    assert fit(False)[1] == {0: 1, 1: 5}
+    trainer, steps = fit(True)
+    assert steps == {0: 1, 1: 1}
+    trainer.save_checkpoint(tmp_path / "in_stage.ckpt")
+    assert fit(True, max_epochs=3, ckpt=tmp_path / "in_stage.ckpt")[1] == {2: 5}  # not cleared again
 
 
 def test_regularization_arguments_are_checked(tmp_path):

@@ -34,7 +34,10 @@ class NeuronRegularization(Callback):
     ``mining.json`` of an earlier run, so a second run can reuse it), or the
     :class:`SpuriousPositiveMining` callback of the same trainer. The whole network is fine-tuned;
     ``finetune_from="net.layer3"`` freezes every parameter registered before that module (under DDP
-    this needs ``strategy="ddp_find_unused_parameters_true"``).
+    this needs ``strategy="ddp_find_unused_parameters_true"``). ``fresh_optimizer=True`` clears the
+    optimizers' state (e.g. Adam's moments) when the stage starts, so fine-tuning inside the ERM run
+    steps as a separate fine-tuning run from the ERM checkpoint would; a resumed run does not clear it
+    again.
 
     Logs ``train/penalty/neuron_regularization`` and ``score/selected_activation`` (the selected
     neurons' mean pooled activation) per step and epoch. The run tests the model as fine-tuned
@@ -55,6 +58,7 @@ class NeuronRegularization(Callback):
         layer: dotted name of the layer ``neurons`` index.
         mining_file: a ``mining.json`` to take layer and neurons from.
         finetune_from: freeze the parameters registered before this module.
+        fresh_optimizer: clear the optimizers' state when the stage starts.
     """
 
     penalty_name = "neuron_regularization"
@@ -69,6 +73,7 @@ class NeuronRegularization(Callback):
         layer: str | None = None,
         mining_file: str | None = None,
         finetune_from: str | None = None,
+        fresh_optimizer: bool = False,
     ) -> None:
         if norm not in NORMS:
             raise ShortcutError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
@@ -88,6 +93,8 @@ class NeuronRegularization(Callback):
         self.explicit = (layer, list(neurons) if neurons is not None else None)
         self.mining_file = mining_file
         self.finetune_from = finetune_from
+        self.fresh_optimizer = fresh_optimizer
+        self.optimizer_cleared = False
         self.layer: str | None = None
         self.neurons: list[int] | None = None
         self._capture: OutputCapture | None = None
@@ -126,6 +133,11 @@ class NeuronRegularization(Callback):
             rank_zero_info(
                 f"NeuronRegularization: froze {frozen} parameter tensors before {self.finetune_from}"
             )
+        if self.fresh_optimizer and not self.optimizer_cleared:
+            for optimizer in trainer.optimizers:
+                optimizer.state.clear()
+            self.optimizer_cleared = True
+            rank_zero_info("NeuronRegularization: cleared the optimizer state (fresh_optimizer=True)")
         rank_zero_info(
             f"NeuronRegularization: penalising neurons {self.neurons} of {self.layer} ({self.norm})"
         )
@@ -152,6 +164,12 @@ class NeuronRegularization(Callback):
         value = selected.abs().mean() if self.norm == "l1" else selected.pow(2).mean()
         pl_module.log("score/selected_activation", selected.detach().mean(), on_step=True, on_epoch=True)
         return self.strength * value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer_cleared": self.optimizer_cleared}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer_cleared = bool(state_dict.get("optimizer_cleared", False))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._capture is not None:
