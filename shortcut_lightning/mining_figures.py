@@ -12,6 +12,8 @@ from torch import Tensor
 from shortcut_lightning.data.transforms import denormalize
 from shortcut_lightning.figures import new_figure
 
+FRAME = np.array([0.86, 0.08, 0.08])  # red: the selected samples' frames and indices
+
 
 def review_sheet(
     images: Tensor,
@@ -25,27 +27,37 @@ def review_sheet(
     """One tile per sample: the image dimmed outside its relevance mask, its dataset index, selected ones framed.
 
     ``images`` [N,3,H,W] normalised, ``masks`` [N,1,H,W] bool, ``indices`` the dataset indices (what
-    ``manual_indices`` takes), ``notes`` an optional short line per tile (e.g. a score).
+    ``manual_indices`` takes), ``notes`` an optional short line per tile (e.g. a score). The tiles are
+    one mosaic image with one label per tile: a sheet of 100 renders in a fraction of the time 100
+    subplots take, which is most of what mining costs on small images.
     """
     n = len(indices)
     columns = max(1, min(columns, n))
     rows = max(1, math.ceil(n / columns))
-    figure = new_figure(1.3 * columns, 1.45 * rows + 0.5)
-    figure.suptitle(title, fontsize=9)
-    chosen = set(int(i) for i in selected)
     shown = denormalize(images.float().cpu()) * (0.25 + 0.75 * masks.float().cpu())
+    tiles = shown.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    h, w = tiles.shape[1:3]
+    gap = max(2, w // 8)  # the frame is drawn in the gap around a tile
+    band = round(h * (0.6 if notes else 0.35))  # room for the label above a tile
+    cell_h, cell_w = band + h + 2 * gap, w + 2 * gap
+    mosaic = np.ones((rows * cell_h, columns * cell_w, 3))
+    chosen = {int(i) for i in selected}
+    width = 1.3 * columns
+    height = width * mosaic.shape[0] / mosaic.shape[1] + 0.5  # 0.5 inch for the title
+    figure = new_figure(width, height)
+    figure.suptitle(title, fontsize=9)
+    ax = figure.add_axes((0.0, 0.0, 1.0, 1.0 - 0.5 / height))
     for k in range(n):
-        ax = figure.add_subplot(rows, columns, k + 1)
-        ax.imshow(shown[k].permute(1, 2, 0).numpy())
-        label = f"{int(indices[k])}" + (f"\n{notes[k]}" if notes else "")
+        top, left = (k // columns) * cell_h + band, (k % columns) * cell_w
         framed = int(indices[k]) in chosen
-        ax.set_title(label, fontsize=6, color="red" if framed else "black", pad=2)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for spine in ax.spines.values():
-            spine.set_edgecolor("red" if framed else "none")
-            spine.set_linewidth(2.5 if framed else 0)
-    figure.tight_layout(pad=0.3, rect=(0, 0, 1, 1 - 0.5 / (1.45 * rows + 0.5)))  # room for the title
+        if framed:
+            mosaic[top : top + h + 2 * gap, left : left + cell_w] = FRAME
+        mosaic[top + gap : top + gap + h, left + gap : left + gap + w] = tiles[k]
+        label = f"{int(indices[k])}" + (f"\n{notes[k]}" if notes else "")
+        ax.text(left + cell_w / 2, top - 1, label, fontsize=6, ha="center", va="bottom",
+                color=FRAME if framed else "black")  # fmt: skip
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_axis_off()
     return figure
 
 
@@ -70,5 +82,7 @@ def masked_embedding_view(panels: dict[str, dict[str, np.ndarray]], method: str 
         ax.set_xticks([])
         ax.set_yticks([])
         ax.legend(fontsize=6, loc="best")
-    figure.tight_layout()
+    figure.subplots_adjust(
+        left=0.02, right=0.98, bottom=0.02, top=0.93, wspace=0.05
+    )  # tight_layout costs ~1 s
     return figure

@@ -77,6 +77,26 @@ def test_overlap_and_confuser_similarity():
 # -- the callbacks -----------------------------------------------------------------------------------
 
 
+def test_review_sheet_frames_and_labels_exactly_the_selected_tiles():
+    from shortcut_lightning.mining_figures import FRAME, review_sheet
+
+    images, masks = torch.zeros(5, 3, 8, 8), torch.ones(5, 1, 8, 8, dtype=torch.bool)
+    figure = review_sheet(images, masks, [10, 11, 12, 13, 14], [12], "title", columns=3)
+    (ax,) = figure.axes
+    mosaic = ax.images[0].get_array()
+    red = (abs(mosaic - FRAME) < 1e-6).all(axis=-1)
+    cell_h, cell_w = mosaic.shape[0] // 2, mosaic.shape[1] // 3  # 2 rows of 3 cells
+    framed = {
+        (r, c)
+        for r in range(2)
+        for c in range(3)
+        if red[r * cell_h : (r + 1) * cell_h, c * cell_w : (c + 1) * cell_w].any()
+    }
+    assert framed == {(0, 2)}  # index 12 is the third tile
+    labels = {t.get_text(): tuple(t.get_color()) == tuple(FRAME) for t in ax.texts}
+    assert labels == {"10": False, "11": False, "12": True, "13": False, "14": False}
+
+
 def _data(**kwargs) -> SyntheticShortcuts:
     return SyntheticShortcuts(
         **{
@@ -196,6 +216,8 @@ def test_bad_mining_arguments_are_named(tmp_path):
         SpuriousPositiveMining(selection="manual")
     with pytest.raises(ShortcutError, match="selection must be one of"):
         SpuriousPositiveMining(selection="magic")
+    with pytest.raises(ShortcutError, match="every_n_epochs must be >= 1"):
+        SpuriousPositiveMining(every_n_epochs=0)
     with pytest.raises(ShortcutError, match=r"has only .* channels"):
         _trainer(
             tmp_path,
@@ -318,6 +340,47 @@ def test_regularization_arguments_are_checked(tmp_path):
         )
     with pytest.raises(ShortcutError, match="finetune_from"):
         freeze_before(ShortcutClassifier("test_resnet"), "net.layer9")
+
+
+class _PenalisedIndex(L.Callback):
+    """The channel indices NeuronRegularization penalises, after the first step of each epoch."""
+
+    def __init__(self, reg: NeuronRegularization) -> None:
+        self.reg = reg
+        self.seen: dict[int, list[int]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 0 and self.reg._index is not None:
+            self.seen[trainer.current_epoch] = self.reg._index.tolist()
+
+
+def test_mining_again_adds_the_new_rounds_neurons_to_the_penalty(tmp_path, monkeypatch):
+    import shortcut_lightning.callbacks.spurious_positive_mining as module
+
+    picks = iter([[1], [2], [2], [5], [7], [1]])  # per mining round, one pick per class
+    monkeypatch.setattr(module, "select_neurons", lambda *a: torch.tensor(next(picks)))
+    saved = []
+    monkeypatch.setattr(
+        SpuriousPositiveMining, "_save_model_before", staticmethod(lambda trainer: saved.append(1))
+    )
+    torch.manual_seed(0)
+    kwargs = {"selection": "oracle", "oracle_min_overlap": 0.0, "require_masked_prediction": False}
+    mining = _mining(start_epoch=1, every_n_epochs=1, **kwargs)
+    reg = NeuronRegularization(start_epoch=1)
+    index = _PenalisedIndex(reg)
+    _trainer(tmp_path, [mining, reg, index], max_epochs=4).fit(
+        ShortcutClassifier("test_resnet"), datamodule=_data()
+    )
+    result = json.loads((tmp_path / "mining.json").read_text())
+    assert result["rounds"] == [
+        {"epoch": 1, "neurons": [1, 2]},
+        {"epoch": 2, "neurons": [2, 5]},
+        {"epoch": 3, "neurons": [1, 7]},
+    ]
+    assert result["neurons"] == [1, 2, 5, 7] and result["epoch"] == 3
+    assert index.seen == {1: [1, 2], 2: [1, 2, 5], 3: [1, 2, 5, 7]}
+    assert len(saved) == 1  # before_mining.ckpt is the model before the stage, written once
+    assert result["parameters"]["every_n_epochs"] == 1
 
 
 def test_resume_keeps_the_mining_result(tmp_path, monkeypatch):

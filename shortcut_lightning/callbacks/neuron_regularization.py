@@ -32,7 +32,8 @@ class NeuronRegularization(Callback):
 
     The neurons come from, in this order: ``neurons`` (with ``layer``), ``mining_file`` (a
     ``mining.json`` of an earlier run, so a second run can reuse it), or the
-    :class:`SpuriousPositiveMining` callback of the same trainer. The whole network is fine-tuned;
+    :class:`SpuriousPositiveMining` callback of the same trainer (followed each epoch, so the
+    neurons of its later rounds, ``every_n_epochs``, are added). The whole network is fine-tuned;
     ``finetune_from="net.layer3"`` freezes every parameter registered before that module (under DDP
     this needs ``strategy="ddp_find_unused_parameters_true"``). ``fresh_optimizer=True`` clears the
     optimizers' state (e.g. Adam's moments) when the stage starts, so fine-tuning inside the ERM run
@@ -144,8 +145,15 @@ class NeuronRegularization(Callback):
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._capture is None and trainer.current_epoch >= self.start_epoch:
+        if trainer.current_epoch < self.start_epoch:
+            return
+        if self._capture is None:
             self._activate(trainer, pl_module)
+        elif self.explicit[1] is None and self.mining_file is None:  # the miner may have mined again
+            neurons = self._resolve(trainer)[1]
+            if neurons != self.neurons:
+                self.neurons, self._index = neurons, None
+                rank_zero_info(f"NeuronRegularization: now penalising neurons {self.neurons} of {self.layer}")
 
     def training_penalty(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, outputs: dict[str, Tensor]

@@ -64,6 +64,11 @@ class SpuriousPositiveMining(Callback):
     (pooled activation, per-channel relevance); the ``num_neurons`` best (or those above mean +
     ``z_score`` std) per class, united, are what :class:`NeuronRegularization` penalises.
 
+    ``every_n_epochs`` mines again every that many epochs after ``start_epoch``, on the model as
+    fine-tuned so far, and adds the new neurons to the ones already penalised: a shortcut that moves
+    to other neurons once the first ones are suppressed is followed. ``mining.json`` then lists each
+    round (``rounds``); ``neurons`` is their union and ``before`` the first round's table.
+
     Writes ``mining.json`` (indices, neurons and scores, every parameter), ``review_<class>.png`` per
     class (also to TensorBoard), ``masked_embeddings.png`` and ``checkpoints/before_mining.ckpt`` (resume
     from it to rerun the stage with other choices, e.g. ``manual`` picks from the review sheet); prints the group table of ``report_splits``
@@ -79,6 +84,7 @@ class SpuriousPositiveMining(Callback):
 
     Args:
         start_epoch: the epoch before which mining runs.
+        every_n_epochs: mine again every this many epochs (default: once).
         selection: ``auto``, ``oracle`` or ``manual``.
         layer: dotted name of the layer whose neurons are scored; default: the block the embedding pools (a ViT: its last block's norm1).
         head: dotted name of the head; default: found.
@@ -123,6 +129,7 @@ class SpuriousPositiveMining(Callback):
         batch_size: int = 32,
         report_splits: Sequence[str] = ("val", "test"),
         neuron_samples: str = "selected",
+        every_n_epochs: int | None = None,
     ) -> None:
         if selection not in SELECTIONS:
             raise ShortcutError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
@@ -135,6 +142,8 @@ class SpuriousPositiveMining(Callback):
                 raise ShortcutError(f"{name} must be >= 1, got {value}")
         if num_neurons is None and z_score is None:
             raise ShortcutError("give num_neurons or z_score")
+        if every_n_epochs is not None and every_n_epochs < 1:
+            raise ShortcutError(f"every_n_epochs must be >= 1 (or null: mine once), got {every_n_epochs}")
         if not 0 < top_q <= 1:
             raise ShortcutError(f"top_q must be in (0, 1], got {top_q}")
         self.start_epoch = start_epoch
@@ -159,6 +168,7 @@ class SpuriousPositiveMining(Callback):
         if neuron_samples not in ("selected", "confusers"):
             raise ShortcutError(f"neuron_samples must be 'selected' or 'confusers', got {neuron_samples!r}")
         self.neuron_samples = neuron_samples
+        self.every_n_epochs = every_n_epochs
         self.result: dict[str, Any] | None = None
 
     @property
@@ -180,7 +190,11 @@ class SpuriousPositiveMining(Callback):
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.result is None and trainer.current_epoch >= self.start_epoch:
+        epoch = trainer.current_epoch
+        if self.result is None:
+            if epoch >= self.start_epoch:
+                self.mine(trainer, pl_module)
+        elif self.every_n_epochs is not None and epoch >= self.result["epoch"] + self.every_n_epochs:
             self.mine(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
@@ -191,9 +205,15 @@ class SpuriousPositiveMining(Callback):
 
     # -- mining ---------------------------------------------------------------------------------
     def mine(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        """Runs the whole mining on the current model; returns (and keeps) the result."""
+        """Runs the whole mining on the current model; returns (and keeps) the result.
+
+        A later round (``every_n_epochs``) adds its neurons to the earlier rounds' and keeps their
+        ``before`` table and ``before_mining.ckpt``: both describe the model before the stage.
+        """
         tag = " [oracle: uses spurious annotations]" if self.uses_annotations else ""
-        self._save_model_before(trainer)
+        earlier = self.result
+        if earlier is None:
+            self._save_model_before(trainer)
         dm = require_group_datamodule(getattr(trainer, "datamodule", None), "SpuriousPositiveMining")
         head = find_head(pl_module, self.head)
         dataset = dm.dataset("train")
@@ -267,15 +287,16 @@ class SpuriousPositiveMining(Callback):
                 "nothing to regularise. Look at review_<class>.png, then try selection='manual', a larger top_m "
                 "or top_q, or require_masked_prediction=False"
             )
-        before = self._reports(pl_module, dm, head)
+        rounds = [*_rounds(earlier), {"epoch": trainer.current_epoch, "neurons": sorted(neurons)}]
         self.result = {
             "selection": self.selection,
             "uses_annotations": self.uses_annotations,
             "layer": layer_name,
-            "neurons": sorted(neurons),
+            "neurons": sorted(neurons.union(*(r["neurons"] for r in rounds))),
             "classes": per_class,
-            "before": before,
+            "before": self._reports(pl_module, dm, head) if earlier is None else earlier["before"],
             "epoch": trainer.current_epoch,
+            "rounds": rounds,
             "parameters": self._parameters(),
         }
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
@@ -395,7 +416,7 @@ class SpuriousPositiveMining(Callback):
     def _parameters(self) -> dict[str, Any]:
         keys = ("start_epoch", "selection", "layer", "top_m", "top_q", "dilation", "fill", "num_selected",
                 "manual_indices", "n_confusers", "oracle_min_overlap", "require_masked_prediction", "num_neurons",
-                "z_score", "classes", "composite", "neuron_samples")  # fmt: skip
+                "z_score", "classes", "composite", "neuron_samples", "every_n_epochs")  # fmt: skip
         return {k: getattr(self, k) for k in keys}
 
     # -- output ---------------------------------------------------------------------------------
@@ -417,17 +438,26 @@ class SpuriousPositiveMining(Callback):
                     )
                 logger.experiment.add_figure("score/masked_embeddings", view, global_step=trainer.global_step)
         tag = " [oracle: uses spurious annotations]" if result["uses_annotations"] else ""
-        print(f"\nSCORE mining{tag} at {result['layer']}: neurons {result['neurons']}", flush=True)
+        rounds = result["rounds"]
+        new = f" (round {len(rounds)}: {rounds[-1]['neurons']})" if len(rounds) > 1 else ""
+        print(f"\nSCORE mining{tag} at {result['layer']}: neurons {result['neurons']}{new}", flush=True)
         for name, entry in result["classes"].items():
             extra = ""
             if "precision_vs_oracle" in entry:
                 extra = f", precision vs oracle {entry['precision_vs_oracle']:.2f}"
             print(f"  {name}: selected {entry['selected_indices']}{extra}", flush=True)
-        for split, report in result["before"].items():
+        for split, report in result["before"].items() if len(rounds) == 1 else ():
             print(
                 f"\n{split} before SCORE fine-tuning\n" + format_group_table({"before": report}) + "\n",
                 flush=True,
             )
+
+
+def _rounds(result: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The mining rounds of a result so far (one for a result saved before rounds were recorded)."""
+    if result is None:
+        return []
+    return result.get("rounds", [{"epoch": result["epoch"], "neurons": result["neurons"]}])
 
 
 def _forward(
