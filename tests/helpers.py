@@ -111,3 +111,21 @@ class MaskDump(Callback):
             {"masks": masks, "logits": logits, "clusters": pruning.clusters},
             f"{self.path}/masks_rank{trainer.global_rank}.pt",
         )
+
+
+class NeuronDump(Callback):
+    """Saves every rank's SCORE mining rounds and penalised neurons at the end of fit (as JSON)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import json
+
+        from shortcut_lightning.callbacks import NeuronRegularization, SpuriousPositiveMining
+
+        mining = next(cb for cb in trainer.callbacks if isinstance(cb, SpuriousPositiveMining))
+        reg = next(cb for cb in trainer.callbacks if isinstance(cb, NeuronRegularization))
+        os.makedirs(self.path, exist_ok=True)
+        with open(f"{self.path}/neurons_rank{trainer.global_rank}.json", "w") as f:
+            json.dump({"rounds": mining.result["rounds"], "penalised": reg.neurons}, f)

@@ -80,6 +80,28 @@ def test_mining_ddp_selects_what_one_process_selects(tmp_path):
             assert double["classes"][name][key] == entry[key]
 
 
+def test_mining_again_under_ddp_gives_every_rank_the_same_rounds(tmp_path):
+    from shortcut_lightning.callbacks import NeuronRegularization, SpuriousPositiveMining
+
+    from helpers import NeuronDump
+
+    torch.manual_seed(0)
+    dm = SyntheticShortcuts(n_train=48, n_val=9, n_test=9, image_size=32, batch_size=8, spurious="patch")
+    mining = SpuriousPositiveMining(
+        top_m=6, num_selected=3, n_confusers=3, num_neurons=4, report_splits=(), every_n_epochs=1
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, limit_train_batches=1,
+        limit_val_batches=0, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        enable_checkpointing=False, callbacks=[NeuronDump(str(tmp_path)), mining, NeuronRegularization()],
+    )  # fmt: skip
+    trainer.fit(ShortcutClassifier("test_resnet"), datamodule=dm)
+    rank_0, rank_1 = (json.loads((tmp_path / f"neurons_rank{r}.json").read_text()) for r in (0, 1))
+    assert rank_1 == rank_0
+    assert [r["epoch"] for r in rank_0["rounds"]] == [0, 1]
+    assert rank_0["penalised"] == sorted({n for r in rank_0["rounds"] for n in r["neurons"]})
+
+
 def _prune(tmp_path, devices: int) -> list[dict]:
     from shortcut_lightning.callbacks import MaskPruning
 
