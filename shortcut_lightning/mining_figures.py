@@ -82,7 +82,6 @@ def masked_embedding_view(panels: dict[str, dict[str, np.ndarray]], method: str 
         ax.set_xticks([])
         ax.set_yticks([])
         ax.legend(fontsize=6, loc="best")
-    figure.subplots_adjust(
-        left=0.02, right=0.98, bottom=0.02, top=0.93, wspace=0.05
-    )  # tight_layout costs ~1 s
+    # fixed margins: tight_layout would cost about a second per figure
+    figure.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.93, wspace=0.05)
     return figure
