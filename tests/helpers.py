@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -120,8 +121,6 @@ class NeuronDump(Callback):
         self.path = path
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        import json
-
         from shortcut_lightning.callbacks import NeuronRegularization, SpuriousPositiveMining
 
         mining = next(cb for cb in trainer.callbacks if isinstance(cb, SpuriousPositiveMining))

@@ -224,8 +224,12 @@ class SpuriousPositiveMining(Callback):
                 f"selection='oracle' needs spurious-region masks and the train split of {type(dm).__name__} has "
                 f"none ({MASK_SOURCES}); or use selection='auto' or 'manual'"
             )
-        probe = torch.stack([dataset[i]["image"] for i in range(min(2, len(dataset)))]).to(pl_module.device)
-        layer_name = self.layer or find_feature_layer(pl_module, head, probe)
+        layer_name = self.layer or (earlier["layer"] if earlier is not None else None)
+        if layer_name is None:  # the first round finds the layer; later rounds score the same one
+            probe = torch.stack([dataset[i]["image"] for i in range(min(2, len(dataset)))]).to(
+                pl_module.device
+            )
+            layer_name = find_feature_layer(pl_module, head, probe)
         layer = find_module(pl_module, layer_name, "layer")
         train = collect_embeddings(pl_module, dm.dataloader("train"), head, desc=f"SCORE: ranking train{tag}")
         per_class: dict[str, Any] = {}
@@ -292,7 +296,7 @@ class SpuriousPositiveMining(Callback):
             "selection": self.selection,
             "uses_annotations": self.uses_annotations,
             "layer": layer_name,
-            "neurons": sorted(neurons.union(*(r["neurons"] for r in rounds))),
+            "neurons": sorted({n for r in rounds for n in r["neurons"]}),
             "classes": per_class,
             "before": self._reports(pl_module, dm, head) if earlier is None else earlier["before"],
             "epoch": trainer.current_epoch,
