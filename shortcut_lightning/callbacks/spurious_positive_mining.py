@@ -450,7 +450,9 @@ class SpuriousPositiveMining(Callback):
             if "precision_vs_oracle" in entry:
                 extra = f", precision vs oracle {entry['precision_vs_oracle']:.2f}"
             print(f"  {name}: selected {entry['selected_indices']}{extra}", flush=True)
-        for split, report in result["before"].items() if len(rounds) == 1 else ():
+        if len(rounds) > 1:
+            return  # the table before the stage was printed by the first round
+        for split, report in result["before"].items():
             print(
                 f"\n{split} before SCORE fine-tuning\n" + format_group_table({"before": report}) + "\n",
                 flush=True,
