@@ -17,7 +17,7 @@ group_balanced; the last uses group labels).
 "sscore": true (both stages) scores the model before the stage and after it with ``SpuriousScore``
 (50 training samples, alpha 0.5; needs a checkpoint with spatial maps at layer4, e.g. of
 configs/synthetic_sscore.yaml with ``"backbone_kwargs": {"output_stride": 8}``) and adds both means to
-the RESULT line.
+the RESULT line, with the mean share of the image their focus regions cover (``mean_focus_share``).
 """
 
 import json
@@ -51,15 +51,17 @@ def stage_callbacks(stage: str, cfg: dict) -> list[L.Callback]:
     ]
 
 
-def mean_sscore(model: L.LightningModule, dm: SyntheticShortcuts, out: Path) -> float:
-    """Mean s-score of ``model``'s penultimate neurons (a validate pass that runs ``SpuriousScore``)."""
+def sscore_summary(
+    model: L.LightningModule, dm: SyntheticShortcuts, out: Path, when: str
+) -> dict[str, float]:
+    """Mean s-score and focus share of ``model``'s penultimate neurons (``SpuriousScore`` in a validate pass)."""
     scorer = SpuriousScore(split="train", n_samples=50, alpha=0.5)
     trainer = L.Trainer(
-        logger=False, default_root_dir=out, enable_progress_bar=False, inference_mode=False, callbacks=[scorer],
+        logger=False, default_root_dir=Path(out, f"sscore_{when}"), enable_progress_bar=False, inference_mode=False, callbacks=[scorer],
         limit_val_batches=1,
     )  # fmt: skip
     trainer.validate(model, datamodule=dm, verbose=False)
-    return scorer.result["mean"]
+    return {f"sscore_{when}": scorer.result["mean"], f"focus_{when}": scorer.result["mean_focus_share"]}
 
 
 def main() -> None:
@@ -79,9 +81,7 @@ def main() -> None:
         sampler=cfg.get("sampler", "default"),
     )  # fmt: skip
     callbacks = stage_callbacks(stage, cfg)
-    sscores = (
-        {"sscore_before": mean_sscore(model, dm, Path(out, "sscore_before"))} if cfg.get("sscore") else {}
-    )
+    sscores = sscore_summary(model, dm, out, "before") if cfg.get("sscore") else {}
     validate = bool(cfg.get("prusc", {}).get("monitor"))
     start = time.time()
     trainer = L.Trainer(
@@ -92,7 +92,7 @@ def main() -> None:
     trainer.test(model, datamodule=dm, verbose=False)
     tested = json.loads(Path(out, "metrics.json").read_text())
     if sscores:
-        sscores["sscore_after"] = mean_sscore(model, dm, Path(out, "sscore_after"))
+        sscores.update(sscore_summary(model, dm, out, "after"))
     report = getattr(callbacks[0], "report", {})
     best = report.get("best")
     pruned = {k: round(v, 3) for k, v in report.get("densities", {}).items()}

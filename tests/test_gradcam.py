@@ -7,7 +7,13 @@ import timm
 import torch
 from captum.attr import LayerGradCam
 
-from shortcut_lightning.xai.gradcam import binarize, neuron_gradcam, spurious_overlap, spurious_scores
+from shortcut_lightning.xai.gradcam import (
+    binarize,
+    neuron_gradcam,
+    score_maps,
+    spurious_overlap,
+    spurious_scores,
+)
 
 
 def _model():
@@ -58,6 +64,18 @@ def test_overlap_counts_the_focus_inside_the_mask():
     mask[0, 0, 0] = True
     overlap = spurious_overlap(binary, mask)
     assert overlap[0, 0] == pytest.approx(0.5) and overlap[0, 1] == 0.0  # empty focus scores 0
+
+
+def test_a_uniform_map_scores_the_mask_share_and_covers_the_whole_image():
+    maps = torch.zeros(2, 2, 2, 2)
+    maps[:, 0] = 1.0  # neuron 0 looks everywhere
+    maps[:, 1, 0, 0] = 1.0  # neuron 1 looks at the top-left quarter
+    masks = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
+    masks[0, 0, :2, :2] = True  # a quarter of the image
+    masks[1, 0, :2] = True  # half of it
+    scores, shares = score_maps(maps, masks, alpha=0.5, mode="nearest")
+    assert scores.tolist() == pytest.approx([0.375, 1.0]) and shares.tolist() == pytest.approx([1.0, 0.25])
+    assert torch.equal(scores, spurious_scores(maps, masks, alpha=0.5, mode="nearest"))
 
 
 def test_binarize_scales_each_map_and_keeps_empty_maps_empty():

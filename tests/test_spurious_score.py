@@ -36,6 +36,12 @@ def test_scores_files_and_pruning(tiny_synthetic, tmp_path):
     scores = torch.tensor([float(r["s_score"]) for r in rows])
     assert len(rows) == model.head.in_features and ((scores >= 0) & (scores <= 1)).all()
     assert report["mean"] == pytest.approx(float(scores.mean()), abs=1e-5)
+    shares = torch.tensor([float(r["focus_share"]) for r in rows])
+    assert ((shares >= 0) & (shares <= 1)).all() and (shares > 0).any()
+    assert report["mean_focus_share"] == pytest.approx(float(shares.mean()), abs=1e-5)
+    masks = torch.stack([dm.dataset("train")[i]["mask"] for i in report["sample_index"]]).float()
+    assert report["uniform_map_score"] == pytest.approx(float(masks.flatten(1).mean(1).mean()), abs=1e-6)
+    assert 0 < report["uniform_map_score"] < 1
     pruned = report["pruning"]["neurons"]
     assert pruned == (scores > 0.5).nonzero().flatten().tolist() and pruned
     assert (model.head.weight[:, pruned] == 0).all()

@@ -24,7 +24,7 @@ from shortcut_lightning.figures import new_figure
 from shortcut_lightning.hooks import InputCapture, OutputCapture
 from shortcut_lightning.metrics import format_group_table
 from shortcut_lightning.model_parts import evaluating, find_head, find_module, last_transformer_block
-from shortcut_lightning.xai.gradcam import is_pooled_layer, neuron_gradcam, spurious_scores
+from shortcut_lightning.xai.gradcam import is_pooled_layer, neuron_gradcam, score_maps
 
 MASK_SOURCES = "MetadataDataModule reads them from a mask_filename column (docs/datasets.md); SyntheticShortcuts has them"
 
@@ -92,6 +92,12 @@ class SpuriousScore(ModelStage):
     the mean over all neurons, over those the head reads, and weighted by the head's absolute weights,
     which is the figure a head refit such as DFR can change; pruning report), a histogram and the mean to TensorBoard, and ``sscore_heatmaps.png``: the maps
     of a low, a mid and a high s-score neuron over a few images (seed 001, Fig. 4).
+
+    Two references come with the scores, because a map that covers the whole image scores the mask's share
+    of the image: ``uniform_map_score`` (that share, averaged over the samples: what a neuron that looks
+    everywhere scores, 0.89 for a Waterbirds-like background) and ``mean_focus_share`` (how much of the
+    image the focus regions cover; per neuron as ``focus_share`` in the CSV). A mean s-score that rises
+    together with the focus share says the maps got broader, not more spurious.
 
     ``prune_above``: zero the head weights of neurons scoring above it (seed 001, Table 4) and report
     group accuracy before and after on ``report_splits``.
@@ -183,7 +189,7 @@ class SpuriousScore(ModelStage):
                 neuron_gradcam(pl_module, images[i : i + 8], layer, head) for i in range(0, len(images), 8)
             ]
         all_maps = torch.cat([m.maps for m in maps]).cpu()
-        scores = spurious_scores(all_maps, batch["mask"], self.alpha, self.interpolation)
+        scores, shares = score_maps(all_maps, batch["mask"], self.alpha, self.interpolation)
         usage = head.weight.detach().abs().sum(0).cpu()  # how much the head reads each neuron
         used = usage > 0
         report: dict[str, Any] = {
@@ -196,6 +202,8 @@ class SpuriousScore(ModelStage):
             "mean": float(scores.mean()),
             "mean_used_neurons": float(scores[used].mean()) if used.any() else None,
             "head_weighted_mean": float((scores * usage).sum() / usage.sum()) if used.any() else None,
+            "uniform_map_score": float(batch["mask"].flatten(1).float().mean(1).mean()),
+            "mean_focus_share": float(shares.mean()),
             "n_neurons": len(scores),
             "n_used_neurons": int(used.sum()),
             "ranges": {
@@ -208,7 +216,7 @@ class SpuriousScore(ModelStage):
             report["pruning"] = self._prune(trainer, pl_module, dm, head, scores)
         self.result = report
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
-        self._write(trainer, log_dir, report, scores, head, batch, all_maps)
+        self._write(trainer, log_dir, report, scores, shares, head, batch, all_maps)
         return report
 
     def _prune(
@@ -233,6 +241,7 @@ class SpuriousScore(ModelStage):
         log_dir: Path,
         report: dict[str, Any],
         scores: Tensor,
+        shares: Tensor,
         head: nn.Linear,
         batch: dict[str, Tensor],
         maps: Tensor,
@@ -242,9 +251,9 @@ class SpuriousScore(ModelStage):
         norms = head.weight.detach().norm(dim=0).cpu()
         with (log_dir / "sscore.csv").open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["neuron", "s_score", "head_weight_norm"])
-            for i, (s, w) in enumerate(zip(scores.tolist(), norms.tolist(), strict=True)):
-                writer.writerow([i, f"{s:.6f}", f"{w:.6g}"])
+            writer.writerow(["neuron", "s_score", "focus_share", "head_weight_norm"])
+            for i, (s, f, w) in enumerate(zip(scores.tolist(), shares.tolist(), norms.tolist(), strict=True)):
+                writer.writerow([i, f"{s:.6f}", f"{f:.6f}", f"{w:.6g}"])
         figure = heatmap_grid(batch, maps, scores)
         figure.savefig(log_dir / "sscore_heatmaps.png", dpi=100)
         scalars = {"sscore/mean": report["mean"]}
@@ -259,8 +268,9 @@ class SpuriousScore(ModelStage):
                 logger.experiment.add_histogram("sscore/neurons", scores, global_step=trainer.global_step)
                 logger.experiment.add_figure("sscore/heatmaps", figure, global_step=trainer.global_step)
         print(
-            f"\ns-score over {report['n_samples']} {self.split} samples at {report['layer']}: mean {report['mean']:.3f}, "
-            f"{report['ranges']}",
+            f"\ns-score over {report['n_samples']} {self.split} samples at {report['layer']}: mean {report['mean']:.3f} "
+            f"(a map covering the whole image scores {report['uniform_map_score']:.3f}; the focus regions cover "
+            f"{report['mean_focus_share']:.3f} of the image on average), {report['ranges']}",
             flush=True,
         )
         if "pruning" in report:

@@ -115,11 +115,21 @@ def spurious_overlap(binary: Tensor, masks: Tensor) -> Tensor:
 def spurious_scores(maps: Tensor, masks: Tensor, alpha: float, mode: str = "bilinear") -> Tensor:
     """s-score of each neuron [K]: the overlap of its binarised Grad-CAM with the spurious mask, averaged over samples.
 
-    ``maps`` [N,K,h,w] from :func:`neuron_gradcam`, ``masks`` [N,1,H,W] bool. Samples are processed one
-    at a time so the upsampled maps of all neurons never sit in memory together.
+    ``maps`` [N,K,h,w] from :func:`neuron_gradcam`, ``masks`` [N,1,H,W] bool.
     """
-    rows = []
+    return score_maps(maps, masks, alpha, mode)[0]
+
+
+def score_maps(maps: Tensor, masks: Tensor, alpha: float, mode: str = "bilinear") -> tuple[Tensor, Tensor]:
+    """Per neuron [K], averaged over samples: the s-score, and the share of the image its focus region covers.
+
+    The focus share tells a neuron that looks everywhere (share 1; its s-score is then just the mask's share
+    of the image) from one that looks at a spot. Samples are processed one at a time so the upsampled maps
+    of all neurons never sit in memory together.
+    """
+    scores, shares = [], []
     for j in range(len(maps)):
         binary = binarize(maps[j : j + 1].float(), tuple(masks.shape[-2:]), alpha, mode)
-        rows.append(spurious_overlap(binary, masks[j : j + 1].to(binary.device)))
-    return torch.cat(rows).mean(dim=0)
+        scores.append(spurious_overlap(binary, masks[j : j + 1].to(binary.device)))
+        shares.append(binary.flatten(2).float().mean(-1))
+    return torch.cat(scores).mean(dim=0), torch.cat(shares).mean(dim=0)
