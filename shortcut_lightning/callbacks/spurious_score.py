@@ -97,7 +97,8 @@ class SpuriousScore(ModelStage):
     of the image: ``uniform_map_score`` (that share, averaged over the samples: what a neuron that looks
     everywhere scores, 0.89 for a Waterbirds-like background) and ``mean_focus_share`` (how much of the
     image the focus regions cover; per neuron as ``focus_share`` in the CSV). A mean s-score that rises
-    together with the focus share says the maps got broader, not more spurious.
+    together with the focus share may only say that the maps got broader (``bench/sscore_shift.py``
+    separates the two).
 
     ``prune_above``: zero the head weights of neurons scoring above it (seed 001, Table 4) and report
     group accuracy before and after on ``report_splits``.

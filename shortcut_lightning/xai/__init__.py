@@ -2,7 +2,7 @@
 
 from shortcut_lightning.xai.attention import ViTCanonizer
 from shortcut_lightning.xai.canonizers import ResidualBlockCanonizer, canonizers_for, residual_blocks
-from shortcut_lightning.xai.gradcam import NeuronMaps, neuron_gradcam, spurious_scores
+from shortcut_lightning.xai.gradcam import NeuronMaps, neuron_gradcam, score_maps, spurious_scores
 from shortcut_lightning.xai.lrp import COMPOSITES, LRPResult, make_composite, relevance
 from shortcut_lightning.xai.token_views import attention_maps, token_relevance
 
@@ -18,6 +18,7 @@ __all__ = [
     "neuron_gradcam",
     "relevance",
     "residual_blocks",
+    "score_maps",
     "spurious_scores",
     "token_relevance",
 ]
