@@ -88,7 +88,7 @@ class SpuriousScore(ModelStage):
     penultimate neuron at ``layer`` (by default the last block, whose average pool is the embedding:
     all maps from one forward pass), upsampled to the image, scaled to max 1 and binarised at
     ``alpha``; the s-score is the share of that focus region inside the spurious mask, averaged over
-    the samples. Writes ``sscore.csv`` (neuron, score, head weight norm), ``sscore.json`` (summary:
+    the samples. Writes ``sscore.csv`` (neuron, score, focus share, head weight norm), ``sscore.json`` (summary:
     the mean over all neurons, over those the head reads, and weighted by the head's absolute weights,
     which is the figure a head refit such as DFR can change; pruning report), a histogram and the mean to TensorBoard, and ``sscore_heatmaps.png``: the maps
     of a low, a mid and a high s-score neuron over a few images (seed 001, Fig. 4).
