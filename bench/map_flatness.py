@@ -31,18 +31,11 @@ def constant_share(t: Tensor) -> float:
     return float(mean.pow(2).sum() * t.shape[2] * t.shape[3] / t.pow(2).sum().clamp(min=1e-12))
 
 
-def load(ckpt: str, state: Path | None) -> nn.Module:
-    model = ShortcutClassifier("resnet18", num_classes=2, weights=ckpt, backbone_kwargs={"output_stride": 8})
-    if state is not None:  # the stage's masks are baked into ``original``; mask modules are left in mode off
-        raw = torch.load(state, map_location="cpu")
-        model.load_state_dict(
-            {
-                k.replace(".parametrizations.weight.original", ".weight"): v
-                for k, v in raw.items()
-                if not k.endswith((".logits", ".mode_id"))
-            }
-        )
-    return model.eval()
+def load(weights: str | Path) -> nn.Module:
+    """A stride-8 ResNet-18 from a ShortcutClassifier checkpoint (the loader bakes any PruSC masks in)."""
+    return ShortcutClassifier(
+        "resnet18", num_classes=2, weights=str(weights), backbone_kwargs={"output_stride": 8}
+    ).eval()
 
 
 def describe(model: nn.Module, images: Tensor) -> str:
@@ -66,14 +59,14 @@ def main() -> None:
     if len(sys.argv) != 5:
         raise SystemExit(__doc__)
     ckpt, out, variant, seed = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-    if not (out / "model.pt").is_file():
-        raise SystemExit(f'{out / "model.pt"} is missing: run the stage with "save": true')
+    if not (out / "model.ckpt").is_file():
+        raise SystemExit(f'{out / "model.ckpt"} is missing: run the stage with "save": true')
     index = json.loads((out / "sscore_before" / "sscore.json").read_text())["sample_index"]
     dm = SyntheticShortcuts(spurious=variant, image_size=32, seed=seed, data_seed=seed)
     dm.setup("fit")
     images = torch.stack([dm.dataset("train")[i]["image"] for i in index])
-    print("ERM:", describe(load(ckpt, None), images))
-    print("after the stage:", describe(load(ckpt, out / "model.pt"), images))
+    print("ERM:", describe(load(ckpt), images))
+    print("after the stage:", describe(load(out / "model.ckpt"), images))
 
 
 if __name__ == "__main__":

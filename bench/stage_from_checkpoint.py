@@ -18,8 +18,8 @@ group_balanced; the last uses group labels).
 (50 training samples, alpha 0.5; needs a checkpoint with spatial maps at layer4, e.g. of
 configs/synthetic_sscore.yaml with ``"backbone_kwargs": {"output_stride": 8}``) and adds both means to
 the RESULT line, with the mean share of the image their focus regions cover (``mean_focus_share``).
-"save": true writes the model after the stage to OUT_DIR/model.pt (a state dict), e.g. for
-bench/map_flatness.py.
+"save": true writes the model after the stage to OUT_DIR/model.ckpt (its ``state_dict``, which
+``model.weights`` reads, masks included), e.g. for bench/map_flatness.py.
 """
 
 import json
@@ -94,7 +94,7 @@ def main() -> None:
     trainer.test(model, datamodule=dm, verbose=False)
     tested = json.loads(Path(out, "metrics.json").read_text())
     if cfg.get("save"):
-        torch.save(model.state_dict(), Path(out, "model.pt"))
+        torch.save({"state_dict": model.state_dict()}, Path(out, "model.ckpt"))
     if sscores:
         sscores.update(sscore_summary(model, dm, out, "after"))
     report = getattr(callbacks[0], "report", {})
