@@ -5,7 +5,7 @@
 The checkpoint is loaded as ``model.weights``; the stage starts at epoch 0, the model is tested after
 the fit and a RESULT line is printed. JSON keys, both stages: "epochs" (default 3), "lr" (AdamW of the
 module, default 1e-3), "seed" (data seed, default 0), "backbone_kwargs" (e.g. {"output_stride": 8} for
-checkpoints of configs/synthetic_sscore.yaml), "sampler" (the training sampler: default, class_balanced or
+checkpoints of configs/synthetic_sscore.yaml), "image_size" (default 32; the checkpoint's), "sampler" (the training sampler: default, class_balanced or
 group_balanced; the last uses group labels).
 
 - score: "mining" (SpuriousPositiveMining arguments), "reg" (NeuronRegularization arguments),
@@ -79,7 +79,7 @@ def main() -> None:
     )
     seed = cfg.get("seed", 0)
     dm = SyntheticShortcuts(
-        spurious=spurious, image_size=32, batch_size=64, seed=seed, data_seed=seed,
+        spurious=spurious, image_size=cfg.get("image_size", 32), batch_size=64, seed=seed, data_seed=seed,
         sampler=cfg.get("sampler", "default"),
     )  # fmt: skip
     callbacks = stage_callbacks(stage, cfg)

@@ -200,26 +200,36 @@ def set_density(masks: dict[str, GumbelSigmoidMask], density: float) -> None:
             offset += n
 
 
-def densities(model: nn.Module) -> dict[str, float]:
+def densities(model: nn.Module, reachable: dict[str, Tensor] | None = None) -> dict[str, float]:
     """Kept share of the weights per masked layer, plus ``Prune_f`` and ``Prune_h`` (pruned shares).
 
     ``Prune_f`` counts every conv and linear weight of the model (unmasked layers as kept); ``Prune_h``
-    is the pruned share of the last linear layer (the head).
+    is the pruned share of the last linear layer (the head). With ``reachable`` (from
+    :func:`~shortcut_lightning.conv_reach.reachable_weights`), ``Prune_f_reachable`` is the pruned share
+    of the weights that can read an image pixel at that input size: the others multiply only padding.
     """
     out: dict[str, float] = {}
     total = kept = 0
+    total_reach = kept_reach = 0
     head_name = None
     for name, module in maskable_modules(model).items():
         weight = original_weight(module)
         mask = find_mask(module)
         n = weight.numel()
-        k = n if mask is None else int(mask.hard().sum())
+        hard = None if mask is None else mask.hard()
+        k = n if hard is None else int(hard.sum())
         if mask is not None:
             out[name] = k / n
         total += n
         kept += k
+        if reachable is not None:
+            reach = reachable.get(name, torch.ones((), dtype=torch.bool)).to(weight.device).expand_as(weight)
+            total_reach += int(reach.sum())
+            kept_reach += int(reach.sum() if hard is None else (reach & hard.bool()).sum())
         if isinstance(module, nn.Linear):
             head_name, head_kept, head_n = name, k, n
     out["Prune_f"] = 1 - kept / max(total, 1)
     out["Prune_h"] = 1 - head_kept / head_n if head_name is not None else 0.0
+    if reachable is not None:
+        out["Prune_f_reachable"] = 1 - kept_reach / max(total_reach, 1)
     return out

@@ -172,7 +172,7 @@ def test_mask_learning_keeps_weights_frozen_and_writes_a_plain_pruned_model(tmp_
         assert torch.equal(mask.hard(), saved["masks"][name])
         assert not torch.equal(saved["logits"][name], torch.full_like(saved["logits"][name], 0.5))
     report = json.loads((tmp_path / "prusc.json").read_text())
-    assert 0 < report["densities"]["Prune_f"] < 1
+    assert 0 < report["densities"]["Prune_f"] < 1 and 0 <= report["densities"]["Prune_f_reachable"] <= 1
     assert sum(c["n"] for c in report["clusters"]) == 96
     assert set(report["after"]) == {"val"} and not report["uses_annotations"]
 

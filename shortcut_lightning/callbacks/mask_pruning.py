@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
+from shortcut_lightning.conv_reach import reachable_weights
 from shortcut_lightning.data.base import require_group_datamodule
 from shortcut_lightning.data.samplers import BalancedSampler
 from shortcut_lightning.embedding_pass import collect_embeddings, embed_splits, group_reports
@@ -42,7 +43,9 @@ class MaskPruning(Callback):
     the model that is tested and saved (``checkpoints/pruned.ckpt``) is a plain network.
 
     Logs ``prune/density/<layer>``, ``prune/Prune_f`` (pruned share of all conv and linear weights),
-    ``prune/Prune_h`` (of the head), ``train/prusc/supcon`` and ``train/prusc/sparsity``. Writes
+    ``prune/Prune_h`` (of the head), ``prune/Prune_f_reachable`` (of the weights that can read an image
+    pixel at the training image size; on small images many convolution taps read only padding),
+    ``train/prusc/supcon`` and ``train/prusc/sparsity``. Writes
     ``prusc.json`` (clusters, densities, group tables before and after). The masks live in the model's
     state and the phase in this callback's, so a killed run resumes mask learning where it stopped.
 
@@ -163,6 +166,7 @@ class MaskPruning(Callback):
         self._masks: dict[str, Any] = {}
         self._optimizer: torch.optim.Optimizer | None = None
         self._optimizer_state: dict[str, Any] | None = None
+        self._reachable: dict[str, Tensor] | None = None
 
     @property
     def uses_annotations(self) -> bool:
@@ -221,7 +225,7 @@ class MaskPruning(Callback):
             self._enter(trainer, pl_module, "learning")
         elif self.phase == "learning" and epoch >= (self.started_epoch or 0) + self.prune_epochs:
             self._enter(trainer, pl_module, "fixed")
-            self._log_densities(pl_module)
+            self._log_densities(trainer, pl_module)
         if self.phase != "waiting" and self.cluster_balanced:
             self._balance_clusters(trainer)
         self._hold_bn(pl_module)
@@ -248,7 +252,7 @@ class MaskPruning(Callback):
             self._restore_best(masks)
             if self.target_density is not None:
                 set_density(masks, self.target_density)
-            rank_zero_info(f"PruSC: masks fixed, {_summary(densities(pl_module))}")
+            rank_zero_info(f"PruSC: masks fixed, {_summary(self._densities(trainer, pl_module))}")
         freeze_weights = phase == "learning" or self.finetune_epochs == 0
         logits = {id(m.logits) for m in masks.values()}
         for param in pl_module.parameters():
@@ -372,13 +376,20 @@ class MaskPruning(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.phase == "waiting":
             return
-        self._log_densities(pl_module)
+        self._log_densities(trainer, pl_module)
         last = (self.started_epoch or 0) + self.prune_epochs + self.finetune_epochs - 1
         if trainer.current_epoch >= last:  # the stage is complete: nothing is left to train
             trainer.should_stop = True
 
-    def _log_densities(self, pl_module: L.LightningModule) -> None:
-        for name, value in densities(pl_module).items():
+    def _densities(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """``densities`` with ``Prune_f_reachable`` at the size of the split's images (found once)."""
+        if self._reachable is None:
+            image = trainer.datamodule.dataset(self.split)[0]["image"]
+            self._reachable = reachable_weights(pl_module, image[None].to(pl_module.device))
+        return densities(pl_module, self._reachable)
+
+    def _log_densities(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for name, value in self._densities(trainer, pl_module).items():
             key = name if name.startswith("Prune_") else f"density/{name}"
             pl_module.log(f"prune/{key}", value, on_epoch=True, rank_zero_only=True)
 
@@ -433,7 +444,7 @@ class MaskPruning(Callback):
         if self.phase == "learning":
             self._enter(trainer, pl_module, "fixed")
         dm = trainer.datamodule
-        self.report["densities"] = densities(pl_module)
+        self.report["densities"] = self._densities(trainer, pl_module)
         self.report["after"] = self._reports(pl_module, dm, find_head(pl_module), "after")
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
         if self.export:
@@ -481,7 +492,10 @@ class MaskPruning(Callback):
 
 
 def _summary(found: dict[str, float]) -> str:
-    return f"Prune_f {found['Prune_f']:.3f}, Prune_h {found['Prune_h']:.3f}"
+    text = f"Prune_f {found['Prune_f']:.3f}, Prune_h {found['Prune_h']:.3f}"
+    if "Prune_f_reachable" in found:
+        text += f", Prune_f of the weights that reach an image pixel {found['Prune_f_reachable']:.3f}"
+    return text
 
 
 def _cluster_table(labels: Tensor, target: Tensor, group: Tensor, dm: Any) -> list[dict[str, Any]]:
