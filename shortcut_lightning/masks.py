@@ -181,13 +181,27 @@ def bake_masks(model: nn.Module) -> int:
     return baked
 
 
-def set_density(masks: dict[str, GumbelSigmoidMask], density: float) -> None:
-    """Shifts the logits so that exactly a share ``density`` of the masked weights is kept (ties by position)."""
+def set_density(
+    masks: dict[str, GumbelSigmoidMask], density: float, reachable: dict[str, Tensor] | None = None
+) -> None:
+    """Shifts the logits so that exactly a share ``density`` of the masked weights is kept (ties by position).
+
+    With ``reachable`` (from :func:`~shortcut_lightning.conv_reach.reachable_weights`) the share is of
+    the masked weights that can read an image pixel, and the others, which multiply only padding, are
+    pruned: a density then means the same at every image size.
+    """
     if not 0 < density < 1:
         raise ShortcutError(f"target_density must be between 0 and 1 (exclusive), got {density}")
     flat = torch.cat([m.logits.detach().flatten().float().cpu() for m in masks.values()])
-    k = max(1, round(density * len(flat)))
-    order = flat.argsort(descending=True, stable=True)
+    if reachable is None:
+        live = torch.ones(len(flat), dtype=torch.bool)
+    else:
+        one = torch.ones((), dtype=torch.bool)
+        live = torch.cat(
+            [reachable.get(n, one).cpu().expand_as(m.logits).flatten() for n, m in masks.items()]
+        )
+    k = max(1, round(density * int(live.sum())))
+    order = torch.where(live, flat, -torch.inf).argsort(descending=True, stable=True)
     keep = torch.zeros(len(flat), dtype=torch.bool)
     keep[order[:k]] = True
     shifted = flat - flat[order[k - 1]]

@@ -8,7 +8,7 @@ from torch import nn
 
 from shortcut_lightning import ShortcutClassifier
 from shortcut_lightning.conv_reach import reachable_taps, reachable_weights
-from shortcut_lightning.masks import attach_masks, densities
+from shortcut_lightning.masks import attach_masks, densities, set_density
 
 
 def _taps_with_gradient(conv: nn.Module, size: tuple[int, ...]) -> torch.Tensor:
@@ -74,3 +74,18 @@ def test_prune_f_reachable_leaves_out_the_weights_that_read_only_padding():
     assert found["Prune_f"] == pytest.approx(16 / (18 + 64))  # 16 of the conv's 18 weights, of 82
     assert found["Prune_f_reachable"] == 0
     assert "Prune_f_reachable" not in densities(model)
+
+
+def test_target_density_counts_the_reachable_weights_and_prunes_the_rest():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=4, dilation=4), nn.Flatten(), nn.Linear(4 * 16, 2))
+    masks = attach_masks(model)
+    for mask in masks.values():
+        torch.nn.init.normal_(mask.logits)
+    reach = reachable_weights(model, torch.rand(1, 2, 4, 4))
+    set_density(masks, 0.25, reach)
+    conv_live = reach["0"].expand_as(masks["0"].logits)
+    kept_live = int(masks["0"].hard()[conv_live].sum()) + int(masks["2"].hard().sum())
+    assert kept_live == round(0.25 * (int(conv_live.sum()) + masks["2"].logits.numel()))
+    assert masks["0"].hard()[~conv_live].sum() == 0  # the taps that read only padding are pruned
+    assert densities(model, reach)["Prune_f_reachable"] == pytest.approx(0.75, abs=1e-2)

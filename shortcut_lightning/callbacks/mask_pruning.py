@@ -71,7 +71,8 @@ class MaskPruning(Callback):
         gumbel_temperature: temperature of the Gumbel-sigmoid.
         init_logit: initial mask logit (3: kept with probability 0.95).
         mask_lr: Adam learning rate of the mask logits.
-        target_density: fix the masks at this kept share of the masked weights (in (0, 1)).
+        target_density: fix the masks at this kept share (in (0, 1)) of the masked weights that can read
+            an image pixel at the training image size; those that read only padding are pruned.
         monitor: a validation metric (e.g. ``val/worst_class``, class labels only); the masks of the
             mask-learning epoch where it was best are the ones fixed, instead of the last epoch's.
         mode: ``max`` or ``min``: which ``monitor`` value is best.
@@ -251,7 +252,7 @@ class MaskPruning(Callback):
         if phase == "fixed" and not resumed:
             self._restore_best(masks)
             if self.target_density is not None:
-                set_density(masks, self.target_density)
+                set_density(masks, self.target_density, self._reachable_weights(trainer, pl_module))
             rank_zero_info(f"PruSC: masks fixed, {_summary(self._densities(trainer, pl_module))}")
         freeze_weights = phase == "learning" or self.finetune_epochs == 0
         logits = {id(m.logits) for m in masks.values()}
@@ -381,12 +382,15 @@ class MaskPruning(Callback):
         if trainer.current_epoch >= last:  # the stage is complete: nothing is left to train
             trainer.should_stop = True
 
-    def _densities(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        """``densities`` with ``Prune_f_reachable`` at the size of the split's images (found once)."""
+    def _reachable_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Tensor]:
+        """The conv taps that can read a pixel of the split's images (found once, from one image)."""
         if self._reachable is None:
             image = trainer.datamodule.dataset(self.split)[0]["image"]
             self._reachable = reachable_weights(pl_module, image[None].to(pl_module.device))
-        return densities(pl_module, self._reachable)
+        return self._reachable
+
+    def _densities(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        return densities(pl_module, self._reachable_weights(trainer, pl_module))
 
     def _log_densities(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for name, value in self._densities(trainer, pl_module).items():
