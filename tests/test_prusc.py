@@ -12,6 +12,7 @@ import torch
 
 from shortcut_lightning import ShortcutClassifier
 from shortcut_lightning.callbacks import MaskPruning
+from shortcut_lightning.conv_reach import reachable_weights
 from shortcut_lightning.errors import ModelError, ShortcutError
 from shortcut_lightning.kmeans import cosine_kmeans
 from shortcut_lightning.masks import (
@@ -185,10 +186,18 @@ def test_finetune_changes_surviving_weights_and_export_loads_as_weights(tmp_path
     )
     trainer = _trainer(tmp_path, [pruning], max_epochs=2)
     trainer.fit(model, datamodule=tiny_synthetic())
-    assert not model_masks(model)  # exported: a plain network, half of the masked weights zero
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
-    zero = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
-    assert zero == pytest.approx(0.5, abs=0.01)
+    # exported: a plain network; half of the weights that can read a pixel are zero, and all the others
+    assert not model_masks(model)
+    reach = reachable_weights(model, torch.zeros(1, 3, 32, 32))
+    live = zero = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
+            w = module.weight
+            can_act = reach.get(name, torch.ones((), dtype=torch.bool)).expand_as(w)
+            live += int(can_act.sum())
+            zero += int((w[can_act] == 0).sum())
+            assert (w[~can_act] == 0).all(), name
+    assert zero / live == pytest.approx(0.5, abs=0.01)
     pruned = tmp_path / "checkpoints" / "pruned.ckpt"
     reloaded = ShortcutClassifier("test_resnet", weights=str(pruned))
     x = torch.randn(2, 3, 32, 32)
