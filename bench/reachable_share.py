@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from shortcut_lightning import ShortcutClassifier
-from shortcut_lightning.conv_reach import reachable_weights
+from shortcut_lightning.conv_reach import reachable_of, reachable_weights
 from shortcut_lightning.masks import maskable_modules
 
 
@@ -33,7 +33,7 @@ def shares(model: nn.Module, size: int) -> dict[str, tuple[int, int, int, int]]:
     found: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     for name, module in maskable_modules(model).items():
         weight = module.weight.detach()
-        live = reach.get(name, torch.ones((), dtype=torch.bool)).expand_as(weight)
+        live = reachable_of(reach, name, weight)
         zero = weight == 0
         row = found[stage_of(name)]
         row[0] += weight.numel()

@@ -44,9 +44,7 @@ def reachable_taps(conv: nn.Module, input_size: Sequence[int]) -> Tensor:
             pad = dilation * (k - 1) // 2
         else:
             pad = conv.padding[axis]
-        n_out = (size + 2 * pad - dilation * (k - 1) - 1) // stride + 1
-        if conv.padding == "same":
-            n_out = size
+        n_out = size if conv.padding == "same" else (size + 2 * pad - dilation * (k - 1) - 1) // stride + 1
         reads = torch.arange(max(n_out, 0))[:, None] * stride - pad + torch.arange(k)[None, :] * dilation
         axes.append(((reads >= 0) & (reads < size)).any(dim=0))
     grid = axes[0]
@@ -84,3 +82,8 @@ def reachable_weights(model: nn.Module, example: Tensor) -> dict[str, Tensor]:
             hook.remove()
     modules = dict(model.named_modules())
     return {name: reachable_taps(modules[name], size)[None, None] for name, size in sizes.items()}
+
+
+def reachable_of(reachable: dict[str, Tensor], name: str, weight: Tensor) -> Tensor:
+    """The reachable weights of module ``name`` as a boolean shaped like ``weight`` (all of an unlisted one)."""
+    return reachable.get(name, torch.ones((), dtype=torch.bool)).to(weight.device).expand_as(weight)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from shortcut_lightning.conv_reach import reachable_of
 from shortcut_lightning.errors import ModelError, ShortcutError
 
 MODES = ("off", "learn", "fixed")
@@ -196,10 +197,7 @@ def set_density(
     if reachable is None:
         live = torch.ones(len(flat), dtype=torch.bool)
     else:
-        one = torch.ones((), dtype=torch.bool)
-        live = torch.cat(
-            [reachable.get(n, one).cpu().expand_as(m.logits).flatten() for n, m in masks.items()]
-        )
+        live = torch.cat([reachable_of(reachable, n, m.logits).cpu().flatten() for n, m in masks.items()])
     k = max(1, round(density * int(live.sum())))
     order = torch.where(live, flat, -torch.inf).argsort(descending=True, stable=True)
     keep = torch.zeros(len(flat), dtype=torch.bool)
@@ -237,7 +235,7 @@ def densities(model: nn.Module, reachable: dict[str, Tensor] | None = None) -> d
         total += n
         kept += k
         if reachable is not None:
-            reach = reachable.get(name, torch.ones((), dtype=torch.bool)).to(weight.device).expand_as(weight)
+            reach = reachable_of(reachable, name, weight)
             total_reach += int(reach.sum())
             kept_reach += int(reach.sum() if hard is None else (reach & hard.bool()).sum())
         if isinstance(module, nn.Linear):

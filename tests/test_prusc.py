@@ -12,7 +12,7 @@ import torch
 
 from shortcut_lightning import ShortcutClassifier
 from shortcut_lightning.callbacks import MaskPruning
-from shortcut_lightning.conv_reach import reachable_weights
+from shortcut_lightning.conv_reach import reachable_of, reachable_weights
 from shortcut_lightning.errors import ModelError, ShortcutError
 from shortcut_lightning.kmeans import cosine_kmeans
 from shortcut_lightning.masks import (
@@ -193,7 +193,7 @@ def test_finetune_changes_surviving_weights_and_export_loads_as_weights(tmp_path
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
             w = module.weight
-            can_act = reach.get(name, torch.ones((), dtype=torch.bool)).expand_as(w)
+            can_act = reachable_of(reach, name, w)
             live += int(can_act.sum())
             zero += int((w[can_act] == 0).sum())
             assert (w[~can_act] == 0).all(), name
