@@ -128,3 +128,13 @@ class NeuronDump(Callback):
         os.makedirs(self.path, exist_ok=True)
         with open(f"{self.path}/neurons_rank{trainer.global_rank}.json", "w") as f:
             json.dump({"rounds": mining.result["rounds"], "penalised": reg.neurons}, f)
+
+
+class BatchIndices(Callback):
+    """Records the sample indices of every training batch, by epoch."""
+
+    def __init__(self) -> None:
+        self.drawn: dict[int, list[int]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.drawn.setdefault(trainer.current_epoch, []).extend(batch["index"].tolist())

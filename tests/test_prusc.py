@@ -25,7 +25,7 @@ from shortcut_lightning.masks import (
 )
 from shortcut_lightning.supcon import cluster_supcon
 
-from helpers import MaskDump
+from helpers import BatchIndices, MaskDump
 
 
 def _naive_supcon(z, y, c, t):
@@ -244,6 +244,41 @@ def test_resume_continues_mask_learning(tmp_path, tiny_synthetic):
         "phase": "fixed",
         "steps": 3 * 6,
     }  # Adam went on from the saved step: 3 epochs of 6 batches
+
+
+def test_cluster_balance_holds_from_the_first_epoch_and_after_resume_with_worker_processes(
+    tmp_path, tiny_synthetic
+):
+    """A loader with workers draws an epoch's order when it starts: before on_train_epoch_start for the
+    first epoch of a fit, so the stage must hand its weights to the datamodule before the loader exists."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def stage():
+        return MaskPruning(prune_epochs=3, num_clusters=4, report_splits=(), export=False)
+
+    torch.manual_seed(0)
+    first, pruning = BatchIndices(), stage()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    trainer = _trainer(tmp_path, [first, pruning, ckpt], max_epochs=1)
+    trainer.fit(ShortcutClassifier("test_resnet"), datamodule=tiny_synthetic(num_workers=2))
+    sampler = trainer.train_dataloader.sampler
+    per_cluster = torch.zeros(4, dtype=torch.float64).index_add_(0, pruning.clusters, sampler.weights)
+    torch.testing.assert_close(per_cluster, torch.ones(4, dtype=torch.float64))
+
+    def order(epoch):
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert first.drawn[0] == order(0)
+    assert len(set(first.drawn[0])) < 96  # drawn with replacement, not one pass over the split
+    again = BatchIndices()
+    resumed = _trainer(tmp_path, [again, stage()], max_epochs=2)
+    resumed.fit(
+        ShortcutClassifier("test_resnet"),
+        datamodule=tiny_synthetic(num_workers=2),
+        ckpt_path=tmp_path / "ck" / "last.ckpt",
+    )
+    assert list(again.drawn) == [1] and again.drawn[1] == order(1)
 
 
 class _ScriptedMetric(L.Callback):

@@ -216,14 +216,18 @@ class MaskPruning(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.phase != "waiting":  # resumed: frozen weights, mask modes and the mask optimizer come back
             self._enter(trainer, pl_module, self.phase, resumed=True)
+        elif trainer.current_epoch >= self.start_epoch:
+            # before the training loader exists: with worker processes it draws its first epoch's order
+            # when it starts, which is before on_train_epoch_start
+            self._start(trainer, pl_module)
+        if self.phase != "waiting" and self.cluster_balanced:
+            trainer.datamodule.train_weights = self._cluster_weights(trainer.datamodule)
 
     # -- phases ---------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
         if self.phase == "waiting" and epoch >= self.start_epoch:
-            self._cluster(trainer, pl_module)
-            self.started_epoch = epoch
-            self._enter(trainer, pl_module, "learning")
+            self._start(trainer, pl_module)
         elif self.phase == "learning" and epoch >= (self.started_epoch or 0) + self.prune_epochs:
             self._enter(trainer, pl_module, "fixed")
             self._log_densities(trainer, pl_module)
@@ -231,19 +235,30 @@ class MaskPruning(Callback):
             self._balance_clusters(trainer)
         self._hold_bn(pl_module)
 
+    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._cluster(trainer, pl_module)
+        self.started_epoch = trainer.current_epoch
+        self._enter(trainer, pl_module, "learning")
+
+    def _cluster_weights(self, dm: Any) -> Tensor:
+        """Per-sample weights ``1 / size of its cluster`` over the split, the sizes counted where the sampler draws."""
+        positions = dm.train_positions()
+        drawn = self.clusters if positions is None else self.clusters[positions]
+        counts = torch.bincount(drawn.clamp(min=0), minlength=self.num_clusters).double()
+        labels = self.clusters.clamp(min=0)
+        return torch.where(self.clusters >= 0, 1.0 / counts[labels].clamp(min=1), 0.0)
+
     def _balance_clusters(self, trainer: L.Trainer) -> None:
-        """Per-sample weights ``1 / size of its cluster`` on the training sampler (this epoch's draw on)."""
-        loader = trainer.train_dataloader
-        sampler = getattr(loader, "sampler", None)
+        """Cluster-balanced draws on the training sampler (this epoch's order on)."""
+        sampler = getattr(trainer.train_dataloader, "sampler", None)
         if not isinstance(sampler, BalancedSampler):
             raise ShortcutError(
                 "MaskPruning(cluster_balanced=True) needs the training loader of a shortcut_lightning datamodule "
                 f"(its sampler is {type(sampler).__name__}); or set cluster_balanced: false"
             )
-        positions = torch.arange(len(self.clusters)) if sampler.positions is None else sampler.positions
-        labels = self.clusters[positions]
-        counts = torch.bincount(labels.clamp(min=0), minlength=self.num_clusters).double()
-        sampler.weights = torch.where(labels >= 0, 1.0 / counts[labels.clamp(min=0)].clamp(min=1), 0.0)
+        weights = self._cluster_weights(trainer.datamodule)
+        trainer.datamodule.train_weights = weights
+        sampler.reweight(weights)
 
     def _enter(
         self, trainer: L.Trainer, pl_module: L.LightningModule, phase: str, resumed: bool = False

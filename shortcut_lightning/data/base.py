@@ -69,9 +69,11 @@ class GroupDataModule(L.LightningDataModule):
         self.seed = seed
         self._datasets: dict[tuple[str, bool], GroupDataset] = {}
         self._checked = False
-        # what the trainer trains on; a stage may change these in its ``setup`` hook (e.g. MaskPruning)
+        # what the trainer trains on; a stage may change these before the training loader is built (MaskPruning:
+        # split and groups in its ``setup`` hook, cluster-balance weights in ``on_fit_start``)
         self.train_split = "train"
         self.train_groups: list[int] | None = None
+        self.train_weights: torch.Tensor | None = None  # per-sample draw weights over train_split
 
     # -- what a subclass provides ---------------------------------------------------------------
     @property
@@ -146,18 +148,30 @@ class GroupDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
+    def train_positions(self) -> torch.Tensor | None:
+        """The positions of :attr:`train_split` the training sampler draws from: those of :attr:`train_groups`, or all (``None``)."""
+        if self.train_groups is None:
+            return None
+        groups = self.dataset(self.train_split, augment=True).groups
+        subset = torch.isin(groups, torch.tensor(self.train_groups)).nonzero().flatten()
+        if len(subset) == 0:
+            raise DataError(
+                f"train_groups {self.train_groups} have no samples in the {self.train_split} split "
+                f"(groups: {', '.join(f'{i}={n}' for i, n in enumerate(self.group_names))})"
+            )
+        return subset
+
     def train_dataloader(self) -> DataLoader:
-        """Batches of :attr:`train_split` (``train`` unless a stage chose another), of :attr:`train_groups` only if set."""
+        """Batches of :attr:`train_split` (``train`` unless a stage chose another), of :attr:`train_groups` only if
+        set, drawn by :attr:`train_weights` if a stage set them."""
         ds = self.dataset(self.train_split, augment=True)
-        subset = None
-        if self.train_groups is not None:
-            subset = torch.isin(ds.groups, torch.tensor(self.train_groups)).nonzero().flatten()
-            if len(subset) == 0:
-                raise DataError(
-                    f"train_groups {self.train_groups} have no samples in the {self.train_split} split "
-                    f"(groups: {', '.join(f'{i}={n}' for i, n in enumerate(self.group_names))})"
-                )
-        sampler = BalancedSampler(ds.targets, ds.groups, self.sampler, self.seed, subset)
+        sampler = BalancedSampler(
+            ds.targets, ds.groups, self.sampler, self.seed, self.train_positions(), self.train_weights
+        )
+        if self.trainer is not None:
+            # Lightning sets the epoch (its count of processed epochs) after it starts the loader's iterator,
+            # which with worker processes draws the order: a resumed run would replay epoch 0's order
+            sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
         return self.dataloader(self.train_split, augment=True, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:

@@ -33,6 +33,8 @@ class BalancedSampler(DistributedSampler):
         mode: ``default`` | ``class_balanced`` | ``group_balanced``.
         seed: base seed; the permutation of epoch ``e`` depends on ``(seed, e)`` only.
         subset: draw only these sample positions (default: all).
+        weights: per-sample draw weights over the whole split, in place of ``mode``'s (a stage's, e.g.
+            MaskPruning's cluster balance); see :meth:`reweight`.
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class BalancedSampler(DistributedSampler):
         mode: str = "default",
         seed: int = 0,
         subset: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
     ) -> None:
         if mode not in SAMPLERS:
             raise DataError(f"sampler {mode!r} is unknown: choose one of {', '.join(SAMPLERS)}")
@@ -56,6 +59,18 @@ class BalancedSampler(DistributedSampler):
         if labels is not None:
             counts = torch.bincount(labels).double()
             self.weights = 1.0 / counts[labels]
+        if weights is not None:
+            self.reweight(weights)
+
+    def reweight(self, weights: torch.Tensor) -> None:
+        """Draws with replacement by these per-sample weights over the whole split, from the next epoch's order on.
+
+        With worker processes, a DataLoader draws an epoch's order when its iterator starts, which for the
+        first epoch of a fit is before ``on_train_epoch_start``: a stage that balances from that epoch
+        passes the weights to the datamodule (``train_weights``) before the loader is built.
+        """
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.weights = weights if self.positions is None else weights[self.positions]
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator()
