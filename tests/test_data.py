@@ -88,6 +88,34 @@ def test_balanced_samplers_balance_and_are_epoch_deterministic():
     assert sorted(d) == list(range(100))
 
 
+def test_a_resumed_fit_with_loader_workers_draws_the_batches_of_an_uninterrupted_one(
+    tmp_path, tiny_synthetic
+):
+    """With worker processes the loader draws an epoch's order before Lightning sets the sampler's epoch."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from shortcut_lightning import ShortcutClassifier
+
+    from helpers import BatchIndices
+
+    def fit(max_epochs, callbacks, ckpt_path=None):
+        trainer = L.Trainer(
+            accelerator="cpu", max_epochs=max_epochs, default_root_dir=tmp_path, logger=False,
+            enable_progress_bar=False, limit_val_batches=0, callbacks=callbacks,
+        )  # fmt: skip
+        dm = tiny_synthetic(num_workers=2, sampler="class_balanced")
+        trainer.fit(ShortcutClassifier("test_resnet"), datamodule=dm, ckpt_path=ckpt_path)
+
+    whole = BatchIndices()
+    fit(2, [whole])
+    fit(1, [ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)])
+    resumed = BatchIndices()
+    fit(2, [resumed], ckpt_path=tmp_path / "ck" / "last.ckpt")
+    assert whole.drawn[0] != whole.drawn[1]
+    assert list(resumed.drawn) == [1] and resumed.drawn[1] == whole.drawn[1]
+
+
 def test_eval_shards_cover_each_sample_once(monkeypatch):
     import shortcut_lightning.data.samplers as samplers
 
