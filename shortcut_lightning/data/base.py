@@ -171,6 +171,7 @@ class GroupDataModule(L.LightningDataModule):
         if self.trainer is not None:
             # Lightning sets the epoch (its count of processed epochs) after it starts the loader's iterator,
             # which with worker processes draws the order: a resumed run would replay epoch 0's order
+            # (Lightning issue #21938)
             sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
         return self.dataloader(self.train_split, augment=True, sampler=sampler)
 
