@@ -221,7 +221,7 @@ class MaskPruning(Callback):
             # when it starts, which is before on_train_epoch_start
             self._start(trainer, pl_module)
         if self.phase != "waiting" and self.cluster_balanced:
-            trainer.datamodule.train_weights = self._cluster_weights(trainer.datamodule)
+            self._balance_clusters(trainer)
 
     # -- phases ---------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -249,15 +249,18 @@ class MaskPruning(Callback):
         return torch.where(self.clusters >= 0, 1.0 / counts[labels].clamp(min=1), 0.0)
 
     def _balance_clusters(self, trainer: L.Trainer) -> None:
-        """Cluster-balanced draws on the training sampler (this epoch's order on)."""
-        sampler = getattr(trainer.train_dataloader, "sampler", None)
+        """Cluster-balanced draws: the datamodule's weights for a loader yet to be built, and the live sampler's."""
+        weights = self._cluster_weights(trainer.datamodule)
+        trainer.datamodule.train_weights = weights
+        loader = trainer.train_dataloader
+        if loader is None:  # on_fit_start: the loader is built after it, from train_weights
+            return
+        sampler = getattr(loader, "sampler", None)
         if not isinstance(sampler, BalancedSampler):
             raise ShortcutError(
                 "MaskPruning(cluster_balanced=True) needs the training loader of a shortcut_lightning datamodule "
                 f"(its sampler is {type(sampler).__name__}); or set cluster_balanced: false"
             )
-        weights = self._cluster_weights(trainer.datamodule)
-        trainer.datamodule.train_weights = weights
         sampler.reweight(weights)
 
     def _enter(
