@@ -1,6 +1,6 @@
 """A debiasing stage from an ERM checkpoint, as in the ablation tables of docs/results.md (not part of CI).
 
-    python bench/stage_from_checkpoint.py {score|prusc} CKPT {background|patch|both} OUT_DIR 'JSON'
+    python bench/stage_from_checkpoint.py {score|prusc|finetune} CKPT {background|patch|both} OUT_DIR 'JSON'
 
 The checkpoint is loaded as ``model.weights``; the stage starts at epoch 0, the model is tested after
 the fit and a RESULT line is printed. JSON keys, both stages: "epochs" (default 3), "lr" (AdamW of the
@@ -12,7 +12,10 @@ group_balanced; the last uses group labels).
   "mining_file" (reuse a mining.json instead of mining; with "reg": {"strength": 0.0} this is the
   continued-ERM control).
 - prusc: "prusc" (MaskPruning arguments). With a "monitor" among them, every epoch is validated (the
-  monitor needs it); otherwise validation is skipped.
+  monitor needs it); otherwise validation is skipped. With "finetune_epochs" among them, the RESULT
+  line also gives the test worst-group accuracy of the masks alone (``fixed``), before the fine-tuning.
+- finetune: no stage, the control: plain cross-entropy fine-tuning of the whole network on
+  "train_split" (default train; "val" trains on the validation split, class labels only).
 
 "sscore": true (both stages) scores the model before the stage and after it with ``SpuriousScore``
 (50 training samples, alpha 0.5; needs a checkpoint with spatial maps at layer4, e.g. of
@@ -43,6 +46,8 @@ from shortcut_lightning.data import SyntheticShortcuts
 
 
 def stage_callbacks(stage: str, cfg: dict) -> list[L.Callback]:
+    if stage == "finetune":
+        return []
     if stage == "prusc":
         return [MaskPruning(**cfg.get("prusc", {}))]
     if "mining_file" in cfg:
@@ -82,6 +87,8 @@ def main() -> None:
         spurious=spurious, image_size=cfg.get("image_size", 32), batch_size=64, seed=seed, data_seed=seed,
         sampler=cfg.get("sampler", "default"),
     )  # fmt: skip
+    if stage == "finetune":
+        dm.train_split = cfg.get("train_split", "train")
     callbacks = stage_callbacks(stage, cfg)
     sscores = sscore_summary(model, dm, out, "before") if cfg.get("sscore") else {}
     validate = bool(cfg.get("prusc", {}).get("monitor"))
@@ -97,14 +104,16 @@ def main() -> None:
         torch.save({"state_dict": model.state_dict()}, Path(out, "model.ckpt"))
     if sscores:
         sscores.update(sscore_summary(model, dm, out, "after"))
-    report = getattr(callbacks[0], "report", {})
+    report = getattr(callbacks[0], "report", {}) if callbacks else {}
     best = report.get("best")
+    fixed = report.get("fixed", {}).get("test")
     pruned = {k: round(v, 3) for k, v in report.get("densities", {}).items()}
     groups = {k: round(v["acc"], 3) for k, v in tested["groups"].items()}
     print(
         "RESULT", stage, json.dumps(cfg), "wga", round(tested["wga"], 3), "mean", round(tested["mean"], 3),
         groups, {k: v for k, v in pruned.items() if k.startswith("Prune")}, f"{time.time() - start:.0f}s",
         *(f"{k} {v:.3f}" for k, v in sscores.items()), *([f"best epoch {best['epoch']}"] if best else []),
+        *([f"fixed wga {fixed['wga']:.3f} mean {fixed['mean']:.3f}"] if fixed else []),
         flush=True,
     )  # fmt: skip
 

@@ -281,6 +281,53 @@ def test_cluster_balance_holds_from_the_first_epoch_and_after_resume_with_worker
     assert list(again.drawn) == [1] and again.drawn[1] == order(1)
 
 
+def test_finetune_split_val_trains_on_the_validation_split_and_resumes_there(tmp_path, tiny_synthetic):
+    """The reference code retrains the pruned network on held-out data: the loader switches split once, with
+    worker processes too, and a run killed while fine-tuning resumes on that split."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def stage(report_splits=()):
+        return MaskPruning(
+            prune_epochs=1,
+            finetune_epochs=2,
+            finetune_split="val",
+            num_clusters=4,
+            report_splits=report_splits,
+            export=False,
+        )
+
+    def fit(callbacks, max_epochs, ckpt_path=None):
+        trainer = _trainer(tmp_path, callbacks, max_epochs=max_epochs)
+        trainer.fit(
+            ShortcutClassifier("test_resnet"), datamodule=tiny_synthetic(num_workers=2), ckpt_path=ckpt_path
+        )
+        return trainer
+
+    torch.manual_seed(0)
+    whole, pruning = BatchIndices(), stage(report_splits=("test",))
+    trainer = fit([whole, pruning], max_epochs=5)
+    assert sorted(whole.drawn) == [0, 1, 2]  # the stage stops the fit after its last epoch
+    assert len(whole.drawn[0]) == 96 and len(set(whole.drawn[0])) < 96  # train, cluster-balanced draws
+    for epoch in (1, 2):  # val: 37 samples, each once per epoch (the datamodule's default sampler)
+        assert sorted(whole.drawn[epoch]) == list(range(37))
+    assert whole.drawn[1] != whole.drawn[2]
+    assert trainer.reload_dataloaders_every_n_epochs == 0  # the trainer's setting is given back
+    assert trainer.datamodule.train_split == "val" and trainer.datamodule.train_weights is None
+    assert pruning.report["parameters"]["finetune_split"] == "val"
+    # the group table of the masks alone, between the ERM model's and the fine-tuned one's
+    assert set(pruning.report) >= {"before", "fixed", "after"}
+    assert pruning.report["fixed"]["test"]["split"] == "test" and "wga" in pruning.report["fixed"]["test"]
+
+    torch.manual_seed(0)
+    first = BatchIndices()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    fit([first, stage(), ckpt], max_epochs=2)
+    assert first.drawn[0] == whole.drawn[0] and first.drawn[1] == whole.drawn[1]
+    again = BatchIndices()
+    fit([again, stage()], max_epochs=5, ckpt_path=tmp_path / "ck" / "last.ckpt")
+    assert list(again.drawn) == [2] and again.drawn[2] == whole.drawn[2]
+
+
 class _ScriptedMetric(L.Callback):
     """Logs ``val/scripted`` from a script, one value per epoch, and keeps the mask logits each epoch was validated with."""
 
@@ -338,6 +385,11 @@ def test_bad_input(tmp_path, tiny_synthetic):
         ({"target_density": 1.0}, "between 0 and 1"),
         ({"num_clusters": 1}, "num_clusters must be >= 2"),
         ({"split": "test"}, "split must be 'train' or 'val'"),
+        (
+            {"finetune_split": "test", "finetune_epochs": 1},
+            "finetune_split must be 'train' or 'val', got 'test'",
+        ),
+        ({"finetune_split": "val"}, "finetune_split 'val' needs finetune_epochs >= 1"),
         ({"mode": "best"}, "mode must be 'max' or 'min'"),
     ):
         with pytest.raises(ShortcutError, match=match):

@@ -52,7 +52,10 @@ class MaskPruning(Callback):
     ``groups`` trains on those group ids only (the subnetwork analysis of seed 001 sec. 5.3; it uses
     group annotations and says so). ``split="val"`` learns the masks on the validation split instead.
     Both change what the trainer trains on for the whole fit: use them from a loaded ERM model with
-    ``start_epoch=0``. Under DDP the frozen weights need ``strategy="ddp_find_unused_parameters_true"``.
+    ``start_epoch=0``. ``finetune_split="val"`` fine-tunes the surviving weights on the validation split
+    (class labels only, the datamodule's sampler), as the authors' released code retrains its pruned
+    network on held-out data; validation metrics of those epochs are then measured on training data.
+    Under DDP the frozen weights need ``strategy="ddp_find_unused_parameters_true"``.
 
     Example::
 
@@ -63,6 +66,7 @@ class MaskPruning(Callback):
         start_epoch: the epoch before which clustering runs and mask learning starts.
         prune_epochs: epochs of mask learning.
         finetune_epochs: epochs of fine-tuning the surviving weights after the masks are fixed.
+        finetune_split: split of those epochs (``train`` or ``val``; default: ``split``).
         num_clusters: k of the k-means.
         modules: shell-style name patterns of the layers to mask (default: every conv and linear).
         lambda_sparse: weight of the sum of mask probabilities (a per-weight pull towards pruning).
@@ -96,6 +100,7 @@ class MaskPruning(Callback):
         start_epoch: int = 0,
         prune_epochs: int = 3,
         finetune_epochs: int = 0,
+        finetune_split: str | None = None,
         num_clusters: int = 16,
         modules: list[str] | None = None,
         lambda_sparse: float = 1e-6,
@@ -131,14 +136,20 @@ class MaskPruning(Callback):
             )
         if mode not in ("max", "min"):
             raise ShortcutError(f"mode must be 'max' or 'min', got {mode!r}")
-        if split not in ("train", "val"):
-            raise ShortcutError(f"split must be 'train' or 'val', got {split!r}")
+        for name, value in (("split", split), ("finetune_split", finetune_split or split)):
+            if value not in ("train", "val"):
+                raise ShortcutError(f"{name} must be 'train' or 'val', got {value!r}")
+        if finetune_split is not None and finetune_epochs == 0:
+            raise ShortcutError(
+                f"finetune_split {finetune_split!r} needs finetune_epochs >= 1 (there is nothing to fine-tune)"
+            )
         for name, value in (("lambda_sparse", lambda_sparse), ("beta", beta)):
             if value < 0:
                 raise ShortcutError(f"{name} must be >= 0, got {value}")
         self.start_epoch = start_epoch
         self.prune_epochs = prune_epochs
         self.finetune_epochs = finetune_epochs
+        self.finetune_split = finetune_split or split
         self.num_clusters = num_clusters
         self.modules = modules
         self.lambda_sparse = lambda_sparse
@@ -168,6 +179,9 @@ class MaskPruning(Callback):
         self._optimizer: torch.optim.Optimizer | None = None
         self._optimizer_state: dict[str, Any] | None = None
         self._reachable: dict[str, Tensor] | None = None
+        self.data_split: str | None = None  # the split the datamodule was last pointed at
+        # the trainer's own reload setting, while a change of split makes it rebuild the training loader
+        self._reload_every: int | None = None
 
     @property
     def uses_annotations(self) -> bool:
@@ -184,10 +198,11 @@ class MaskPruning(Callback):
     def _prepare_fit(self, trainer: L.Trainer) -> None:
         """Checks the data and the strategy; points the datamodule at the split and groups to train on."""
         dm = require_group_datamodule(getattr(trainer, "datamodule", None), "MaskPruning")
-        if self.split not in dm.splits:
-            raise ShortcutError(
-                f"MaskPruning split {self.split!r} is not in the data ({', '.join(dm.splits)})"
-            )
+        for name in ("split", "finetune_split"):
+            if getattr(self, name) not in dm.splits:
+                raise ShortcutError(
+                    f"MaskPruning {name} {getattr(self, name)!r} is not in the data ({', '.join(dm.splits)})"
+                )
         dm.train_split = self.split
         if self.groups is not None:
             bad = [g for g in self.groups if not 0 <= g < dm.num_groups]
@@ -220,8 +235,9 @@ class MaskPruning(Callback):
             # before the training loader exists: with worker processes it draws its first epoch's order
             # when it starts, which is before on_train_epoch_start
             self._start(trainer, pl_module)
-        if self.phase != "waiting" and self.cluster_balanced:
-            self._balance_clusters(trainer)
+        if self.phase != "waiting":
+            # a resumed run's epoch is restored after this hook: the split saved with the stage's state
+            self._point_data(trainer, self.data_split or self.split)
 
     # -- phases ---------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -231,14 +247,39 @@ class MaskPruning(Callback):
         elif self.phase == "learning" and epoch >= (self.started_epoch or 0) + self.prune_epochs:
             self._enter(trainer, pl_module, "fixed")
             self._log_densities(trainer, pl_module)
-        if self.phase != "waiting" and self.cluster_balanced:
-            self._balance_clusters(trainer)
+        if self._reload_every is not None:  # the loader of this epoch was rebuilt for the new split
+            trainer.reload_dataloaders_every_n_epochs, self._reload_every = self._reload_every, None
+        if self.phase != "waiting":
+            self._point_data(trainer, self._split_of(epoch))
         self._hold_bn(pl_module)
 
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._cluster(trainer, pl_module)
         self.started_epoch = trainer.current_epoch
         self._enter(trainer, pl_module, "learning")
+
+    def _split_of(self, epoch: int) -> str:
+        """The split the trainer draws from in ``epoch`` of the stage: the masks', then the fine-tuning's."""
+        learning = epoch < (self.started_epoch or 0) + self.prune_epochs
+        return self.split if learning else self.finetune_split
+
+    def _point_data(self, trainer: L.Trainer, split: str) -> None:
+        """Points the datamodule at ``split``, cluster-balanced if it is the split that was clustered.
+
+        Called before an epoch's loader is built (``on_fit_start``, or the end of the epoch before); a
+        change of split makes Lightning rebuild the loader once (``reload_dataloaders_every_n_epochs``).
+        """
+        dm = trainer.datamodule
+        self.data_split = split
+        if split != dm.train_split:
+            dm.train_split, dm.train_groups, dm.train_weights = split, None, None
+            if trainer.train_dataloader is not None and self._reload_every is None:
+                self._reload_every = trainer.reload_dataloaders_every_n_epochs
+                trainer.reload_dataloaders_every_n_epochs = 1
+            held_out = " (validation metrics from now on are on data it trains on)" if split == "val" else ""
+            rank_zero_info(f"PruSC: the trainer now trains on the {split} split{held_out}")
+        if split == self.split and self.cluster_balanced:
+            self._balance_clusters(trainer)
 
     def _cluster_weights(self, dm: Any) -> Tensor:
         """Per-sample weights ``1 / size of its cluster`` over the split, the sizes counted where the sampler draws."""
@@ -288,6 +329,10 @@ class MaskPruning(Callback):
         self.phase = phase
         if phase == "fixed" and not resumed and self.recalibrate_bn:
             self._recalibrate_bn(trainer, pl_module)
+        if phase == "fixed" and not resumed and self.finetune_epochs > 0:
+            # what the masks alone do, before the fine-tuning changes the weights
+            dm = trainer.datamodule
+            self.report["fixed"] = self._reports(pl_module, dm, find_head(pl_module), "masks fixed")
 
     def _hold_bn(self, pl_module: L.LightningModule) -> None:
         """BatchNorm in eval mode while the weights are frozen: statistics of the dense model, not of noisy masks."""
@@ -399,6 +444,8 @@ class MaskPruning(Callback):
         last = (self.started_epoch or 0) + self.prune_epochs + self.finetune_epochs - 1
         if trainer.current_epoch >= last:  # the stage is complete: nothing is left to train
             trainer.should_stop = True
+        elif self._split_of(trainer.current_epoch + 1) != self.data_split:
+            self._point_data(trainer, self._split_of(trainer.current_epoch + 1))  # before its loader is built
 
     def _reachable_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Tensor]:
         """The conv taps that can read a pixel of the split's images (found once, from one image)."""
@@ -484,11 +531,16 @@ class MaskPruning(Callback):
         tag = " [uses group annotations]" if self.uses_annotations else ""
         print(f"\nPruSC{tag}: {_summary(self.report['densities'])}", flush=True)
         for split, before in self.report["before"].items():
-            table = format_group_table({"before": before, "pruned": self.report["after"][split]})
+            columns = {"before": before}
+            if "fixed" in self.report:  # fine-tuned after the masks were fixed
+                columns.update(pruned=self.report["fixed"][split], tuned=self.report["after"][split])
+            else:
+                columns["pruned"] = self.report["after"][split]
+            table = format_group_table(columns)
             print(f"\n{table}\n", flush=True)
 
     def _parameters(self) -> dict[str, Any]:
-        keys = ("start_epoch", "prune_epochs", "finetune_epochs", "num_clusters", "modules", "lambda_sparse", "beta",
+        keys = ("start_epoch", "prune_epochs", "finetune_epochs", "finetune_split", "num_clusters", "modules", "lambda_sparse", "beta",
                 "temperature", "gumbel_temperature", "init_logit", "mask_lr", "target_density", "monitor", "mode", "split", "cluster_balanced", "recalibrate_bn", "groups",
                 "seed", "export")  # fmt: skip
         return {k: getattr(self, k) for k in keys}
@@ -502,6 +554,7 @@ class MaskPruning(Callback):
             "report": self.report,
             "optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
             "best": self.best,
+            "data_split": self.data_split,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -511,6 +564,7 @@ class MaskPruning(Callback):
         self.report = state_dict.get("report", {})
         self._optimizer_state = state_dict.get("optimizer")
         self.best = state_dict.get("best")
+        self.data_split = state_dict.get("data_split")
 
 
 def _summary(found: dict[str, float]) -> str:
