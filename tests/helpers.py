@@ -95,10 +95,15 @@ class NoGroupSynthetic(SyntheticShortcuts):
 
 
 class MaskDump(Callback):
-    """Saves every rank's hard masks and MaskPruning clusters at the end of fit (list it before MaskPruning)."""
+    """Saves every rank's hard masks, MaskPruning clusters, weights and drawn sample indices (by epoch) at the
+    end of fit (list it before MaskPruning)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.drawn: dict[int, list[int]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.drawn.setdefault(trainer.current_epoch, []).extend(batch["index"].tolist())
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from shortcut_lightning.callbacks import MaskPruning
@@ -109,7 +114,15 @@ class MaskDump(Callback):
         logits = {name: mask.logits.detach().clone() for name, mask in model_masks(pl_module).items()}
         os.makedirs(self.path, exist_ok=True)
         torch.save(
-            {"masks": masks, "logits": logits, "clusters": pruning.clusters},
+            {
+                "masks": masks,
+                "logits": logits,
+                "clusters": pruning.clusters,
+                "drawn": self.drawn,
+                "weights": {
+                    k: v.detach().clone() for k, v in pl_module.state_dict().items() if "logits" not in k
+                },
+            },
             f"{self.path}/masks_rank{trainer.global_rank}.pt",
         )
 

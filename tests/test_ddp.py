@@ -102,7 +102,7 @@ def test_mining_again_under_ddp_gives_every_rank_the_same_rounds(tmp_path):
     assert rank_0["penalised"] == sorted({n for r in rank_0["rounds"] for n in r["neurons"]})
 
 
-def _prune(tmp_path, devices: int) -> list[dict]:
+def _prune(tmp_path, devices: int, max_epochs: int = 1, **stage) -> list[dict]:
     from shortcut_lightning.callbacks import MaskPruning
 
     from helpers import MaskDump
@@ -111,11 +111,11 @@ def _prune(tmp_path, devices: int) -> list[dict]:
     model = ShortcutClassifier("test_resnet")
     dm = SyntheticShortcuts(n_train=48, n_val=9, n_test=9, image_size=32, batch_size=8)
     pruning = MaskPruning(
-        prune_epochs=1, num_clusters=4, init_logit=0.2, mask_lr=0.5, report_splits=(), export=False
+        prune_epochs=1, num_clusters=4, init_logit=0.2, mask_lr=0.5, report_splits=(), export=False, **stage
     )
     kwargs = {"strategy": "ddp_spawn_find_unused_parameters_true"} if devices > 1 else {}
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, max_epochs=1, limit_train_batches=3, limit_val_batches=0,
+        accelerator="cpu", devices=devices, max_epochs=max_epochs, limit_train_batches=3, limit_val_batches=0,
         default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_checkpointing=False,
         callbacks=[MaskDump(str(tmp_path)), pruning], **kwargs,
     )  # fmt: skip
@@ -136,6 +136,18 @@ def test_mask_pruning_ddp_has_one_set_of_clusters_and_masks(tmp_path):
         assert torch.equal(second["masks"][name], first["masks"][name])
         moved += int((first["logits"][name] != 0.2).sum())
     assert moved > 0
+
+
+def test_mask_pruning_ddp_fine_tunes_on_val_alike_on_every_rank(tmp_path):
+    """finetune_split="val": both ranks switch to the validation split for the fine-tuning epoch, shard it
+    between them, and end with the same weights."""
+    first, second = _prune(tmp_path, devices=2, max_epochs=2, finetune_epochs=1, finetune_split="val")
+    assert len(first["drawn"][0]) == len(second["drawn"][0]) == 24  # 3 batches of 8 from train
+    val = first["drawn"][1] + second["drawn"][1]  # 9 validation samples, padded to 10 for 2 ranks
+    assert len(val) == 10 and set(val) == set(range(9))
+    assert first["weights"].keys() == second["weights"].keys()
+    for name, weight in first["weights"].items():  # gradients all-reduced on the new split's batches too
+        torch.testing.assert_close(second["weights"][name], weight, rtol=0, atol=0)
 
 
 def test_mask_pruning_refuses_plain_ddp(tmp_path):
