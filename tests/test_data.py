@@ -57,11 +57,30 @@ def test_synthetic_background_minority_share():
 @pytest.mark.parametrize(
     "kwargs,field", [({"spurious": "texture"}, "spurious"), ({"minority_share": 1.5}, "minority_share"),
                      ({"class_share": 0.0}, "class_share"), ({"sampler": "uniform"}, "sampler"),
-                     ({"batch_size": 0}, "batch_size")],
+                     ({"batch_size": 0}, "batch_size"), ({"train_split": "test"}, "train_split")],
 )  # fmt: skip
 def test_bad_config_values_name_the_field(kwargs, field):
     with pytest.raises(DataError, match=field):
         SyntheticShortcuts(**kwargs)
+
+
+def test_train_split_val_trains_on_every_validation_sample_and_says_so(tmp_path, tiny_synthetic):
+    """The retraining control of docs/results.md from the CLI: a fit on the held-out split, class labels only."""
+    import lightning as L
+
+    from shortcut_lightning import ShortcutClassifier
+
+    from helpers import BatchIndices
+
+    drawn = BatchIndices()
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        limit_val_batches=0, callbacks=[drawn],
+    )  # fmt: skip
+    dm = tiny_synthetic(train_split="val")
+    with pytest.warns(UserWarning, match="data.train_split is 'val'"):
+        trainer.fit(ShortcutClassifier("test_resnet"), datamodule=dm)
+    assert sorted(drawn.drawn[0]) == list(range(37))  # n_val of TINY; n_train is 96
 
 
 # -- samplers -------------------------------------------------------------------------------------

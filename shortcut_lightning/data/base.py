@@ -15,6 +15,7 @@ from shortcut_lightning.data.samplers import SAMPLERS, BalancedSampler, EvalShar
 from shortcut_lightning.errors import DataError, ShortcutError
 
 SPLITS = ("train", "val", "test")
+TRAIN_SPLITS = ("train", "val")  # never the test split
 
 
 def require_group_datamodule(datamodule: Any, stage: str) -> GroupDataModule:
@@ -40,6 +41,9 @@ class GroupDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         sampler: training sampler, ``default`` (shuffle), ``class_balanced`` or ``group_balanced``.
         seed: seed of the training sampler's per-epoch draws.
+        train_split: the split ``fit`` trains on: ``train``, or ``val`` to retrain a loaded model on
+            held-out data with class labels only (the retraining control of docs/results.md). A stage
+            that chooses its own split (``MaskPruning``) overrides it.
     """
 
     def __init__(
@@ -50,10 +54,15 @@ class GroupDataModule(L.LightningDataModule):
         num_workers: int = 0,
         sampler: str = "default",
         seed: int = 0,
+        train_split: str = "train",
     ) -> None:
         super().__init__()
         if sampler not in SAMPLERS:
             raise DataError(f"data.sampler {sampler!r} is unknown: choose one of {', '.join(SAMPLERS)}")
+        if train_split not in TRAIN_SPLITS:
+            raise DataError(
+                f"data.train_split {train_split!r} is unknown: choose one of {', '.join(TRAIN_SPLITS)}"
+            )
         for name, value, low in (
             ("image_size", image_size, 8),
             ("batch_size", batch_size, 1),
@@ -71,7 +80,7 @@ class GroupDataModule(L.LightningDataModule):
         self._checked = False
         # what the trainer trains on; a stage may change these before the training loader is built (MaskPruning:
         # split and groups in its ``setup`` hook, cluster-balance weights in ``on_fit_start``)
-        self.train_split = "train"
+        self.train_split = train_split
         self.train_groups: list[int] | None = None
         self.train_weights: torch.Tensor | None = None  # per-sample draw weights over train_split
 
@@ -186,6 +195,11 @@ class GroupDataModule(L.LightningDataModule):
 
     # -- checks ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.train_split != "train":
+            rank_zero_warn(
+                f"data.train_split is {self.train_split!r}: the model trains on that split, so its validation "
+                "metrics and the best checkpoint measure data it trains on; read the test table"
+            )
         if self._checked:
             return
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}[

@@ -113,8 +113,9 @@ class MetadataDataModule(GroupDataModule):
         augment: bool = True,
         class_names: list[str] | None = None,
         spurious_names: list[str] | None = None,
+        train_split: str = "train",
     ) -> None:
-        super().__init__(root, image_size, batch_size, num_workers, sampler, seed)
+        super().__init__(root, image_size, batch_size, num_workers, sampler, seed, train_split)
         if check_images not in CHECKS:
             raise DataError(
                 f"data.check_images {check_images!r} is unknown: choose one of {', '.join(CHECKS)}"

@@ -71,8 +71,9 @@ class SyntheticShortcuts(GroupDataModule):
         pixel_noise: float = 0.03,
         augment: bool = False,
         data_seed: int = 0,
+        train_split: str = "train",
     ) -> None:
-        super().__init__(root, image_size, batch_size, num_workers, sampler, seed)
+        super().__init__(root, image_size, batch_size, num_workers, sampler, seed, train_split)
         if spurious not in SPURIOUS_KINDS:
             raise DataError(
                 f"data.spurious {spurious!r} is unknown: choose one of {', '.join(SPURIOUS_KINDS)}"
