@@ -86,9 +86,8 @@ def main() -> None:
     dm = SyntheticShortcuts(
         spurious=spurious, image_size=cfg.get("image_size", 32), batch_size=64, seed=seed, data_seed=seed,
         sampler=cfg.get("sampler", "default"),
+        train_split=cfg.get("train_split", "train") if stage == "finetune" else "train",
     )  # fmt: skip
-    if stage == "finetune":
-        dm.train_split = cfg.get("train_split", "train")
     callbacks = stage_callbacks(stage, cfg)
     sscores = sscore_summary(model, dm, out, "before") if cfg.get("sscore") else {}
     validate = bool(cfg.get("prusc", {}).get("monitor"))

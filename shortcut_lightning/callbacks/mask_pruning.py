@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
 from shortcut_lightning.conv_reach import reachable_weights
-from shortcut_lightning.data.base import require_group_datamodule
+from shortcut_lightning.data.base import TRAIN_SPLITS, require_group_datamodule
 from shortcut_lightning.data.samplers import BalancedSampler
 from shortcut_lightning.embedding_pass import collect_embeddings, embed_splits, group_reports
 from shortcut_lightning.errors import ShortcutError
@@ -137,7 +137,7 @@ class MaskPruning(Callback):
         if mode not in ("max", "min"):
             raise ShortcutError(f"mode must be 'max' or 'min', got {mode!r}")
         for name, value in (("split", split), ("finetune_split", finetune_split or split)):
-            if value not in ("train", "val"):
+            if value not in TRAIN_SPLITS:
                 raise ShortcutError(f"{name} must be 'train' or 'val', got {value!r}")
         if finetune_split is not None and finetune_epochs == 0:
             raise ShortcutError(

@@ -57,12 +57,12 @@ class GroupDataModule(L.LightningDataModule):
         train_split: str = "train",
     ) -> None:
         super().__init__()
-        if sampler not in SAMPLERS:
-            raise DataError(f"data.sampler {sampler!r} is unknown: choose one of {', '.join(SAMPLERS)}")
-        if train_split not in TRAIN_SPLITS:
-            raise DataError(
-                f"data.train_split {train_split!r} is unknown: choose one of {', '.join(TRAIN_SPLITS)}"
-            )
+        for name, value, choices in (
+            ("sampler", sampler, SAMPLERS),
+            ("train_split", train_split, TRAIN_SPLITS),
+        ):
+            if value not in choices:
+                raise DataError(f"data.{name} {value!r} is unknown: choose one of {', '.join(choices)}")
         for name, value, low in (
             ("image_size", image_size, 8),
             ("batch_size", batch_size, 1),
