@@ -21,8 +21,12 @@ class ShortcutClassifier(L.LightningModule):
     Args:
         backbone: a name of ``timm.list_models()``.
         num_classes: outputs of the head (the CLI links it to the data).
-        pretrained: start from ``weights`` (a local file; nothing is downloaded).
-        weights: path of a backbone state dict to start from.
+        pretrained: start from timm's pretrained weights (its hub cache; offline this fails and names
+            ``weights``).
+        weights: ``imagenet`` (offline ImageNet weights of ``efficientnet_lite0/1/2``, the ``[imagenet]``
+            extra), or the path of a backbone state dict or a ShortcutClassifier checkpoint to start from.
+        head_init: a new classifier on pretrained features starts at ``zero`` (first loss ln K) or with
+            timm's default init (``timm``).
         optimizer: optimizer factory; default SGD, lr 1e-3, momentum 0.9, weight decay 1e-4 (the seeds').
         scheduler: optional learning-rate scheduler factory, stepped every epoch.
         backbone_kwargs: extra arguments of ``timm.create_model`` (e.g. ``drop_rate``).
@@ -40,13 +44,16 @@ class ShortcutClassifier(L.LightningModule):
         num_classes: int = 2,
         pretrained: bool = False,
         weights: str | None = None,
+        head_init: str = "zero",
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.net = create_backbone(backbone, num_classes, pretrained, weights, **(backbone_kwargs or {}))
+        self.net = create_backbone(
+            backbone, num_classes, pretrained, weights, head_init, **(backbone_kwargs or {})
+        )
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
 

@@ -36,9 +36,7 @@ def test_unknown_backbone_suggests_names():
         ShortcutClassifier("resnet181")
 
 
-def test_pretrained_needs_a_local_file():
-    with pytest.raises(ModelError, match="never downloads"):
-        ShortcutClassifier("test_resnet", pretrained=True)
+def test_a_missing_weights_file_is_named():
     with pytest.raises(ModelError, match="does not exist"):
         ShortcutClassifier("test_resnet", pretrained=True, weights="/nowhere/w.pth")
 
