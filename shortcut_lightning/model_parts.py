@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from timm.models import vision_transformer as timm_vit
 from torch import nn
 
-from shortcut_lightning.errors import ModelError
+from shortcut_lightning.errors import ModelError, ShortcutError
 
 
 @contextmanager
@@ -85,3 +85,30 @@ def _timm_classifier(model: nn.Module) -> nn.Module | None:
         if callable(get):
             return get()
     return None
+
+
+def freeze_before(model: nn.Module, name: str, argument: str = "finetune_from") -> int:
+    """Freezes (``requires_grad=False``) every parameter registered before module ``name``; returns how many."""
+    module = find_module(model, name, argument)
+    first = next(module.parameters(), None)
+    if first is None:
+        raise ShortcutError(f"{argument}={name!r} names a module without parameters")
+    frozen = 0
+    for param in model.parameters():
+        if param is first:
+            return frozen
+        param.requires_grad_(False)
+        frozen += 1
+    return frozen
+
+
+def modules_before(model: nn.Module, name: str, argument: str = "finetune_from") -> list[nn.Module]:
+    """The leaf modules registered before module ``name`` (the part :func:`freeze_before` freezes)."""
+    target = find_module(model, name, argument)
+    before = []
+    for module in model.modules():
+        if module is target:
+            return before
+        if next(module.children(), None) is None:
+            before.append(module)
+    return before

@@ -63,7 +63,7 @@ def test_every_key_and_shape_is_mapped_and_a_wrong_mapping_fails_loudly():
     reshaped = dict(source, **{"_conv_head.weight": source["_conv_head.weight"][:, :10]})
     with pytest.raises(ModelError, match=r"wrong shapes \['conv_head\.weight'\]"):
         map_efficientnet_pytorch(reshaped, net)
-    with pytest.raises(ModelError, match="unknown key '_stem_extra.weight'"):
+    with pytest.raises(ModelError, match=r"unknown key '_stem_extra\.weight'"):
         map_efficientnet_pytorch(dict(source, **{"_stem_extra.weight": torch.zeros(1)}), net)
     # lite1's weights do not fit lite0's shapes: refused, nothing half-loaded
     lite1 = torch.load(weights_file("efficientnet_lite1"), map_location="cpu", weights_only=True)

@@ -11,8 +11,8 @@ import torch
 
 from shortcut_lightning import ShortcutClassifier, ShortcutError
 from shortcut_lightning.callbacks import NeuronRegularization, SpuriousPositiveMining
-from shortcut_lightning.callbacks.neuron_regularization import freeze_before
 from shortcut_lightning.data import SyntheticShortcuts
+from shortcut_lightning.model_parts import freeze_before
 from shortcut_lightning.spurious_positives import (
     confuser_similarity,
     mask_images,

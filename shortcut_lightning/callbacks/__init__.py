@@ -6,6 +6,7 @@ from shortcut_lightning.callbacks.embedding_projector import EmbeddingProjector
 from shortcut_lightning.callbacks.group_metrics import GroupMetrics
 from shortcut_lightning.callbacks.mask_pruning import MaskPruning
 from shortcut_lightning.callbacks.neuron_regularization import NeuronRegularization
+from shortcut_lightning.callbacks.partial_finetuning import PartialFinetuning
 from shortcut_lightning.callbacks.spurious_positive_mining import SpuriousPositiveMining
 from shortcut_lightning.callbacks.spurious_score import SpuriousScore
 from shortcut_lightning.callbacks.token_views import TokenViews
@@ -17,6 +18,7 @@ __all__ = [
     "GroupMetrics",
     "MaskPruning",
     "NeuronRegularization",
+    "PartialFinetuning",
     "SpuriousPositiveMining",
     "SpuriousScore",
     "TokenViews",

@@ -10,13 +10,13 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import Tensor
 
 from shortcut_lightning.activations import reduce_channels
 from shortcut_lightning.callbacks.spurious_positive_mining import SpuriousPositiveMining
 from shortcut_lightning.errors import ShortcutError
 from shortcut_lightning.hooks import OutputCapture
-from shortcut_lightning.model_parts import find_module
+from shortcut_lightning.model_parts import find_module, freeze_before
 
 NORMS = ("l1", "l2")
 
@@ -183,18 +183,3 @@ class NeuronRegularization(Callback):
         if self._capture is not None:
             self._capture.remove()
             self._capture = None
-
-
-def freeze_before(model: nn.Module, name: str) -> int:
-    """Freezes (``requires_grad=False``) every parameter registered before module ``name``; returns how many."""
-    module = find_module(model, name, "finetune_from")
-    first = next(module.parameters(), None)
-    if first is None:
-        raise ShortcutError(f"finetune_from={name!r} names a module without parameters")
-    frozen = 0
-    for param in model.parameters():
-        if param is first:
-            return frozen
-        param.requires_grad_(False)
-        frozen += 1
-    return frozen
