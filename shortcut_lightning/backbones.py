@@ -14,7 +14,7 @@ from shortcut_lightning.errors import ModelError
 from shortcut_lightning.imagenet_weights import IMAGENET, OFFLINE_IMAGENET, imagenet_state_dict, weights_file
 from shortcut_lightning.masks import attach_masks, bake_masks
 
-HEAD_INITS = ("zero", "timm")
+HEAD_INITS = ("zero", "linear")
 
 
 def create_backbone(
@@ -32,8 +32,8 @@ def create_backbone(
     ``.safetensors``) or a ShortcutClassifier ``.ckpt``. ``pretrained`` without ``weights`` uses timm's own
     pretrained loading (its hub cache; a download where the machine is online) and fails offline with one
     line. A classifier new on pretrained features starts as ``head_init`` says: ``zero`` (a zero weight
-    and bias: the first loss is ln K and the first steps move the head, not the features) or ``timm``
-    (timm's default init; on ImageNet features its logits are large, a first loss near 7 on two classes).
+    and bias: the first loss is ln K and the first steps move the head, not the features) or ``linear``
+    (PyTorch's ``nn.Linear`` init, what timm's ``reset_classifier`` gives).
     """
     if head_init not in HEAD_INITS:
         raise ModelError(f"model.head_init {head_init!r} is unknown: choose one of {', '.join(HEAD_INITS)}")
@@ -74,7 +74,7 @@ def create_backbone(
 
 
 def init_head(head: nn.Module, how: str) -> None:
-    """Start a classifier on pretrained features: ``zero`` weight and bias, or keep timm's init."""
+    """Start a classifier on pretrained features: ``zero`` weight and bias, or keep ``nn.Linear``'s init."""
     if how == "zero" and isinstance(head, nn.Linear):
         nn.init.zeros_(head.weight)
         if head.bias is not None:
