@@ -1,4 +1,6 @@
-"""zennit canonizers for the residual blocks of torchvision's and timm's ResNets (ViTs: :mod:`.attention`).
+"""zennit canonizers for the residual blocks of torchvision's and timm's ResNets and timm's EfficientNet blocks.
+
+(ViTs: :mod:`.attention`; the EfficientNet forwards and their BatchNormAct merge: :mod:`.efficientnet_canonizers`.)
 
 LRP needs every residual addition to split the relevance between the two branches in proportion to
 their contributions (zennit's ``Norm`` rule). Left as a plain ``+``, autograd hands the FULL relevance
@@ -17,37 +19,31 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
-from zennit.canonizers import AttributeCanonizer, Canonizer, SequentialMergeBatchNorm
+from zennit.canonizers import AttributeCanonizer, Canonizer
 from zennit.layer import Sum
 
 from shortcut_lightning.errors import ModelError
 from shortcut_lightning.xai.attention import VIT_CLASSES, ViTCanonizer, check_vit_module, has_vit_modules
-from shortcut_lightning.xai.rules import ResidualAdd
+from shortcut_lightning.xai.efficientnet_canonizers import (
+    EFFICIENTNET_BLOCKS,
+    MergeBatchNormAct,
+    check_efficientnet_block,
+)
+from shortcut_lightning.xai.residual import EPSILON_ATTRIBUTE, SUM_ATTRIBUTE, residual_add
 
 try:  # timm is a dependency, but keep the torchvision path usable without it
     from timm.models import resnet as timm_resnet
 except ImportError:  # pragma: no cover
     timm_resnet = None
 
-SUM_ATTRIBUTE, EPSILON_ATTRIBUTE = "lrp_residual_sum", "lrp_residual_epsilon"
-
-
-def _add(block: nn.Module, shortcut: Tensor, x: Tensor) -> Tensor:
-    """The residual addition with the ``Norm`` rule: built in, or as a ``Sum`` module the composite rules."""
-    sum_module = getattr(block, SUM_ATTRIBUTE, None)
-    if sum_module is not None:
-        return sum_module(torch.stack([shortcut, x], dim=-1))
-    return ResidualAdd.apply(shortcut, x, getattr(block, EPSILON_ATTRIBUTE))
-
 
 def _torchvision_basic(self: Any, x: Tensor) -> Tensor:
     out = self.relu(self.bn1(self.conv1(x)))
     out = self.bn2(self.conv2(out))
     shortcut = x if self.downsample is None else self.downsample(x)
-    return self.relu(_add(self, shortcut, out))
+    return self.relu(residual_add(self, shortcut, out))
 
 
 def _torchvision_bottleneck(self: Any, x: Tensor) -> Tensor:
@@ -55,7 +51,7 @@ def _torchvision_bottleneck(self: Any, x: Tensor) -> Tensor:
     out = self.relu(self.bn2(self.conv2(out)))
     out = self.bn3(self.conv3(out))
     shortcut = x if self.downsample is None else self.downsample(x)
-    return self.relu(_add(self, shortcut, out))
+    return self.relu(residual_add(self, shortcut, out))
 
 
 def _timm_basic(self: Any, x: Tensor) -> Tensor:
@@ -64,7 +60,7 @@ def _timm_basic(self: Any, x: Tensor) -> Tensor:
     if self.drop_path is not None:
         out = self.drop_path(out)
     shortcut = x if self.downsample is None else self.downsample(x)
-    return self.act2(_add(self, shortcut, out))
+    return self.act2(residual_add(self, shortcut, out))
 
 
 def _timm_bottleneck(self: Any, x: Tensor) -> Tensor:
@@ -74,7 +70,7 @@ def _timm_bottleneck(self: Any, x: Tensor) -> Tensor:
     if self.drop_path is not None:
         out = self.drop_path(out)
     shortcut = x if self.downsample is None else self.downsample(x)
-    return self.act3(_add(self, shortcut, out))
+    return self.act3(residual_add(self, shortcut, out))
 
 
 _TV_BASIC = {"conv1", "bn1", "relu", "conv2", "bn2", "downsample"}
@@ -87,12 +83,16 @@ _BLOCKS: dict[type, tuple[str, Callable[..., Tensor], set[str]]] = {
 if timm_resnet is not None:
     _BLOCKS[timm_resnet.BasicBlock] = ("timm", _timm_basic, _TIMM_BASIC)
     _BLOCKS[timm_resnet.Bottleneck] = ("timm", _timm_bottleneck, _TIMM_BASIC | {"act3", "conv3", "bn3"})
+_BLOCKS.update(EFFICIENTNET_BLOCKS)
 
 SUPPORTED_BLOCKS = tuple(f"{cls.__module__}.{cls.__qualname__}" for cls in (*_BLOCKS, *VIT_CLASSES[1:]))
 
 
 def _check_block(name: str, block: nn.Module) -> None:
     """Refuse a known block with parts the rewritten forward would skip or mishandle."""
+    if type(block) in EFFICIENTNET_BLOCKS:
+        check_efficientnet_block(name, block)
+        return
     library, _, known = _BLOCKS[type(block)]
     where = f"{type(block).__module__}.{type(block).__qualname__} {name!r}"
     if getattr(block, "se", None) is not None:
@@ -114,7 +114,7 @@ def _check_block(name: str, block: nn.Module) -> None:
 
 
 class ResidualBlockCanonizer(AttributeCanonizer):
-    """Gives the residual add of torchvision's and timm's ``BasicBlock``/``Bottleneck`` the ``Norm`` rule.
+    """Gives the residual add of torchvision's and timm's ResNet blocks and timm's EfficientNet blocks the ``Norm`` rule.
 
     By default the add is :class:`~shortcut_lightning.xai.rules.ResidualAdd` (stabiliser ``epsilon``);
     ``sum_module=True`` makes it a zennit ``Sum`` module instead, which the composite's rule for ``Sum``
@@ -124,7 +124,7 @@ class ResidualBlockCanonizer(AttributeCanonizer):
 
     Example::
 
-        composite = EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm(), ResidualBlockCanonizer()])
+        composite = EpsilonPlusFlat(canonizers=[MergeBatchNormAct(), ResidualBlockCanonizer()])
     """
 
     def __init__(self, epsilon: float = 1e-6, sum_module: bool = False) -> None:
@@ -167,7 +167,7 @@ def canonizers_for(model: nn.Module, epsilon: float = 1e-6, sum_module: bool = F
     activations outside a canonized block, and raises :class:`ModelError` naming the block class.
     """
     residual_blocks(model)
-    canonizers: list[Canonizer] = [SequentialMergeBatchNorm(), ResidualBlockCanonizer(epsilon, sum_module)]
+    canonizers: list[Canonizer] = [MergeBatchNormAct(), ResidualBlockCanonizer(epsilon, sum_module)]
     if has_vit_modules(model):
         for name, module in model.named_modules():
             if type(module) in VIT_CLASSES:

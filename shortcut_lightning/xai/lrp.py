@@ -39,6 +39,7 @@ from shortcut_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from shortcut_lightning.errors import ModelError, ShortcutError
 from shortcut_lightning.model_parts import find_module
 from shortcut_lightning.xai.canonizers import SUPPORTED_BLOCKS, canonizers_for
+from shortcut_lightning.xai.efficientnet_canonizers import DepthwiseConvolution
 from shortcut_lightning.xai.precision import float32_attribution
 from shortcut_lightning.xai.rules import (
     EpsilonDirect,
@@ -47,6 +48,7 @@ from shortcut_lightning.xai.rules import (
     LayerNormEpsilon,
     NormDirect,
     PassThrough,
+    WSquareDirect,
     ZBoxDirect,
     ZPlusNonNegative,
 )
@@ -94,12 +96,21 @@ def make_composite(
         (BatchNorm, PassThrough()),
         (Activation, PassThrough()),
         (Sum, NormDirect(stabilizer=epsilon)),
+        (DepthwiseConvolution, WSquareDirect(zero_params=zero_params)),
         (AvgPool, NormDirect(stabilizer=epsilon)),
         (nn.Linear, EpsilonDirect(epsilon=epsilon, zero_params=zero_params)),
         (nn.LayerNorm, LayerNormEpsilon(epsilon=epsilon, zero_params=zero_params)),
         (LayerScale, PassThrough()),
     ]
     kwargs: dict[str, Any] = {"layer_map": layer_map, "canonizers": canonizers_for(model, epsilon)}
+    if COMPOSITES[name] is EpsilonGammaBox and any(
+        isinstance(m, DepthwiseConvolution) for m in model.modules()
+    ):
+        raise ModelError(
+            "LRP composite 'epsilon_gamma_box' does not conserve relevance on depthwise-separable networks "
+            "(EfficientNet): the gamma rule on their signed linear-bottleneck inputs divides by near-zero sums "
+            "(measured: a relevance total off by 1e15). Use composite='epsilon_plus_flat'"
+        )
     if COMPOSITES[name] is EpsilonGammaBox:
         m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
