@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from shortcut_lightning import ShortcutClassifier
-from shortcut_lightning.callbacks import DeepFeatureReweighting, MaskPruning, SpuriousScore
+from shortcut_lightning.callbacks import (
+    DeepFeatureReweighting,
+    MaskPruning,
+    NeuronRegularization,
+    SpuriousPositiveMining,
+    SpuriousScore,
+)
 from shortcut_lightning.masks import model_masks
 
 SIZE = {"image_size": 64}  # stride 32: a 2x2 map at the last stage, enough for Grad-CAM to locate
@@ -57,3 +63,18 @@ def test_dfr_refits_the_head_of_efficientnet(tmp_path, tiny_synthetic, lite0):
     before = lite0.head.weight.detach().clone()
     _trainer(tmp_path, [dfr], 1, limit_val_batches=0).fit(lite0, datamodule=tiny_synthetic(**SIZE))
     assert lite0.head.weight.shape == (2, 1280) and not torch.equal(lite0.head.weight, before)
+
+
+def test_score_mines_at_a_named_intermediate_stage_and_regularizes_it(tmp_path, tiny_synthetic, lite0):
+    mining = SpuriousPositiveMining(layer="net.blocks.4", top_m=8, num_selected=3, n_confusers=4, num_neurons=4,
+                                    selection="auto", report_splits=("val",))  # fmt: skip
+    regularization = NeuronRegularization(strength=0.5, finetune_from="net.blocks.4")
+    before = lite0.net.blocks[3][0].conv_pw.weight.detach().clone()
+    _trainer(tmp_path, [mining, regularization], 2, limit_val_batches=1).fit(
+        lite0, datamodule=tiny_synthetic(spurious="patch", **SIZE)
+    )
+    result = json.loads((tmp_path / "mining.json").read_text())
+    assert result["layer"] == "net.blocks.4"
+    assert result["neurons"] and all(0 <= n < 112 for n in result["neurons"])  # blocks.4 has 112 channels
+    assert torch.equal(lite0.net.blocks[3][0].conv_pw.weight, before)  # frozen before net.blocks.4
+    assert regularization.neurons == result["neurons"]
