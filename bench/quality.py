@@ -36,13 +36,16 @@ class NotRun(Exception):
 
 
 def run(
-    config: str, seed: int, save_dir: Path, extra: list[str], reuse: bool = False, run_missing: bool = True
-) -> tuple[dict, dict | None, dict | None, float]:
+    config: str, seed: int, save_dir: Path, extra: list[str], reuse: bool = False, run_missing: bool = True,
+    data_seed: bool = True,
+) -> tuple[dict, dict | None, dict | None, float]:  # fmt: skip
     """One ``shortcut fit`` of ``config`` with ``seed``; its test report, the report before the stage,
     s-scores and wall seconds. ``reuse``: a finished run with the same arguments is read, not rerun
-    (how a killed suite resumes); ``run_missing=False`` raises :class:`NotRun` instead of running."""
+    (how a killed suite resumes); ``run_missing=False`` raises :class:`NotRun` instead of running.
+    ``data_seed``: the seed also draws the data (``SyntheticShortcuts``; a folder's data is fixed)."""
+    seeds = ["--data.data_seed", str(seed)] if data_seed else []
     args = ["fit", "--config", config, "--seed_everything", str(seed), "--data.seed", str(seed),
-            "--data.data_seed", str(seed), "--trainer.logger.init_args.save_dir", str(save_dir),
+            *seeds, "--trainer.logger.init_args.save_dir", str(save_dir),
             "--trainer.logger.init_args.version", f"seed{seed}", "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
     finished = None
     if reuse or not run_missing:  # only then are earlier runs read at all

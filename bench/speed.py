@@ -339,7 +339,8 @@ def main() -> None:
             print(f"ratio          {result['ratio']:.3f}  (target <= 1.5)")
     if "lrp" in args.only:
         result = bench_lrp(args.backbone, args.lrp_size, args.repeats)
-        (OUT / f"speed_lrp_{device}.json").write_text(json.dumps(result, indent=2))
+        tag = "" if args.backbone == "resnet18" else f"_{args.backbone}"
+        (OUT / f"speed_lrp{tag}_{device}.json").write_text(json.dumps(result, indent=2))
         print(f"\nLRP vs forward ({args.backbone}, batch 32 at {args.lrp_size} px)")
         print(f"forward        {result['forward_img_per_s']:.1f} img/s")
         print(f"LRP            {result['lrp_img_per_s']:.1f} img/s")

@@ -77,7 +77,9 @@ def test_a_new_head_starts_at_zero_so_the_first_loss_is_ln_k():
     x = torch.stack([_photo("chelsea"), _photo("coffee")])
     loss = F.cross_entropy(model(x), torch.tensor([0, 1]))
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
-    linear_init = ShortcutClassifier("efficientnet_lite0", num_classes=2, weights="imagenet", head_init="linear")
+    linear_init = ShortcutClassifier(
+        "efficientnet_lite0", num_classes=2, weights="imagenet", head_init="linear"
+    )
     assert linear_init.head.weight.abs().sum() > 0
     # the backbone is the ImageNet one either way
     assert torch.equal(model.net.conv_head.weight, linear_init.net.conv_head.weight)

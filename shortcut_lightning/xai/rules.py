@@ -149,7 +149,6 @@ class ZPlusNonNegative(_DirectBasicHook, ZPlus):
         (grad,) = torch.autograd.grad(z, xi, torch.div(grad_output, ratio, out=ratio))
         return grad.mul_(xi.detach())
 
-
     def _signed(self, module: nn.Module, x: Tensor, grad_output: Tensor) -> Tensor:
         """zennit's signed ``ZPlus``: ``x+ W+`` and ``x- W-`` are both >= 0, so their sum needs no sign in
         its stabiliser (zennit's ``sign`` pass is the costliest step on EfficientNet's linear bottlenecks)."""
