@@ -238,7 +238,8 @@ def main() -> None:
 
         build_photos(root, seed=0)
     precision = ["--trainer.precision", resolve_precision(args.precision)]
-    runs = Path(args.runs) / (f"{image_size}px_quick" if args.quick else f"{image_size}px")
+    # shared by the quick and the full run: with --resume the full run reads the quick one's runs
+    runs = Path(args.runs) / f"{image_size}px"
     start = time.perf_counter()
     all_rows = tuple(stage_rows("").keys())
     models = {"efficientnet_lite0 (ImageNet)": ([], QUICK_ROWS if args.quick else all_rows)}
