@@ -2,29 +2,35 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from shortcut_lightning.data import Waterbirds
-from shortcut_lightning.data.photos import ANIMALS, BACKGROUNDS, PACKAGES, build_photos, main
+from shortcut_lightning.data.photos import ANIMALS, BACKGROUNDS, PACKAGES, STRIPS, build_photos, main
 from shortcut_lightning.errors import DataError
 
-SIZES = {"image_size": 48, "n_train": 60, "n_val": 16, "n_test": 16}
+SIZES = {"image_size": 64, "n_train": 60, "n_val": 16, "n_test": 16}
+COLUMNS = ["img_id", "img_filename", "y", "split", "place", "place_filename", "place_strip", "place_box",
+           "place_flip", "animal", "mask_filename"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    """Every cut-out a small RGBA disc, every background a small striped photo, at the packages' paths."""
+    """Every cut-out a small RGBA ellipse (magenta or yellow: far from any background), every background a
+    small noisy green (land) or blue (water) photo, at the packages' paths."""
     root = tmp_path_factory.mktemp("sources")
     rng = np.random.default_rng(0)
     for c, files in enumerate(ANIMALS.values()):
-        for rel in files:
+        for k, rel in enumerate(files):
             image = Image.new("RGBA", (30, 24), (0, 0, 0, 0))
-            ImageDraw.Draw(image).ellipse((3, 2, 27, 22), fill=(200 * c, 90, 40 + 5 * len(rel) % 200, 255))
+            ImageDraw.Draw(image).ellipse(
+                (1 + k % 4, 2, 28, 22 - k % 3), fill=(255, 255 * c, 255 * (1 - c), 255)
+            )
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             image.save(root / rel)
     for a, rels in enumerate(BACKGROUNDS.values()):
@@ -41,51 +47,127 @@ def _build(sources, out, **kwargs):
     return build_photos(out, sources, **{**SIZES, **kwargs})
 
 
-def test_the_protocol_holds(sources, tmp_path):
-    out = _build(sources, tmp_path / "photos")
-    table = pd.read_csv(out / "metadata.csv")
-    assert list(table.columns[:7]) == ["img_id", "img_filename", "y", "split", "place", "place_filename",
-                                       "place_strip"]  # fmt: skip
+@pytest.fixture(scope="module")
+def built(sources, tmp_path_factory):
+    return _build(sources, tmp_path_factory.mktemp("built") / "photos")
+
+
+def _photos(built):
+    """build.json's background photos by their place_filename."""
+    record = json.loads((built / "build.json").read_text())
+    return {photo["place_filename"]: photo for photo in record["background_photos"]}
+
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_metadata_follows_the_group_dro_layout(built):
+    table = pd.read_csv(built / "metadata.csv")
+    assert list(table.columns) == COLUMNS
+    assert set(table.split) == {0, 1, 2} and set(table.y) == {0, 1} and set(table.place) == {0, 1}
+    assert table.img_id.is_unique and table.img_filename.str.match(r"(hoofed|clawed)/\d{5}\.jpg$").all()
+    assert all((built / p).is_file() for p in (*table.img_filename, *table.mask_filename))
+    with Image.open(built / table.img_filename[0]) as image:
+        assert (image.format, image.size) == ("JPEG", (64, 64))
+    record = json.loads((built / "build.json").read_text())
+    assert (record["seed"], record["n_train"], record["n_val"], record["n_test"]) == (0, 60, 16, 16)
+    assert record["counts"]["test"] == {
+        "hoofed_land": 4,
+        "hoofed_water": 4,
+        "clawed_land": 4,
+        "clawed_water": 4,
+    }
+
+
+def test_train_is_correlated_and_imbalanced_val_and_test_are_balanced(built):
+    table = pd.read_csv(built / "metadata.csv")
     train, val, test = (table[table.split == s] for s in (0, 1, 2))
     assert (len(train), len(val), len(test)) == (60, 16, 16)
     assert (train.y == train.place).mean() == pytest.approx(0.95, abs=0.03)  # the spurious correlation
     assert (train.y == 0).mean() == pytest.approx(0.77, abs=0.03)  # imbalanced classes
+    assert train.groupby(["y", "place"]).size().min() >= 1  # every group present in train
     for split in (val, test):
         assert split.groupby(["y", "place"]).size().tolist() == [4, 4, 4, 4]
-    # no background strip serves two splits
-    used = table.groupby(["place_filename", "place_strip"]).split.nunique()
-    assert (used == 1).all()
-    # masks mark the animal: the image differs from the pure background there
-    row = test.iloc[0]
-    mask = np.asarray(Image.open(out / row.mask_filename)) > 127
-    image = np.asarray(Image.open(out / row.img_filename)).astype(int)
-    assert 0.02 < mask.mean() < 0.6
-    assert image[mask][:, 0].mean() != pytest.approx(image[~mask][:, 0].mean(), abs=20)
 
 
-def test_the_build_is_a_function_of_the_seed(sources, tmp_path):
-    one, two = _build(sources, tmp_path / "a"), _build(sources, tmp_path / "b")
-    other = _build(sources, tmp_path / "c", seed=1)
-    assert (one / "metadata.csv").read_bytes() == (two / "metadata.csv").read_bytes()
-    assert (one / "hoofed" / "00000.jpg").read_bytes() == (two / "hoofed" / "00000.jpg").read_bytes()
-    assert (one / "metadata.csv").read_bytes() != (other / "metadata.csv").read_bytes()
+def test_no_background_pixel_is_shared_between_splits(built):
+    table = pd.read_csv(built / "metadata.csv")
+    photos = _photos(built)
+    assert set(table.place_filename) <= set(photos) and len(photos) == 12
+    for photo in photos.values():  # 3 strips train, 1 val, 1 test, each strip in one split
+        strips = photo["strips"]
+        assert (len(strips["train"]), len(strips["val"]), len(strips["test"])) == (3, 1, 1)
+        assert sorted(strips["train"] + strips["val"] + strips["test"]) == list(range(STRIPS))
+    for row in table.itertuples():
+        photo = photos[row.place_filename]
+        width, height = photo["size"]
+        assert row.place_strip in photo["strips"][("train", "val", "test")[row.split]]
+        x0, y0, x1, y1 = map(int, row.place_box.split())
+        lo, hi = row.place_strip * (width // STRIPS), (row.place_strip + 1) * (width // STRIPS)
+        assert lo <= x0 < x1 <= hi and 0 <= y0 < y1 <= height and x1 - x0 == y1 - y0
+    assert (table.groupby(["place_filename", "place_strip"]).split.nunique() == 1).all()
 
 
-def test_disjoint_animals_never_share_a_cut_out_between_splits(sources, tmp_path):
-    table = pd.read_csv(_build(sources, tmp_path / "d", animals="disjoint") / "metadata.csv")
+def test_masks_mark_the_pasted_animal(built, sources):
+    """Where the image differs from its own background crop (rebuilt from place_box), the mask is set."""
+    table = pd.read_csv(built / "metadata.csv")
+    photos = _photos(built)
+    for row in table.iloc[::9].itertuples():
+        with Image.open(sources / photos[row.place_filename]["file"]) as photo:
+            crop = (
+                photo.convert("RGB")
+                .crop(tuple(map(int, row.place_box.split())))
+                .resize((64, 64), Image.BICUBIC)
+            )
+        if row.place_flip:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        with (
+            Image.open(built / row.img_filename) as image,
+            Image.open(built / row.mask_filename) as mask_image,
+        ):
+            changed = np.abs(np.asarray(image, int) - np.asarray(crop, int)).sum(axis=2) > 120
+            inner = np.asarray(mask_image.filter(ImageFilter.MinFilter(3))) > 127
+            outer = np.asarray(mask_image.filter(ImageFilter.MaxFilter(5))) > 127
+            assert set(np.unique(np.asarray(mask_image))) == {0, 255}
+        assert inner.mean() > 0.03 and changed[inner].mean() > 0.95  # the animal is where the mask is
+        assert changed[~outer].mean() < 0.01  # and nowhere else
+
+
+def test_cut_outs_are_shared_by_default_and_disjoint_on_request(sources, built, tmp_path):
+    out = _build(sources, tmp_path / "d", animals="disjoint")
+    table = pd.read_csv(out / "metadata.csv")
     assert (table.groupby("animal").split.nunique() == 1).all()
-    shared = pd.read_csv(_build(sources, tmp_path / "s") / "metadata.csv")
+    pools = json.loads((out / "build.json").read_text())["animals_per_split"]
+    for c, files in ANIMALS.items():  # every cut-out in exactly one split, about 60/20/20
+        sizes = [len(pools[c][s]) for s in ("train", "val", "test")]
+        assert sum(sizes) == len(files) == len(set().union(*pools[c].values()))
+        assert sizes[0] == round(0.6 * len(files)) and abs(sizes[1] - sizes[2]) <= 1
+    shared = pd.read_csv(built / "metadata.csv")
     assert (shared.groupby("animal").split.nunique() > 1).any()
 
 
-def test_the_waterbirds_reader_loads_it_with_masks(sources, tmp_path):
-    out = _build(sources, tmp_path / "photos")
-    dm = Waterbirds(root=str(out), image_size=32, batch_size=8, num_workers=0)
+def test_the_build_is_a_function_of_the_seed(sources, built, tmp_path):
+    again, other = _build(sources, tmp_path / "a"), _build(sources, tmp_path / "c", seed=1)
+    assert _files(again) == _files(built)  # byte-identical: images, masks, metadata.csv, build.json
+    assert (built / "metadata.csv").read_bytes() != (other / "metadata.csv").read_bytes()
+    assert (built / "hoofed" / "00000.jpg").read_bytes() != (other / "hoofed" / "00000.jpg").read_bytes()
+
+
+def test_the_waterbirds_reader_loads_it_with_masks(built):
+    dm = Waterbirds(root=str(built), image_size=64, batch_size=8, num_workers=0)
     dm.setup("fit")
     batch = next(iter(dm.dataloader("train")))
-    assert batch["image"].shape == (8, 3, 32, 32) and batch["mask"].shape == (8, 1, 32, 32)
+    assert batch["image"].shape == (8, 3, 64, 64) and batch["mask"].shape == (8, 1, 64, 64)
     assert 0.3 < batch["mask"].float().mean() < 0.98  # the spurious region is the background
     assert dm.group_counts("val").tolist() == [4, 4, 4, 4]
+    # mask_marks core: the spurious region is the rest of the image (a centre crop of it at evaluation)
+    val = next(iter(dm.dataloader("val")))["mask"].float().mean(dim=(1, 2, 3))
+    table = pd.read_csv(built / "metadata.csv")
+    animal = [
+        np.asarray(Image.open(built / m)).mean() / 255 for m in table[table.split == 1].mask_filename[:8]
+    ]
+    assert val.numpy() == pytest.approx(1 - np.array(animal), abs=0.15)
 
 
 def test_bad_sources_are_named(sources, tmp_path):
@@ -102,13 +184,49 @@ def test_bad_sources_are_named(sources, tmp_path):
     Image.new("RGBA", (10, 10), (1, 2, 3, 255)).save(opaque)
     with pytest.raises(DataError, match=r"bison\.png has no transparent background"):
         _build(broken, tmp_path / "z")
+    shutil.copytree(sources, broken, dirs_exist_ok=True)
+    (broken / BACKGROUNDS["water"][-1]).unlink()
+    with pytest.raises(DataError, match=r"Aqua\.jpg is missing.*mate-backgrounds"):
+        _build(broken, tmp_path / "w")
 
 
 def test_without_apt_the_error_says_what_to_install(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("SHORTCUT_CACHE", raising=False)
     with pytest.raises(SystemExit) as stop:
         main(["photos", "--out", str(tmp_path / "out")])
     assert stop.value.code == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and f"apt-get download {PACKAGES[0]}" in error
+    assert "--sources DIR" in error
+
+
+def test_a_failed_download_is_one_line(tmp_path, monkeypatch, capsys):
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("apt-get", "dpkg-deb"):  # an apt that cannot find the package
+        (tools / tool).write_text("#!/bin/sh\necho 'E: Unable to locate package' >&2\nexit 100\n")
+        (tools / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:/usr/bin:/bin")
+    monkeypatch.setenv("SHORTCUT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit):
+        main(["photos", "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert f"cannot fetch {PACKAGES[0]} (E: Unable to locate package)" in error and "--sources DIR" in error
+    assert not (tmp_path / "cache" / PACKAGES[0]).exists()  # nothing half-extracted is left as done
+
+
+def test_shortcut_cache_names_the_cache(sources, tmp_path, monkeypatch, capsys):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "photo_sources").symlink_to(sources)  # the packages, as if fetched there
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # a fetch would fail
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SHORTCUT_CACHE", str(tmp_path / "cache"))
+    main(["photos", "--out", str(tmp_path / "out"), "--image-size", "32", "--n-train", "20", "--n-val", "8",
+          "--n-test", "8"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "test  hoofed_land 2  hoofed_water 2  clawed_land 2  clawed_water 2" in printed
+    assert f"wrote {tmp_path / 'out'}" in printed
+    assert len(pd.read_csv(tmp_path / "out" / "metadata.csv")) == 36

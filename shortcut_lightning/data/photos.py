@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -65,12 +66,18 @@ BACKGROUNDS: dict[str, tuple[str, ...]] = {
     "land": (f"{_WALL}/Path", f"{_WALL}/OneStandsOut", f"{_WALL}/FallenLeaf",
              f"{_NATURE}/GreenMeadow.jpg", f"{_NATURE}/LadyBird.jpg", f"{_NATURE}/RainDrops.jpg"),
     "water": (f"{_WALL}/BytheWater", f"{_WALL}/ColdRipple", f"{_WALL}/DarkestHour", f"{_WALL}/summer_1am",
-              f"{_WALL}/Volna", f"{_NATURE}/Storm.jpg"),
+              f"{_WALL}/EveningGlow", f"{_NATURE}/Aqua.jpg"),
 }  # fmt: skip
 CLASSES, PLACES = tuple(ANIMALS), tuple(BACKGROUNDS)
 SPLITS = ("train", "val", "test")
 STRIPS = 5  # per background photo: 3 train, 1 val, 1 test
-DEFAULT_CACHE = Path("~/.cache/shortcut_lightning/photo_sources")
+DEFAULT_CACHE = Path("~/.cache/shortcut_lightning/photo_sources")  # or $SHORTCUT_CACHE/photo_sources
+
+
+def default_cache() -> Path:
+    """Where fetched packages live: ``$SHORTCUT_CACHE/photo_sources`` when that is set, else ``DEFAULT_CACHE``."""
+    root = os.environ.get("SHORTCUT_CACHE", "").strip()
+    return (Path(root) / "photo_sources" if root else DEFAULT_CACHE).expanduser()
 
 
 def fetch_sources(cache: Path | None = None) -> Path:
@@ -79,7 +86,7 @@ def fetch_sources(cache: Path | None = None) -> Path:
     Uses ``apt-get download`` and ``dpkg-deb -x``: no root, no install. Fails in one line that says what
     to run when a package cannot be fetched.
     """
-    cache = (cache or DEFAULT_CACHE).expanduser()
+    cache = (cache or default_cache()).expanduser()
     for package in PACKAGES:
         target = cache / package
         if (target / "usr").is_dir():
@@ -128,6 +135,11 @@ def _source(sources: Path, rel: str) -> Path:
         raise DataError(f"photo source {path} is missing: rerun `shortcut-data photos` without --sources, or "
                         f"extract the Debian package {rel.split('/')[0]} there")  # fmt: skip
     return path
+
+
+def _place_name(path: Path) -> str:
+    """A background photo's ``place_filename``: a plasma wallpaper's folder name, else the file name."""
+    return path.parents[2].name if path.parent.name == "images" else path.name
 
 
 def _size(path: Path) -> tuple[int, int]:
@@ -225,14 +237,21 @@ def build_photos(
                                      image_size, scale))  # fmt: skip
                 index += 1
                 bar.update()
-    fields = ["img_id", "img_filename", "y", "split", "place", "place_filename", "place_strip", "animal",
-              "mask_filename"]  # fmt: skip
+    fields = ["img_id", "img_filename", "y", "split", "place", "place_filename", "place_strip", "place_box",
+              "place_flip", "animal", "mask_filename"]  # fmt: skip
     with (out / "metadata.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(fields)
         writer.writerows([[row[f] for f in fields] for row in rows])
-    _write_record(out, src, rows, seed=seed, image_size=image_size, animals=animals, scale=list(scale),
-                  minority=minority, class0_share=class0_share)  # fmt: skip
+    photos = [{"place_filename": _place_name(path), "place": PLACES[a], "file": str(path.relative_to(src)),
+               "size": list(image.size),
+               "strips": strips[(a, i)]}
+              for a in backgrounds for i, (path, image) in enumerate(backgrounds[a])]  # fmt: skip
+    animals_per_split = {CLASSES[y]: {split: sorted({name for name, _ in pools[(y, split)]}) for split in SPLITS}
+                         for y in range(len(CLASSES))}  # fmt: skip
+    _write_record(out, src, rows, seed=seed, image_size=image_size, n_train=n_train, n_val=n_val, n_test=n_test,
+                  animals=animals, scale=list(scale), minority=minority, class0_share=class0_share,
+                  background_photos=photos, animals_per_split=animals_per_split)  # fmt: skip
     return out
 
 
@@ -248,8 +267,10 @@ def _compose(out: Path, index: int, seed: int, split: str, y: int, a: int, pool:
     side = int(min(strip_width, height) * r.uniform(0.6, 1.0))
     x0 = strip * strip_width + int(r.integers(0, strip_width - side + 1))
     y0 = int(r.integers(0, height - side + 1))
-    canvas = background.crop((x0, y0, x0 + side, y0 + side)).resize((size, size), Image.Resampling.BICUBIC)
-    if r.random() < 0.5:
+    box = (x0, y0, x0 + side, y0 + side)  # recorded, so a reader can check it lies inside the strip
+    canvas = background.crop(box).resize((size, size), Image.Resampling.BICUBIC)
+    flip = r.random() < 0.5
+    if flip:
         canvas = canvas.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     name, animal = pool[int(r.integers(len(pool)))]
     if r.random() < 0.5:
@@ -265,11 +286,13 @@ def _compose(out: Path, index: int, seed: int, split: str, y: int, a: int, pool:
     canvas.save(out / image_name, quality=95)
     mask.save(out / mask_name)
     return {"img_id": index, "img_filename": image_name, "y": y, "split": SPLITS.index(split), "place": a,
-            "place_filename": path.name if path.parent.name != "images" else path.parents[2].name,
-            "place_strip": strip, "animal": name, "mask_filename": mask_name}  # fmt: skip
+            "place_filename": _place_name(path),
+            "place_strip": strip, "place_box": " ".join(map(str, box)), "place_flip": int(flip),
+            "animal": name, "mask_filename": mask_name}  # fmt: skip
 
 
 def _write_record(out: Path, sources: Path, rows: list[dict], **settings: object) -> None:
+    """``build.json``: settings, counts per split and group, package versions, the files and strips used."""
     counts = {split: {f"{CLASSES[y]}_{PLACES[a]}": sum(1 for r in rows if r["split"] == s and r["y"] == y
                                                           and r["place"] == a) for y in (0, 1) for a in (0, 1)}
               for s, split in enumerate(SPLITS)}  # fmt: skip
@@ -287,7 +310,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     photos = sub.add_parser("photos", help="the real-photo shortcut benchmark (Waterbirds layout)")
     photos.add_argument("--out", default="data/photos")
     photos.add_argument(
-        "--sources", default=None, help=f"extracted packages (default: fetched into {DEFAULT_CACHE})"
+        "--sources",
+        default=None,
+        help=f"extracted packages, as DIR/<package>/usr/... (default: fetched into {DEFAULT_CACHE}, "
+        "or $SHORTCUT_CACHE/photo_sources when that is set)",
     )
     photos.add_argument("--seed", type=int, default=0)
     photos.add_argument("--image-size", type=int, default=224)
