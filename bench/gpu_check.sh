@@ -22,8 +22,7 @@ start=$(date +%s)
 timeout 330 $PY bench/photos.py --quick --image-size 224 --precision bf16-mixed --root "$PHOTOS" \
   --runs /tmp/gpu_runs --no-docs 2>&1 | grep -E '^\[photos\]|Error|error' | tee -a "$LOG"
 photos_s=$(( $(date +%s) - start ))
-timeout 150 $PY bench/speed.py --repeats 1 --only erm,dfr,score,prusc,lrp --n 2560 --image-size 32 2>&1 | tail -30 | tee -a "$LOG"
-timeout 60 $PY bench/speed.py --repeats 1 --only lrp --backbone efficientnet_lite0 --lrp-size 128 2>&1 | tail -5 | tee -a "$LOG"
+timeout 200 $PY bench/speed.py --repeats 1 --only erm,dfr,score,prusc,lrp,lrp_efficientnet --n 2560 --image-size 32 2>&1 | tail -30 | tee -a "$LOG"
 ddp="{}"
 if [ "$($PY -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
   ckpt=$(ls /tmp/gpu_runs/*/efficientnet_lite0_ERM/*/seed0/checkpoints/epoch*.ckpt 2>/dev/null | head -1)

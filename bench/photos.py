@@ -229,6 +229,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--no-docs", action="store_true", help="write the JSON only")
+    parser.add_argument("--no-scratch", action="store_true", help="leave out the resnet18-from-scratch contrast")
     args = parser.parse_args()
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     image_size = args.image_size or (224 if torch.cuda.is_available() else 128)
@@ -243,7 +244,7 @@ def main() -> None:
     start = time.perf_counter()
     all_rows = tuple(stage_rows("").keys())
     models = {"efficientnet_lite0 (ImageNet)": ([], QUICK_ROWS if args.quick else all_rows)}
-    if not args.quick:
+    if not args.quick and not args.no_scratch:
         models["resnet18 (from scratch)"] = (
             ["--model.backbone", "resnet18", "--model.weights", "null"], SCRATCH_ROWS)  # fmt: skip
     result = {"seeds": seeds, "image_size": image_size, "quick": args.quick, "environment": environment(),

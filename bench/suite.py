@@ -217,9 +217,6 @@ def speed(quick: bool) -> dict:
     if quick:
         args += ["--sscore-neurons", "64", "--n", "640"]
     subprocess.run(args, check=True, cwd=ROOT)
-    # LRP on the pretrained regime's network (EfficientNet-Lite at the photo benchmark's CPU size)
-    lrp = ["--only", "lrp", "--backbone", "efficientnet_lite0", "--lrp-size", "128"]
-    subprocess.run([*args[:2], *lrp, *args[2:4]], check=True, cwd=ROOT)
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
