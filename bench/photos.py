@@ -229,7 +229,9 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--no-docs", action="store_true", help="write the JSON only")
-    parser.add_argument("--no-scratch", action="store_true", help="leave out the resnet18-from-scratch contrast")
+    parser.add_argument(
+        "--no-scratch", action="store_true", help="leave out the resnet18-from-scratch contrast"
+    )
     args = parser.parse_args()
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     image_size = args.image_size or (224 if torch.cuda.is_available() else 128)
