@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from quality import run
+from quality import NotRun, run
 from suite import ROOT, config_with, environment, resolve_precision, write_between
 
 from shortcut_lightning import ShortcutClassifier
@@ -108,7 +108,8 @@ def sklearn_reference(ckpt: str, backbone: str, root: Path, image_size: int) -> 
 
 
 def one_model(label: str, backbone_args: list[str], rows: tuple[str, ...], seeds: list[int], root: Path,
-              image_size: int, runs: Path, resume: bool, precision: list[str]) -> dict:  # fmt: skip
+              image_size: int, runs: Path, resume: bool, precision: list[str],
+              finished_only: bool = False) -> dict:  # fmt: skip
     """ERM and the ``rows`` for every seed; per row: summaries, per-seed reports, wall seconds, failures."""
     data = ["--data.root", str(root), "--data.image_size", str(image_size), *precision]
     out: dict = {}
@@ -118,7 +119,7 @@ def one_model(label: str, backbone_args: list[str], rows: tuple[str, ...], seeds
     slug = label.split()[0]
     for seed in seeds:
         report, _, _, sec = run("configs/photos_erm.yaml", seed, runs / f"{slug}_ERM", [*data, *backbone_args],
-                                reuse=resume, data_seed=False)  # fmt: skip
+                                reuse=resume or finished_only, data_seed=False)  # fmt: skip
         per_seed["ERM"].append(report)
         seconds.setdefault("ERM", []).append(sec)
         erm_dir = next((runs / f"{slug}_ERM").glob(f"*/seed{seed}"))
@@ -132,7 +133,11 @@ def one_model(label: str, backbone_args: list[str], rows: tuple[str, ...], seeds
             path = config_with(config, f"{name}_seed{seed}", overrides, runs / "configs", **top)
             try:
                 report, before, sscore, sec = run(path, seed, runs / name, [*data, *backbone_args, *extra],
-                                                  reuse=resume, data_seed=False)  # fmt: skip
+                                                  reuse=resume or finished_only, run_missing=not finished_only,
+                                                  data_seed=False)  # fmt: skip
+            except NotRun:
+                failures.setdefault(row, {})[seed] = "not run"
+                continue
             except Exception as error:  # one broken run must not lose the others
                 failures.setdefault(row, {})[seed] = f"{type(error).__name__}: {error}"
                 print(f"[photos] {label} {row} seed {seed}: FAILED {error}", flush=True)
@@ -197,7 +202,9 @@ def table(result: dict) -> str:
         for row, data in rows.items():
             sscores = [s["sscore"]["mean"] for s in data["per_seed"] if s.get("sscore")]
             sscore = f"{statistics.mean(sscores):.3f}" if sscores else ""
-            failed = f", {len(data['failed'])} failed" if data["failed"] else ""
+            missing = list(data["failed"].values())
+            failed = f", {len(missing)} not run" if missing and all(m == "not run" for m in missing) else (
+                f", {len(missing)} failed" if missing else "")  # fmt: skip
             lines.append(f"| {model} | {row} | {_cell(data, 'wga', None if row == 'ERM' else erm)} | "
                          f"{_cell(data, 'mean')} | {sscore} | {len(data['per_seed'])}{failed} |")  # fmt: skip
     return "\n".join(lines)
@@ -230,6 +237,9 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--no-docs", action="store_true", help="write the JSON only")
     parser.add_argument(
+        "--finished-only", action="store_true", help="tables of the finished runs; run nothing"
+    )
+    parser.add_argument(
         "--no-scratch", action="store_true", help="leave out the resnet18-from-scratch contrast"
     )
     args = parser.parse_args()
@@ -254,7 +264,7 @@ def main() -> None:
     name = "photos_quick" if args.quick else "photos"
     for label, (backbone_args, rows) in models.items():
         result["models"][label] = one_model(label, backbone_args, rows, seeds, root, image_size, runs,
-                                            args.resume, precision)  # fmt: skip
+                                            args.resume, precision, args.finished_only)  # fmt: skip
         result["wall_s"] = time.perf_counter() - start
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
