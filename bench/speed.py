@@ -15,7 +15,9 @@
   the weights) on the same batch, alternating; medians compared; at 32 px (batch 64), where the
   per-weight mask work dominates, and at 224 px (batch 16). Target <= 1.5.
 - ``lrp``: LRP input-relevance throughput (EpsilonPlusFlat, timm canonizers, batch 32) vs forward-only
-  throughput of the same model and batch. Target >= 0.3x.
+  throughput of the same model and batch (``--backbone`` at ``--lrp-size``). Target >= 0.3x.
+- ``lrp_efficientnet``: the same for efficientnet_lite0 at 128 px (the pretrained regime's network:
+  BatchNormAct merging, depthwise WSquare, canonized inverted-residual adds). Target >= 0.3x.
 - ``attnlrp``: the same for a timm ViT (``--vit``, default vit_tiny_patch16_224 at 224 px): AttnLRP
   (ViT canonizer, LayerNorm and attention rules) vs forward-only. Target >= 0.25x.
 """
@@ -189,20 +191,26 @@ def bench_sscore(n_neurons: int | None) -> dict:
     }  # fmt: skip
 
 
-def bench_lrp(backbone: str, image_size: int, repeats: int, goal: str = ">= 0.3") -> dict:
+def bench_lrp(
+    backbone: str, image_size: int, repeats: int, goal: str = ">= 0.3", device: str = "cpu"
+) -> dict:
     """Images per second: LRP input relevance vs a plain forward, same model, same batch of 32 (alternating, medians)."""
     from shortcut_lightning.xai import relevance
 
-    model = make_model(backbone).eval()
-    x = torch.randn(32, 3, image_size, image_size)
-    target = torch.zeros(32, dtype=torch.long)
+    model = make_model(backbone).to(device).eval()
+    x = torch.randn(32, 3, image_size, image_size, device=device)
+    target = torch.zeros(32, dtype=torch.long, device=device)
 
     def forward() -> None:
         with torch.no_grad():
             model(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     def lrp() -> None:
         relevance(model, x, target)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     runs: dict[str, list[float]] = {"forward": [], "lrp": []}
     forward(), lrp()  # warm-up
@@ -214,7 +222,7 @@ def bench_lrp(backbone: str, image_size: int, repeats: int, goal: str = ">= 0.3"
     timings = {name: statistics.median(values) for name, values in runs.items()}
     return {
         "benchmark": "LRP input relevance vs forward-only throughput (batch 32)",
-        "backbone": backbone, "image_size": image_size, "batch": 32,
+        "backbone": backbone, "image_size": image_size, "batch": 32, "device": device,
         "forward_img_per_s": 32 / timings["forward"], "lrp_img_per_s": 32 / timings["lrp"],
         "ratio": timings["forward"] / timings["lrp"], "target": goal,
     }  # fmt: skip
@@ -290,7 +298,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--only", default="erm,dfr,sscore,score,prusc,lrp,attnlrp", help="comma-separated benchmarks to run"
+        "--only",
+        default="erm,dfr,sscore,score,prusc,lrp,lrp_efficientnet,attnlrp",
+        help="comma-separated benchmarks to run",
     )
     parser.add_argument("--vit", default="vit_tiny_patch16_224", help="backbone of the attnlrp benchmark")
     parser.add_argument("--lrp-size", type=int, default=224, help="image side for the lrp benchmark")
@@ -337,16 +347,19 @@ def main() -> None:
             print(f"ERM step       {result['erm_step_s'] * 1000:.1f} ms")
             print(f"mask step      {result['mask_step_s'] * 1000:.1f} ms")
             print(f"ratio          {result['ratio']:.3f}  (target <= 1.5)")
-    if "lrp" in args.only:
-        result = bench_lrp(args.backbone, args.lrp_size, args.repeats)
-        tag = "" if args.backbone == "resnet18" else f"_{args.backbone}"
+    lrp_runs = [(args.backbone, args.lrp_size)] if "lrp" in args.only else []
+    if "lrp_efficientnet" in args.only and ("efficientnet_lite0", 128) not in lrp_runs:
+        lrp_runs.append(("efficientnet_lite0", 128))
+    for backbone, size in lrp_runs:
+        result = bench_lrp(backbone, size, args.repeats, device=device)
+        tag = "" if backbone == "resnet18" else f"_{backbone}"
         (OUT / f"speed_lrp{tag}_{device}.json").write_text(json.dumps(result, indent=2))
-        print(f"\nLRP vs forward ({args.backbone}, batch 32 at {args.lrp_size} px)")
+        print(f"\nLRP vs forward ({backbone}, batch 32 at {size} px, {device})")
         print(f"forward        {result['forward_img_per_s']:.1f} img/s")
         print(f"LRP            {result['lrp_img_per_s']:.1f} img/s")
         print(f"ratio          {result['ratio']:.3f}  (target >= 0.3)")
     if "attnlrp" in args.only:
-        result = bench_lrp(args.vit, args.lrp_size, args.repeats, goal=">= 0.25")
+        result = bench_lrp(args.vit, args.lrp_size, args.repeats, goal=">= 0.25", device=device)
         (OUT / f"speed_attnlrp_{device}.json").write_text(json.dumps(result, indent=2))
         print(f"\nAttnLRP vs forward ({args.vit}, batch 32 at {args.lrp_size} px)")
         print(f"forward        {result['forward_img_per_s']:.1f} img/s")
