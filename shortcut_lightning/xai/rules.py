@@ -233,16 +233,17 @@ class EpsilonDirect(_DirectBasicHook, Epsilon):
         return (ratio @ module.weight).mul_(x)
 
 
-class FlatDirect(_DirectBasicHook, Flat):
-    """zennit's ``Flat`` without the layer's plain backward; on a plain convolution, as :class:`WSquareDirect`
-    computes it (the denominator from one image of ones: it counts the taps that read the image)."""
+class _OnesInputRule(_DirectBasicHook):
+    """A rule whose modified layer reads only ones (zennit's ``Flat``, ``WSquare``): on a plain zero-padded
+    convolution, :func:`_ones_rule` (the denominator from ONE image of ones, then the conv's input gradient);
+    elsewhere zennit's computation (its signed stabiliser is ``+ stabilizer`` here: the denominator is >= 0)."""
 
     def __init__(self, stabilizer: float = 1e-6, zero_params: Any = None) -> None:
         super().__init__(stabilizer=stabilizer, zero_params=zero_params)
         self.stabilizer, self.zero_params = float(stabilizer), zero_params
 
-    def copy(self) -> FlatDirect:
-        return FlatDirect(self.stabilizer, self.zero_params)
+    def copy(self) -> _OnesInputRule:
+        return type(self)(self.stabilizer, self.zero_params)
 
     def relevance(self, module: nn.Module, x: Tensor | None, grad_output: Tensor) -> Tensor:
         assert x is not None
@@ -250,33 +251,13 @@ class FlatDirect(_DirectBasicHook, Flat):
         return super().relevance(module, x, grad_output) if fast is None else fast
 
 
-class WSquareDirect(_DirectBasicHook, WSquare):
+class FlatDirect(_OnesInputRule, Flat):
+    """zennit's ``Flat`` without the layer's plain backward (the denominator counts the taps that read the image)."""
+
+
+class WSquareDirect(_OnesInputRule, WSquare):
     """zennit's ``WSquare`` (``R_i = w_ij^2 / sum_i w_ij^2 R_j``, the sum over the taps that read the image,
-    not the zero padding): one forward of ones and one backward; the denominator is >= 0, so zennit's
-    signed stabiliser reduces to adding ``stabilizer``.
-
-    The denominator does not depend on the input: on a plain convolution it comes from a forward of ONE
-    image of ones, and the backward is the convolution's input gradient at the batch's size (:func:`_ones_rule`).
-    """
-
-    def __init__(self, stabilizer: float = 1e-6, zero_params: Any = None) -> None:
-        super().__init__(stabilizer=stabilizer, zero_params=zero_params)
-        self.stabilizer, self.zero_params = float(stabilizer), zero_params
-
-    def copy(self) -> WSquareDirect:
-        return WSquareDirect(self.stabilizer, self.zero_params)
-
-    def relevance(self, module: nn.Module, x: Tensor | None, grad_output: Tensor) -> Tensor:
-        assert x is not None
-        fast = _ones_rule(self.param_modifiers[0], self.stabilizer, module, x, grad_output)
-        if fast is not None:
-            return fast
-        ones = torch.ones_like(x).requires_grad_(True)
-        with ParamMod.ensure(self.param_modifiers[0])(module) as modified, torch.enable_grad():
-            z = modified.forward(ones)
-        ratio = z.detach().add_(self.stabilizer)
-        (grad,) = torch.autograd.grad(z, ones, torch.div(grad_output, ratio, out=ratio))
-        return grad
+    not the zero padding) without the layer's plain backward."""
 
 
 class ZBoxDirect(_DirectBasicHook, ZBox):
