@@ -21,7 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from shortcut_lightning import ShortcutClassifier
 from shortcut_lightning.data import SyntheticShortcuts
-from shortcut_lightning.masks import attach_masks
+from shortcut_lightning.methods.prusc.masks import attach_masks
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from shortcut_lightning import ShortcutClassifier
-from shortcut_lightning.conv_reach import reachable_of, reachable_weights
-from shortcut_lightning.masks import maskable_modules
+from shortcut_lightning.methods.prusc.conv_reach import reachable_of, reachable_weights
+from shortcut_lightning.methods.prusc.masks import maskable_modules
 
 
 def stage_of(name: str) -> str:

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from shortcut_lightning import ShortcutClassifier, SyntheticShortcuts
-from shortcut_lightning.embedding_pass import collect_embeddings
-from shortcut_lightning.last_layer import C_GRID, fit_dfr
+from shortcut_lightning.methods.dfr.last_layer import C_GRID, fit_dfr
+from shortcut_lightning.probing.embedding_pass import collect_embeddings
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -230,8 +230,8 @@ def bench_lrp(
 
 def bench_prusc(backbone: str, device: str, steps: int, size: int, batch: int = 64) -> dict:
     """Mask-learning step vs ERM step on one batch (the callback's loss pieces, timed step by step)."""
-    from shortcut_lightning.masks import attach_masks
-    from shortcut_lightning.supcon import cluster_supcon
+    from shortcut_lightning.methods.prusc.masks import attach_masks
+    from shortcut_lightning.methods.prusc.supcon import cluster_supcon
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=g).to(device)

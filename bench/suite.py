@@ -452,7 +452,7 @@ def mining_lines(quality_: dict) -> list[str]:
 
 def plot(result: dict) -> None:
     """WGA per method and variant with error bars (std over seeds)."""
-    from shortcut_lightning.figures import new_figure
+    from shortcut_lightning.reporting.figures import new_figure
 
     quality_ = result.get("quality", {})
     if not quality_:

@@ -12,9 +12,12 @@ from torch import nn
 
 from shortcut_lightning.errors import ModelError
 from shortcut_lightning.imagenet_weights import IMAGENET, OFFLINE_IMAGENET, imagenet_state_dict, weights_file
-from shortcut_lightning.masks import attach_masks, bake_masks
 
 HEAD_INITS = ("zero", "linear")
+# A stage that reparametrizes the network while it trains (PruSC's masks) saves the network as evaluation sees
+# it, in plain weights, under this checkpoint key (as Lightning's ModelPruning makes pruning permanent when it
+# saves). ``model.weights=<ckpt>`` reads it before the ``state_dict``, so this builder knows no method.
+PLAIN_WEIGHTS = "plain_state_dict"
 
 
 def create_backbone(
@@ -111,21 +114,23 @@ def _from_timm_hub(name: str, **kwargs: Any) -> nn.Module:
 
 
 def _from_lightning_checkpoint(path: Path, name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """The network of a ShortcutClassifier checkpoint (its ``net.*`` weights, head included; masks multiplied in)."""
-    state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})
+    """The network of a ShortcutClassifier checkpoint: its ``net.*`` weights, head included (plain ones first)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint.get(PLAIN_WEIGHTS) or checkpoint.get("state_dict", {})
     net = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
     if not net:
         raise ModelError(f"model.weights {path} holds no ShortcutClassifier network (no 'net.*' weights)")
+    if any(".parametrizations." in k for k in net):
+        raise ModelError(
+            f"model.weights {path} holds a reparametrized network without its plain weights (a checkpoint saved "
+            "by an older MaskPruning): evaluate it with the stage's config (`shortcut test --config <prusc.yaml> "
+            "--ckpt_path <ckpt>`), or use the run's checkpoints/pruned.ckpt"
+        )
     model = timm.create_model(name, num_classes=num_classes, pretrained=False, **kwargs)
-    suffix = ".parametrizations.weight.original"
-    masked = sorted(k.removesuffix(suffix) for k in net if k.endswith(suffix))  # layers under a PruSC mask
     try:
-        if masked:
-            attach_masks(model, masked)
         model.load_state_dict(net)
-    except (RuntimeError, ModelError) as exc:
+    except RuntimeError as exc:
         raise ModelError(
             f"model.weights {path} do not fit backbone {name!r} with {num_classes} classes: {exc}"
         ) from exc
-    bake_masks(model)
     return model

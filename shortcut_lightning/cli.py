@@ -17,6 +17,7 @@ from shortcut_lightning.data import GroupDataModule
 from shortcut_lightning.errors import ShortcutError
 from shortcut_lightning.metrics import format_group_table
 from shortcut_lightning.module import ShortcutClassifier
+from shortcut_lightning.stages import Stage
 
 
 class ShortcutCLI(LightningCLI):
@@ -86,24 +87,34 @@ class ShortcutCLI(LightningCLI):
         if "test" not in getattr(self.datamodule, "splits", ()):
             return
         # a stage that rewrote the model at the end of fit (e.g. DFR) is tested as it is now
-        staged = any(getattr(cb, "changes_model_at_fit_end", False) for cb in self.trainer.callbacks)
+        staged = any(stage.changes_model_at_fit_end for stage in self.stages)
         best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
         ckpt = None if staged or not best else best
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
         self._print_before_after()
 
+    @property
+    def stages(self) -> list[Stage]:
+        """The trainer's callbacks that follow the :class:`~shortcut_lightning.stages.Stage` contract."""
+        return [cb for cb in self.trainer.callbacks if isinstance(cb, Stage)]
+
     def _print_before_after(self) -> None:
-        """A stage that reports the model before it ran (``before_reports``) gets one before/after test table."""
+        """One before/after test table for a stage that left the model to the training loop (SCORE's mining).
+
+        A stage that changes the model at the end of ``fit`` (DFR, PruSC) reports its own before/after tables.
+        """
         metrics = next((cb for cb in self.trainer.callbacks if isinstance(cb, GroupMetrics)), None)
         after = metrics.reports.get("test") if metrics is not None else None
         if after is None or not self.trainer.is_global_zero:
             return
-        for callback in self.trainer.callbacks:
-            before = getattr(callback, "before_reports", {}).get("test")
-            if before is not None:
-                label = getattr(callback, "stage_label", type(callback).__name__)
+        for stage in self.stages:
+            before = stage.before_reports.get("test")
+            if before is not None and not stage.changes_model_at_fit_end:
                 table = format_group_table({"before": before, "after": after})
-                print(f"\n{label}: test accuracy before and after the stage\n{table}\n", flush=True)
+                # the CLI's own output, on stdout beside the test table (the library's callbacks log instead)
+                print(
+                    f"\n{stage.stage_label}: test accuracy before and after the stage\n{table}\n", flush=True
+                )
 
     def after_predict(self) -> None:
         """Writes ``predictions.csv`` (test split) to the log directory."""

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, default_collate
 
+from shortcut_lightning.callbacks import DeepFeatureReweighting
 from shortcut_lightning.data import SyntheticShortcuts
 
 
@@ -107,7 +109,7 @@ class MaskDump(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from shortcut_lightning.callbacks import MaskPruning
-        from shortcut_lightning.masks import model_masks
+        from shortcut_lightning.methods.prusc.masks import model_masks
 
         pruning = next(cb for cb in trainer.callbacks if isinstance(cb, MaskPruning))
         masks = {name: mask.hard() for name, mask in model_masks(pl_module).items()}
@@ -151,3 +153,26 @@ class BatchIndices(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.drawn.setdefault(trainer.current_epoch, []).extend(batch["index"].tolist())
+
+
+class FailureRecordingDFR(DeepFeatureReweighting):
+    """DFR that writes ``rank<N>.txt`` with the class of the error its run raised on that rank.
+
+    Rank 0 holds ``hold_rank_zero`` seconds before raising: under ``ddp_spawn`` the other ranks are
+    terminated once rank 0 exits, so a rank that fails a moment later still gets to record it.
+    """
+
+    def __init__(self, folder: str, hold_rank_zero: float = 3.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.folder = folder
+        self.hold_rank_zero = hold_rank_zero
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        try:
+            return super().run(trainer, pl_module)
+        except Exception as error:
+            with open(os.path.join(self.folder, f"rank{trainer.global_rank}.txt"), "w") as handle:
+                handle.write(type(error).__name__)
+            if trainer.global_rank == 0:
+                time.sleep(self.hold_rank_zero)
+            raise

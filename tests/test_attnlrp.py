@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shortcut_lightning import ModelError
-from shortcut_lightning.activations import token_layout
+from shortcut_lightning.probing.activations import token_layout
 from shortcut_lightning.xai import attention_maps, make_composite, relevance, token_relevance
 
 

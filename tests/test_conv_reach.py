@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from shortcut_lightning import ShortcutClassifier
-from shortcut_lightning.conv_reach import reachable_taps, reachable_weights
-from shortcut_lightning.masks import attach_masks, densities, set_density
+from shortcut_lightning.methods.prusc.conv_reach import reachable_taps, reachable_weights
+from shortcut_lightning.methods.prusc.masks import attach_masks, densities, set_density
 
 
 def _taps_with_gradient(conv: nn.Module, size: tuple[int, ...]) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import lightning as L
+import pytest
 import torch
 
 from shortcut_lightning import DeepFeatureReweighting, GroupMetrics, ShortcutClassifier, SyntheticShortcuts
@@ -52,6 +53,26 @@ def test_dfr_ddp_gives_the_same_head_as_one_process(tmp_path):
         assert report_2[key] == report_1[key]
     # ranks embed other batch compositions: features agree to float noise, so the fits to ~1e-4
     torch.testing.assert_close(head_2, head_1, rtol=0, atol=2e-3)
+
+
+def test_dfr_data_error_on_rank_zero_reaches_every_rank(tmp_path):
+    """A refit split DFR refuses (a group of one sample) fails on both ranks, not on rank 0 alone.
+
+    Rank 0 decides; before the shared helper, it raised before the broadcast and left rank 1 waiting.
+    """
+    from helpers import FailureRecordingDFR
+
+    torch.manual_seed(0)
+    dm = SyntheticShortcuts(n_train=32, n_val=5, n_test=8, image_size=32, batch_size=4)
+    dfr = FailureRecordingDFR(str(tmp_path), num_refits=2, report_splits=())
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", default_root_dir=tmp_path, logger=False,
+        enable_progress_bar=False, callbacks=[dfr],
+    )  # fmt: skip
+    with pytest.raises(Exception, match="sample in the val split"):
+        trainer.validate(ShortcutClassifier("test_resnet"), datamodule=dm)
+    recorded = {p.name: p.read_text() for p in tmp_path.glob("rank*.txt")}
+    assert recorded == {"rank0.txt": "DataError", "rank1.txt": "DataError"}
 
 
 def _mine(tmp_path, devices: int) -> dict:

@@ -17,8 +17,8 @@ from sklearn.preprocessing import StandardScaler
 
 from shortcut_lightning import DeepFeatureReweighting, GroupMetrics, ShortcutClassifier
 from shortcut_lightning.errors import DataError, ModelError, ShortcutError
-from shortcut_lightning.last_layer import C_GRID, fit_dfr
-from shortcut_lightning.model_parts import find_head
+from shortcut_lightning.methods.dfr.last_layer import C_GRID, fit_dfr
+from shortcut_lightning.probing.model_parts import find_head
 
 from helpers import NoGroupSynthetic, PlainResNet
 

@@ -16,7 +16,7 @@ from shortcut_lightning.callbacks import (
     SpuriousPositiveMining,
     SpuriousScore,
 )
-from shortcut_lightning.masks import model_masks
+from shortcut_lightning.methods.prusc.masks import model_masks
 
 SIZE = {"image_size": 64}  # stride 32: a 2x2 map at the last stage, enough for Grad-CAM to locate
 

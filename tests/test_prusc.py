@@ -12,10 +12,10 @@ import torch
 
 from shortcut_lightning import ShortcutClassifier
 from shortcut_lightning.callbacks import MaskPruning
-from shortcut_lightning.conv_reach import reachable_of, reachable_weights
 from shortcut_lightning.errors import ModelError, ShortcutError
-from shortcut_lightning.kmeans import cosine_kmeans
-from shortcut_lightning.masks import (
+from shortcut_lightning.methods.prusc.conv_reach import reachable_of, reachable_weights
+from shortcut_lightning.methods.prusc.kmeans import cosine_kmeans
+from shortcut_lightning.methods.prusc.masks import (
     attach_masks,
     bake_masks,
     densities,
@@ -23,7 +23,7 @@ from shortcut_lightning.masks import (
     original_weight,
     set_density,
 )
-from shortcut_lightning.supcon import cluster_supcon
+from shortcut_lightning.methods.prusc.supcon import cluster_supcon
 
 from helpers import BatchIndices, MaskDump
 
@@ -449,7 +449,7 @@ def test_batchnorm_is_held_during_mask_learning_and_recalibrated_after(tmp_path,
 
 
 def test_fused_gumbel_sigmoid_equals_its_autograd_composition():
-    from shortcut_lightning.masks import GumbelSigmoidMask, logistic_noise
+    from shortcut_lightning.methods.prusc.masks import GumbelSigmoidMask, logistic_noise
 
     mask = GumbelSigmoidMask(torch.Size([6, 5]), temperature=0.7)
     mask.set_mode("learn")
@@ -471,7 +471,7 @@ def test_fused_gumbel_sigmoid_equals_its_autograd_composition():
 
 def test_logistic_noise_is_logistic_in_every_draw_position():
     """Four 16-bit draws come from each random 64-bit integer: each position must be unbiased."""
-    from shortcut_lightning.masks import logistic_noise
+    from shortcut_lightning.methods.prusc.masks import logistic_noise
 
     torch.manual_seed(0)
     noise = logistic_noise(torch.empty(400_000, 4))  # column j: the j-th 16 bits of each integer
@@ -489,9 +489,52 @@ def test_logistic_noise_is_logistic_in_every_draw_position():
 
 
 def test_learned_mask_keeps_the_weight_dtype():
-    from shortcut_lightning.masks import GumbelSigmoidMask
+    from shortcut_lightning.methods.prusc.masks import GumbelSigmoidMask
 
     mask = GumbelSigmoidMask(torch.Size([4, 3]))  # float32 logits, as attach_masks creates them
     mask.set_mode("learn")
     weight = torch.randn(4, 3, dtype=torch.bfloat16)
     assert mask(weight).dtype == torch.bfloat16  # a bf16-true model's conv must get bf16 weights back
+
+
+def _masked_classifier() -> ShortcutClassifier:
+    """A classifier with masks on every layer, about half of each pruned, in the fixed (evaluation) mode."""
+    from shortcut_lightning.methods.prusc.masks import attach_masks
+
+    torch.manual_seed(0)
+    model = ShortcutClassifier("test_resnet")
+    for mask in attach_masks(model).values():
+        with torch.no_grad():
+            mask.logits.normal_()
+        mask.set_mode("fixed")
+    return model.eval()
+
+
+def test_plain_state_dict_is_the_baked_network_and_leaves_the_model_masked():
+    from shortcut_lightning.methods.prusc.masks import bake_masks, model_masks, plain_state_dict
+
+    model = _masked_classifier()
+    plain = plain_state_dict(model)
+    baked = copy.deepcopy(model)
+    bake_masks(baked)
+    assert plain.keys() == baked.state_dict().keys()
+    for key, value in baked.state_dict().items():
+        assert torch.equal(plain[key], value), key
+    assert model_masks(model) and not model_masks(baked)
+
+
+def test_a_masked_checkpoint_loads_as_a_plain_network_through_model_weights(tmp_path):
+    """``model.weights=<mid-stage PruSC ckpt>``: the builder reads the exported plain weights, knowing no masks."""
+    from shortcut_lightning.backbones import PLAIN_WEIGHTS, create_backbone
+    from shortcut_lightning.methods.prusc.masks import plain_state_dict
+
+    model = _masked_classifier()
+    path = tmp_path / "masked.ckpt"
+    torch.save({"state_dict": model.state_dict(), PLAIN_WEIGHTS: plain_state_dict(model)}, path)
+    net = create_backbone("test_resnet", num_classes=2, weights=str(path)).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model(x))
+    torch.save({"state_dict": model.state_dict()}, path)  # an older checkpoint: masked weights only
+    with pytest.raises(ModelError, match="pruned.ckpt"):
+        create_backbone("test_resnet", num_classes=2, weights=str(path))

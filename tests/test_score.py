@@ -12,8 +12,7 @@ import torch
 from shortcut_lightning import ShortcutClassifier, ShortcutError
 from shortcut_lightning.callbacks import NeuronRegularization, SpuriousPositiveMining
 from shortcut_lightning.data import SyntheticShortcuts
-from shortcut_lightning.model_parts import freeze_before
-from shortcut_lightning.spurious_positives import (
+from shortcut_lightning.methods.score.spurious_positives import (
     confuser_similarity,
     mask_images,
     mask_overlap,
@@ -21,6 +20,7 @@ from shortcut_lightning.spurious_positives import (
     relevance_mask,
     select_neurons,
 )
+from shortcut_lightning.probing.model_parts import freeze_before
 
 # -- the steps on tensors ----------------------------------------------------------------------------
 
@@ -78,7 +78,7 @@ def test_overlap_and_confuser_similarity():
 
 
 def test_review_sheet_frames_and_labels_exactly_the_selected_tiles():
-    from shortcut_lightning.mining_figures import FRAME, review_sheet
+    from shortcut_lightning.methods.score.mining_figures import FRAME, review_sheet
 
     images, masks = torch.zeros(5, 3, 8, 8), torch.ones(5, 1, 8, 8, dtype=torch.bool)
     figure = review_sheet(images, masks, [10, 11, 12, 13, 14], [12], "title", columns=3)
@@ -124,14 +124,14 @@ def _mining(**kwargs) -> SpuriousPositiveMining:
     )
 
 
-def test_mining_writes_its_report_sheets_and_neurons(tmp_path, capsys):
+def test_mining_writes_its_report_sheets_and_neurons(tmp_path, caplog):
     torch.manual_seed(0)
     mining = _mining(selection="oracle", oracle_min_overlap=0.0, require_masked_prediction=False)
     trainer = _trainer(tmp_path, [mining, NeuronRegularization(strength=0.5)])
     trainer.fit(ShortcutClassifier("test_resnet"), datamodule=_data())
     result = json.loads((tmp_path / "mining.json").read_text())
     assert result == json.loads(json.dumps(mining.result))
-    assert result["uses_annotations"] is True and "oracle" in capsys.readouterr().out
+    assert result["uses_annotations"] is True and "[oracle: uses spurious annotations]" in caplog.text
     for name, entry in result["classes"].items():
         assert len(entry["top_indices"]) == 8
         assert 1 <= len(entry["selected_indices"]) <= 3
@@ -355,7 +355,7 @@ class _PenalisedIndex(L.Callback):
 
 
 def test_mining_again_adds_the_new_rounds_neurons_to_the_penalty(tmp_path, monkeypatch):
-    import shortcut_lightning.callbacks.spurious_positive_mining as module
+    import shortcut_lightning.methods.score.spurious_positive_mining as module
 
     picks = iter([[1], [2], [2], [5], [7], [1]])  # per mining round, one pick per class
     monkeypatch.setattr(module, "select_neurons", lambda *a: torch.tensor(next(picks)))

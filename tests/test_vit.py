@@ -19,7 +19,7 @@ from shortcut_lightning.callbacks import (
     SpuriousScore,
     TokenViews,
 )
-from shortcut_lightning.masks import model_masks
+from shortcut_lightning.methods.prusc.masks import model_masks
 from shortcut_lightning.xai import neuron_gradcam
 
 VIT = {"backbone": "test_vit", "backbone_kwargs": {"img_size": 32, "patch_size": 4}}

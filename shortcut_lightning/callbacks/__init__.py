@@ -1,15 +1,15 @@
 """Stages as Lightning callbacks: each attaches to ``ShortcutClassifier`` or to a module of yours."""
 
 from shortcut_lightning.callbacks.checkpoint import BestAndLastCheckpoint
-from shortcut_lightning.callbacks.dfr import DeepFeatureReweighting
 from shortcut_lightning.callbacks.embedding_projector import EmbeddingProjector
 from shortcut_lightning.callbacks.group_metrics import GroupMetrics
-from shortcut_lightning.callbacks.mask_pruning import MaskPruning
-from shortcut_lightning.callbacks.neuron_regularization import NeuronRegularization
 from shortcut_lightning.callbacks.partial_finetuning import PartialFinetuning
-from shortcut_lightning.callbacks.spurious_positive_mining import SpuriousPositiveMining
-from shortcut_lightning.callbacks.spurious_score import SpuriousScore
 from shortcut_lightning.callbacks.token_views import TokenViews
+from shortcut_lightning.methods.dfr.deep_feature_reweighting import DeepFeatureReweighting
+from shortcut_lightning.methods.prusc.mask_pruning import MaskPruning
+from shortcut_lightning.methods.score.neuron_regularization import NeuronRegularization
+from shortcut_lightning.methods.score.spurious_positive_mining import SpuriousPositiveMining
+from shortcut_lightning.methods.sscore.spurious_score import SpuriousScore
 
 __all__ = [
     "BestAndLastCheckpoint",

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from shortcut_lightning.model_parts import freeze_before, modules_before
+from shortcut_lightning.probing.model_parts import freeze_before, modules_before
 
 
 class PartialFinetuning(BaseFinetuning):

@@ -12,12 +12,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from shortcut_lightning.activations import require_token_layout
 from shortcut_lightning.data.base import require_group_datamodule
 from shortcut_lightning.data.transforms import denormalize
 from shortcut_lightning.errors import ShortcutError
-from shortcut_lightning.figures import new_figure
-from shortcut_lightning.model_parts import evaluating, first_transformer_block
+from shortcut_lightning.probing.activations import require_token_layout
+from shortcut_lightning.probing.model_parts import evaluating, first_transformer_block
+from shortcut_lightning.reporting.figures import new_figure
 from shortcut_lightning.xai.lrp import relevance
 from shortcut_lightning.xai.token_views import attention_maps
 

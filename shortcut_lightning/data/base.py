@@ -16,6 +16,8 @@ from shortcut_lightning.errors import DataError, ShortcutError
 
 SPLITS = ("train", "val", "test")
 TRAIN_SPLITS = ("train", "val")  # never the test split
+# where spurious-region masks come from, for the errors of the stages that need them
+MASK_SOURCES = "MetadataDataModule reads them from a mask_filename column (docs/datasets.md); SyntheticShortcuts has them"
 
 
 def require_group_datamodule(datamodule: Any, stage: str) -> GroupDataModule:
@@ -78,11 +80,49 @@ class GroupDataModule(L.LightningDataModule):
         self.seed = seed
         self._datasets: dict[tuple[str, bool], GroupDataset] = {}
         self._checked = False
-        # what the trainer trains on; a stage may change these before the training loader is built (MaskPruning:
-        # split and groups in its ``setup`` hook, cluster-balance weights in ``on_fit_start``)
+        # what the trainer trains on; a stage changes it through :meth:`train_on`, before the training loader
+        # is built (MaskPruning: split and groups in its ``setup`` hook, cluster-balance weights in ``on_fit_start``)
         self.train_split = train_split
-        self.train_groups: list[int] | None = None
-        self.train_weights: torch.Tensor | None = None  # per-sample draw weights over train_split
+        self._train_groups: list[int] | None = None
+        self._train_weights: torch.Tensor | None = None  # per-sample draw weights over train_split
+
+    # -- what the trainer trains on ---------------------------------------------------------------
+    def train_on(
+        self, split: str, groups: Sequence[int] | None = None, weights: torch.Tensor | None = None
+    ) -> None:
+        """The contract through which a stage chooses the training data of the loaders built from now on.
+
+        ``split``: ``train`` or ``val``; ``groups``: train on these group ids only (uses annotations);
+        ``weights``: per-sample draw weights over ``split`` (indexed by sample position), e.g. cluster balance.
+        """
+        if split not in TRAIN_SPLITS or split not in self.splits:
+            raise DataError(
+                f"cannot train on split {split!r}: choose one of {', '.join(s for s in TRAIN_SPLITS if s in self.splits)}"
+            )
+        if groups is not None:
+            bad = [g for g in groups if not 0 <= g < self.num_groups]
+            if bad:
+                raise DataError(
+                    f"groups {bad} do not exist; the groups are "
+                    + ", ".join(f"{i}={n}" for i, n in enumerate(self.group_names))
+                )
+        if weights is not None and len(weights) != len(self.dataset(split)):
+            raise DataError(
+                f"{len(weights)} draw weights for the {len(self.dataset(split))} samples of the {split} split"
+            )
+        self.train_split = split
+        self._train_groups = None if groups is None else [int(g) for g in groups]
+        self._train_weights = weights
+
+    @property
+    def train_groups(self) -> list[int] | None:
+        """The group ids the training loader draws from (``None``: all); set by :meth:`train_on`."""
+        return self._train_groups
+
+    @property
+    def train_weights(self) -> torch.Tensor | None:
+        """Per-sample draw weights over :attr:`train_split` (``None``: the sampler's own); set by :meth:`train_on`."""
+        return self._train_weights
 
     # -- what a subclass provides ---------------------------------------------------------------
     @property
@@ -171,8 +211,8 @@ class GroupDataModule(L.LightningDataModule):
         return subset
 
     def train_dataloader(self) -> DataLoader:
-        """Batches of :attr:`train_split` (``train`` unless a stage chose another), of :attr:`train_groups` only if
-        set, drawn by :attr:`train_weights` if a stage set them."""
+        """Batches of :attr:`train_split` (``train`` unless a stage chose another through :meth:`train_on`), of
+        :attr:`train_groups` only if set, drawn by :attr:`train_weights` if set."""
         ds = self.dataset(self.train_split, augment=True)
         sampler = BalancedSampler(
             ds.targets, ds.groups, self.sampler, self.seed, self.train_positions(), self.train_weights

@@ -67,7 +67,7 @@ class BalancedSampler(DistributedSampler):
 
         With worker processes, a DataLoader draws an epoch's order when its iterator starts, which for the
         first epoch of a fit is before ``on_train_epoch_start``: a stage that balances from that epoch
-        passes the weights to the datamodule (``train_weights``) before the loader is built.
+        passes the weights to the datamodule (:meth:`~shortcut_lightning.data.base.GroupDataModule.train_on`) before the loader is built.
         """
         weights = torch.as_tensor(weights, dtype=torch.float64)
         self.weights = weights if self.positions is None else weights[self.positions]

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shortcut_lightning.activations import require_token_layout
-from shortcut_lightning.hooks import InputCapture, OutputCapture
+from shortcut_lightning.probing.activations import require_token_layout
+from shortcut_lightning.probing.hooks import layer_and_embedding
+from shortcut_lightning.probing.layers import is_pooled_layer
 from shortcut_lightning.xai.precision import float32_attribution
 
 
@@ -32,22 +33,7 @@ class NeuronMaps:
 
 def _forward(model: nn.Module, layer: nn.Module, head: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
     """(layer output A [N,C,h,w], penultimate z [N,d]) of one forward pass."""
-    out, inp = OutputCapture(layer), InputCapture(head)
-    try:
-        model(images)
-    finally:
-        out.remove()
-        inp.remove()
-    if out.value is None or inp.value is None:
-        raise RuntimeError("the forward pass did not run through the chosen layer and the head")
-    return out.value, inp.value.flatten(1)
-
-
-def is_pooled_layer(activation: Tensor, features: Tensor) -> bool:
-    """Whether ``features`` is the global average pool of ``activation`` (the one-pass condition)."""
-    if activation.ndim != 4 or activation.shape[:2] != features.shape:
-        return False
-    return torch.allclose(activation.mean(dim=(2, 3)), features, rtol=1e-5, atol=1e-6)
+    return layer_and_embedding(model, layer, head, images)
 
 
 def neuron_gradcam(

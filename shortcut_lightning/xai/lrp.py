@@ -34,10 +34,10 @@ from zennit.core import Composite
 from zennit.layer import Sum
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear
 
-from shortcut_lightning.activations import reduce_channels, reduce_positions
 from shortcut_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from shortcut_lightning.errors import ModelError, ShortcutError
-from shortcut_lightning.model_parts import find_module
+from shortcut_lightning.probing.activations import reduce_channels, reduce_positions
+from shortcut_lightning.probing.model_parts import find_module
 from shortcut_lightning.xai.canonizers import SUPPORTED_BLOCKS, canonizers_for
 from shortcut_lightning.xai.efficientnet_canonizers import DepthwiseConvolution
 from shortcut_lightning.xai.precision import float32_attribution

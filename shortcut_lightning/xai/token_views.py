@@ -6,8 +6,8 @@ import torch
 from timm.models import vision_transformer as timm_vit
 from torch import Tensor, nn
 
-from shortcut_lightning.activations import TokenLayout, require_token_layout
 from shortcut_lightning.errors import ModelError
+from shortcut_lightning.probing.activations import TokenLayout, require_token_layout
 from shortcut_lightning.xai.attention import attention_probabilities
 from shortcut_lightning.xai.lrp import relevance
 from shortcut_lightning.xai.precision import float32_attribution

@@ -2,28 +2,38 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
-from tqdm.auto import tqdm
 
-from shortcut_lightning.conv_reach import reachable_weights
-from shortcut_lightning.data.base import TRAIN_SPLITS, require_group_datamodule
-from shortcut_lightning.data.samplers import BalancedSampler
-from shortcut_lightning.embedding_pass import collect_embeddings, embed_splits, group_reports
+from shortcut_lightning.backbones import PLAIN_WEIGHTS
+from shortcut_lightning.data.base import require_group_datamodule
 from shortcut_lightning.errors import ShortcutError
-from shortcut_lightning.kmeans import cosine_kmeans
-from shortcut_lightning.masks import attach_masks, bake_masks, densities, model_masks, set_density
-from shortcut_lightning.metrics import format_group_table
-from shortcut_lightning.model_parts import find_head
-from shortcut_lightning.supcon import cluster_supcon
+from shortcut_lightning.methods.prusc.arguments import check_arguments, check_strategy
+from shortcut_lightning.methods.prusc.batchnorm import hold_batchnorm, recalibrate_batchnorm
+from shortcut_lightning.methods.prusc.best_masks import BestMasks
+from shortcut_lightning.methods.prusc.clusters import cluster_balance_weights, cluster_by_index, cluster_table
+from shortcut_lightning.methods.prusc.conv_reach import reachable_weights
+from shortcut_lightning.methods.prusc.masks import (
+    attach_masks,
+    bake_masks,
+    densities,
+    density_summary,
+    model_masks,
+    plain_state_dict,
+    set_density,
+    step_mask_logits,
+)
+from shortcut_lightning.methods.prusc.supcon import cluster_supcon
+from shortcut_lightning.methods.prusc.training_data import TrainingData
+from shortcut_lightning.probing.embedding_pass import collect_embeddings, embed_splits, group_reports
+from shortcut_lightning.probing.model_parts import find_head
+from shortcut_lightning.reporting.stage_report import stage_tables, write_stage_report
 
 
 class MaskPruning(Callback):
@@ -36,7 +46,7 @@ class MaskPruning(Callback):
     thresholded at evaluation. For ``prune_epochs`` the loss is the module's cross-entropy plus,
     through the penalty seam, ``lambda_sparse * sum(sigmoid(logits))`` and ``beta * SupCon`` on the
     normalised penultimate features of the same forward (positives: same class, other cluster;
-    negatives: the anchor's cluster; :func:`~shortcut_lightning.supcon.cluster_supcon`). Then the masks
+    negatives: the anchor's cluster; :func:`~shortcut_lightning.methods.prusc.supcon.cluster_supcon`). Then the masks
     are fixed (at ``target_density`` if given; with ``monitor``, the masks of the mask-learning epoch
     whose validation ``monitor`` was best) and, for ``finetune_epochs``, the surviving weights are
     trained with cross-entropy. At the end the masks are multiplied into the weights (``export``), so
@@ -49,13 +59,9 @@ class MaskPruning(Callback):
     ``prusc.json`` (clusters, densities, group tables before and after). The masks live in the model's
     state and the phase in this callback's, so a killed run resumes mask learning where it stopped.
 
-    ``groups`` trains on those group ids only (the subnetwork analysis of seed 001 sec. 5.3; it uses
-    group annotations and says so). ``split="val"`` learns the masks on the validation split instead.
-    Both change what the trainer trains on for the whole fit: use them from a loaded ERM model with
-    ``start_epoch=0``. ``finetune_split="val"`` fine-tunes the surviving weights on the validation split
-    (class labels only, the datamodule's sampler), as the authors' released code retrains its pruned
-    network on held-out data; validation metrics of those epochs are then measured on training data.
-    Under DDP the frozen weights need ``strategy="ddp_find_unused_parameters_true"``.
+    ``groups`` (uses group annotations, and says so) and ``split="val"`` change what the trainer trains on
+    for the whole fit: use them from a loaded ERM model with ``start_epoch=0``. Under DDP the frozen weights
+    need ``strategy="ddp_find_unused_parameters_true"``. docs/methods.md explains every choice.
 
     Example::
 
@@ -93,6 +99,7 @@ class MaskPruning(Callback):
     """
 
     penalty_name = "prusc"
+    stage_label = "PruSC"
     changes_model_at_fit_end = True
 
     def __init__(
@@ -120,32 +127,11 @@ class MaskPruning(Callback):
         export: bool = True,
         report_splits: tuple[str, ...] = ("val", "test"),
     ) -> None:
-        if prune_epochs < 1:
-            raise ShortcutError(f"prune_epochs must be >= 1, got {prune_epochs}")
-        for name, value in (("finetune_epochs", finetune_epochs), ("start_epoch", start_epoch)):
-            if value < 0:
-                raise ShortcutError(f"{name} must be >= 0, got {value}")
-        if num_clusters < 2:
-            raise ShortcutError(
-                f"num_clusters must be >= 2 (SupCon needs other clusters), got {num_clusters}"
-            )
-        if target_density is not None and not 0 < target_density < 1:
-            raise ShortcutError(
-                f"target_density must be between 0 and 1 (exclusive), got {target_density}: 0 prunes everything, "
-                "1 nothing"
-            )
-        if mode not in ("max", "min"):
-            raise ShortcutError(f"mode must be 'max' or 'min', got {mode!r}")
-        for name, value in (("split", split), ("finetune_split", finetune_split or split)):
-            if value not in TRAIN_SPLITS:
-                raise ShortcutError(f"{name} must be 'train' or 'val', got {value!r}")
-        if finetune_split is not None and finetune_epochs == 0:
-            raise ShortcutError(
-                f"finetune_split {finetune_split!r} needs finetune_epochs >= 1 (there is nothing to fine-tune)"
-            )
-        for name, value in (("lambda_sparse", lambda_sparse), ("beta", beta)):
-            if value < 0:
-                raise ShortcutError(f"{name} must be >= 0, got {value}")
+        check_arguments(
+            start_epoch=start_epoch, prune_epochs=prune_epochs, finetune_epochs=finetune_epochs,
+            finetune_split=finetune_split, num_clusters=num_clusters, target_density=target_density, mode=mode,
+            split=split, lambda_sparse=lambda_sparse, beta=beta,
+        )  # fmt: skip
         self.start_epoch = start_epoch
         self.prune_epochs = prune_epochs
         self.finetune_epochs = finetune_epochs
@@ -172,20 +158,21 @@ class MaskPruning(Callback):
         self.started_epoch: int | None = None
         self.clusters: Tensor | None = None  # cluster of every sample of ``split``, by its index
         self.report: dict[str, Any] = {}
-        # with ``monitor``: the epoch, score and mask logits (until restored) of the best mask-learning epoch
-        self.best: dict[str, Any] | None = None
+        self._best = None if monitor is None else BestMasks(monitor, mode)
         self._cluster_device: Tensor | None = None
         self._masks: dict[str, Any] = {}
         self._optimizer: torch.optim.Optimizer | None = None
         self._optimizer_state: dict[str, Any] | None = None
         self._reachable: dict[str, Tensor] | None = None
-        self.data_split: str | None = None  # the split the datamodule was last pointed at
-        # the trainer's own reload setting, while a change of split makes it rebuild the training loader
-        self._reload_every: int | None = None
+        self._data = TrainingData()
 
     @property
     def uses_annotations(self) -> bool:
         return self.groups is not None
+
+    @property
+    def before_reports(self) -> dict[str, dict[str, Any]]:
+        return self.report.get("before", {})
 
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -203,7 +190,6 @@ class MaskPruning(Callback):
                 raise ShortcutError(
                     f"MaskPruning {name} {getattr(self, name)!r} is not in the data ({', '.join(dm.splits)})"
                 )
-        dm.train_split = self.split
         if self.groups is not None:
             bad = [g for g in self.groups if not 0 <= g < dm.num_groups]
             if bad:
@@ -211,22 +197,13 @@ class MaskPruning(Callback):
                     f"MaskPruning groups {bad} do not exist; the groups are "
                     + ", ".join(f"{i}={n}" for i, n in enumerate(dm.group_names))
                 )
-            dm.train_groups = self.groups
+        dm.train_on(self.split, groups=self.groups)
         n = len(dm.dataset(self.split))
         if self.num_clusters > n:
             raise ShortcutError(
                 f"num_clusters={self.num_clusters} is more than the {n} samples of the {self.split} split"
             )
-        self._check_strategy(trainer.strategy, trainer.world_size)
-
-    @staticmethod
-    def _check_strategy(strategy: Any, world_size: int) -> None:
-        kwargs = getattr(strategy, "_ddp_kwargs", None)
-        if world_size > 1 and kwargs is not None and not kwargs.get("find_unused_parameters", False):
-            raise ShortcutError(
-                "MaskPruning freezes the weights during fit, which plain DDP refuses: use "
-                "strategy='ddp_find_unused_parameters_true' (or 'ddp_spawn_find_unused_parameters_true')"
-            )
+        check_strategy(trainer.strategy, trainer.world_size)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.phase != "waiting":  # resumed: frozen weights, mask modes and the mask optimizer come back
@@ -237,7 +214,7 @@ class MaskPruning(Callback):
             self._start(trainer, pl_module)
         if self.phase != "waiting":
             # a resumed run's epoch is restored after this hook: the split saved with the stage's state
-            self._point_data(trainer, self.data_split or self.split)
+            self._point_data(trainer, self._data.split or self.split)
 
     # -- phases ---------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -247,72 +224,44 @@ class MaskPruning(Callback):
         elif self.phase == "learning" and epoch >= (self.started_epoch or 0) + self.prune_epochs:
             self._enter(trainer, pl_module, "fixed")
             self._log_densities(trainer, pl_module)
-        if self._reload_every is not None:  # the loader of this epoch was rebuilt for the new split
-            trainer.reload_dataloaders_every_n_epochs, self._reload_every = self._reload_every, None
+        self._data.epoch_started(trainer)
         if self.phase != "waiting":
             self._point_data(trainer, self._split_of(epoch))
-        self._hold_bn(pl_module)
+        if self.phase == "learning" or (self.phase == "fixed" and self.finetune_epochs == 0):
+            hold_batchnorm(pl_module)  # frozen weights: the dense model's statistics, not noisy masks' ones
 
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._cluster(trainer, pl_module)
         self.started_epoch = trainer.current_epoch
         self._enter(trainer, pl_module, "learning")
 
+    def _point_data(self, trainer: L.Trainer, split: str) -> None:
+        """Trains on ``split`` from the next loader on, cluster-balanced if it is the split that was clustered."""
+        dm = trainer.datamodule
+        balance = split == self.split and self.cluster_balanced
+        weights = (
+            (lambda: cluster_balance_weights(self.clusters, dm.train_positions(), self.num_clusters))
+            if balance
+            else None
+        )
+        self._data.point(trainer, split, weights)
+
     def _split_of(self, epoch: int) -> str:
         """The split the trainer draws from in ``epoch`` of the stage: the masks', then the fine-tuning's."""
         learning = epoch < (self.started_epoch or 0) + self.prune_epochs
         return self.split if learning else self.finetune_split
-
-    def _point_data(self, trainer: L.Trainer, split: str) -> None:
-        """Points the datamodule at ``split``, cluster-balanced if it is the split that was clustered.
-
-        Called before an epoch's loader is built (``on_fit_start``, or the end of the epoch before); a
-        change of split makes Lightning rebuild the loader once (``reload_dataloaders_every_n_epochs``).
-        """
-        dm = trainer.datamodule
-        self.data_split = split
-        if split != dm.train_split:
-            dm.train_split, dm.train_groups, dm.train_weights = split, None, None
-            if trainer.train_dataloader is not None and self._reload_every is None:
-                self._reload_every = trainer.reload_dataloaders_every_n_epochs
-                trainer.reload_dataloaders_every_n_epochs = 1
-            held_out = " (validation metrics from now on are on data it trains on)" if split == "val" else ""
-            rank_zero_info(f"PruSC: the trainer now trains on the {split} split{held_out}")
-        if split == self.split and self.cluster_balanced:
-            self._balance_clusters(trainer)
-
-    def _cluster_weights(self, dm: Any) -> Tensor:
-        """Per-sample weights ``1 / size of its cluster`` over the split, the sizes counted where the sampler draws."""
-        positions = dm.train_positions()
-        drawn = self.clusters if positions is None else self.clusters[positions]
-        counts = torch.bincount(drawn.clamp(min=0), minlength=self.num_clusters).double()
-        labels = self.clusters.clamp(min=0)
-        return torch.where(self.clusters >= 0, 1.0 / counts[labels].clamp(min=1), 0.0)
-
-    def _balance_clusters(self, trainer: L.Trainer) -> None:
-        """Cluster-balanced draws: the datamodule's weights for a loader yet to be built, and the live sampler's."""
-        weights = self._cluster_weights(trainer.datamodule)
-        trainer.datamodule.train_weights = weights
-        loader = trainer.train_dataloader
-        if loader is None:  # on_fit_start: the loader is built after it, from train_weights
-            return
-        sampler = getattr(loader, "sampler", None)
-        if not isinstance(sampler, BalancedSampler):
-            raise ShortcutError(
-                "MaskPruning(cluster_balanced=True) needs the training loader of a shortcut_lightning datamodule "
-                f"(its sampler is {type(sampler).__name__}); or set cluster_balanced: false"
-            )
-        sampler.reweight(weights)
 
     def _enter(
         self, trainer: L.Trainer, pl_module: L.LightningModule, phase: str, resumed: bool = False
     ) -> None:
         masks = model_masks(pl_module)
         if phase == "fixed" and not resumed:
-            self._restore_best(masks)
+            restored = None if self._best is None else self._best.restore(masks)
+            if restored is not None:
+                self.report["best"] = restored
             if self.target_density is not None:
                 set_density(masks, self.target_density, self._reachable_weights(trainer, pl_module))
-            rank_zero_info(f"PruSC: masks fixed, {_summary(self._densities(trainer, pl_module))}")
+            rank_zero_info(f"PruSC: masks fixed, {density_summary(self._densities(trainer, pl_module))}")
         freeze_weights = phase == "learning" or self.finetune_epochs == 0
         logits = {id(m.logits) for m in masks.values()}
         for param in pl_module.parameters():
@@ -328,43 +277,14 @@ class MaskPruning(Callback):
                 self._optimizer_state = None
         self.phase = phase
         if phase == "fixed" and not resumed and self.recalibrate_bn:
-            self._recalibrate_bn(trainer, pl_module)
+            loader = trainer.datamodule.dataloader(self.split)
+            recalibrate_batchnorm(
+                trainer, pl_module, loader, "PruSC: BatchNorm statistics of the pruned model"
+            )
         if phase == "fixed" and not resumed and self.finetune_epochs > 0:
             # what the masks alone do, before the fine-tuning changes the weights
             dm = trainer.datamodule
             self.report["fixed"] = self._reports(pl_module, dm, find_head(pl_module), "masks fixed")
-
-    def _hold_bn(self, pl_module: L.LightningModule) -> None:
-        """BatchNorm in eval mode while the weights are frozen: statistics of the dense model, not of noisy masks."""
-        if self.phase == "learning" or (self.phase == "fixed" and self.finetune_epochs == 0):
-            for module in pl_module.modules():
-                if isinstance(module, _BatchNorm):
-                    module.eval()
-
-    @torch.no_grad()
-    def _recalibrate_bn(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Re-estimates the BatchNorm statistics of the pruned network over the split (averaged over ranks)."""
-        norms = [m for m in pl_module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-        if not norms:
-            return
-        was_training = pl_module.training
-        momenta = [m.momentum for m in norms]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the pass
-        pl_module.train()
-        show = trainer.is_global_zero
-        loader = trainer.datamodule.dataloader(self.split)
-        for batch in tqdm(
-            loader, desc="PruSC: BatchNorm statistics of the pruned model", leave=False, disable=not show
-        ):
-            pl_module(batch["image"].to(pl_module.device))
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
-            if trainer.world_size > 1:
-                m.running_mean.copy_(trainer.strategy.reduce(m.running_mean, reduce_op="mean"))
-                m.running_var.copy_(trainer.strategy.reduce(m.running_var, reduce_op="mean"))
-        pl_module.train(was_training)
 
     # -- clustering -----------------------------------------------------------------------------
     def _cluster(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -374,14 +294,11 @@ class MaskPruning(Callback):
         embedded = collect_embeddings(
             pl_module, dm.dataloader(self.split), head, desc=f"PruSC: embedding {self.split}"
         )
-        found = cosine_kmeans(embedded.features, self.num_clusters, seed=self.seed)
-        clusters = torch.full((int(embedded.index.max()) + 1,), -1, dtype=torch.long)
-        clusters[embedded.index] = found.labels
-        self.clusters = clusters
+        self.clusters, found = cluster_by_index(embedded, self.num_clusters, self.seed)
         self._cluster_device = None
         self.report = {
             "uses_annotations": self.uses_annotations,
-            "clusters": _cluster_table(found.labels, embedded.target, embedded.group, dm),
+            "clusters": cluster_table(found.labels, embedded.target, embedded.group, dm),
             "kmeans_inertia": found.inertia,
             "before": self._reports(pl_module, dm, head, "before"),
             "parameters": self._parameters(),
@@ -421,21 +338,8 @@ class MaskPruning(Callback):
         ranks here (the strategy's ``reduce``). A step with a non-finite gradient (e.g. an AMP
         overflow) is skipped, as the module's optimizer skips it.
         """
-        if self.phase != "learning" or self._optimizer is None:
-            return
-        logits = [m.logits for m in self._masks.values() if m.logits.grad is not None]
-        if not logits:
-            return
-        flat = torch.cat([p.grad.flatten() for p in logits])
-        if trainer.world_size > 1:
-            flat = trainer.strategy.reduce(flat, reduce_op="mean")
-            offset = 0
-            for p in logits:
-                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
-                offset += p.numel()
-        if bool(torch.isfinite(flat).all()):
-            self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
+        if self.phase == "learning" and self._optimizer is not None:
+            step_mask_logits(trainer, self._masks, self._optimizer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.phase == "waiting":
@@ -444,7 +348,7 @@ class MaskPruning(Callback):
         last = (self.started_epoch or 0) + self.prune_epochs + self.finetune_epochs - 1
         if trainer.current_epoch >= last:  # the stage is complete: nothing is left to train
             trainer.should_stop = True
-        elif self._split_of(trainer.current_epoch + 1) != self.data_split:
+        elif self._split_of(trainer.current_epoch + 1) != self._data.split:
             self._point_data(trainer, self._split_of(trainer.current_epoch + 1))  # before its loader is built
 
     def _reachable_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Tensor]:
@@ -465,45 +369,13 @@ class MaskPruning(Callback):
     # -- the best epoch -------------------------------------------------------------------------
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """With ``monitor``: keeps the mask logits of the best mask-learning epoch so far."""
-        if self.monitor is None or self.phase != "learning" or trainer.sanity_checking:
-            return
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
-            found = ", ".join(sorted(k for k in trainer.callback_metrics if k.startswith("val/"))) or "none"
-            raise ShortcutError(
-                f"MaskPruning monitor {self.monitor!r} was not logged in validation (logged: {found}); "
-                "set monitor to one of them, e.g. val/worst_class"
-            )
-        score = float(value)
-        if self.best is not None:
-            better = score > self.best["score"] if self.mode == "max" else score < self.best["score"]
-            if not better:
-                return
-        logits = {name: m.logits.detach().to("cpu", copy=True) for name, m in self._masks.items()}
-        self.best = {"epoch": trainer.current_epoch, "score": score, "logits": logits}
+        if self._best is not None and self.phase == "learning" and not trainer.sanity_checking:
+            self._best.update(trainer, self._masks)
 
-    def _restore_best(self, masks: dict[str, Any]) -> None:
-        """Puts the best epoch's mask logits back (``monitor``); says so, or that there was none."""
-        if self.monitor is None:
-            return
-        if self.best is None:
-            rank_zero_info(
-                f"PruSC: {self.monitor} was never validated during mask learning; the last masks are kept"
-            )
-            return
-        with torch.no_grad():
-            for name, mask in masks.items():
-                mask.logits.copy_(self.best["logits"][name])
-        # restored: the copy (one float per weight) would only weigh down every later checkpoint
-        self.best["logits"] = None
-        self.report["best"] = {
-            "monitor": self.monitor,
-            "epoch": self.best["epoch"],
-            "score": self.best["score"],
-        }
-        rank_zero_info(
-            f"PruSC: the masks of epoch {self.best['epoch']} are kept ({self.monitor} {self.best['score']:.4f})"
-        )
+    @property
+    def best(self) -> dict[str, Any] | None:
+        """With ``monitor``: epoch, score and (until restored) mask logits of the best mask-learning epoch."""
+        return None if self._best is None else self._best.best
 
     # -- the end --------------------------------------------------------------------------------
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -524,26 +396,31 @@ class MaskPruning(Callback):
                 trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "pruned.ckpt")
         self._write(log_dir)
 
-    @rank_zero_only
     def _write(self, log_dir: Path) -> None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / "prusc.json").write_text(json.dumps(self.report, indent=2))
         tag = " [uses group annotations]" if self.uses_annotations else ""
-        print(f"\nPruSC{tag}: {_summary(self.report['densities'])}", flush=True)
-        for split, before in self.report["before"].items():
-            columns = {"before": before}
-            if "fixed" in self.report:  # fine-tuned after the masks were fixed
-                columns.update(pruned=self.report["fixed"][split], tuned=self.report["after"][split])
-            else:
-                columns["pruned"] = self.report["after"][split]
-            table = format_group_table(columns)
-            print(f"\n{table}\n", flush=True)
+        columns = {"before": self.report["before"]}
+        if "fixed" in self.report:  # fine-tuned after the masks were fixed
+            columns.update(pruned=self.report["fixed"], tuned=self.report["after"])
+        else:
+            columns["pruned"] = self.report["after"]
+        summary = [f"PruSC{tag}: {density_summary(self.report['densities'])}"]
+        write_stage_report(log_dir, "prusc.json", self.report, summary, stage_tables(columns))
 
     def _parameters(self) -> dict[str, Any]:
         keys = ("start_epoch", "prune_epochs", "finetune_epochs", "finetune_split", "num_clusters", "modules", "lambda_sparse", "beta",
                 "temperature", "gumbel_temperature", "init_logit", "mask_lr", "target_density", "monitor", "mode", "split", "cluster_balanced", "recalibrate_bn", "groups",
                 "seed", "export")  # fmt: skip
         return {k: getattr(self, k) for k in keys}
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """The network as evaluation sees it, in plain weights, beside the masked state a resume needs.
+
+        ``model.weights=<this checkpoint>`` then loads a plain network (``backbones.PLAIN_WEIGHTS``).
+        """
+        if model_masks(pl_module):
+            checkpoint[PLAIN_WEIGHTS] = plain_state_dict(pl_module)
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -554,7 +431,7 @@ class MaskPruning(Callback):
             "report": self.report,
             "optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
             "best": self.best,
-            "data_split": self.data_split,
+            "data_split": self._data.split,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -563,25 +440,6 @@ class MaskPruning(Callback):
         self.clusters = state_dict.get("clusters")
         self.report = state_dict.get("report", {})
         self._optimizer_state = state_dict.get("optimizer")
-        self.best = state_dict.get("best")
-        self.data_split = state_dict.get("data_split")
-
-
-def _summary(found: dict[str, float]) -> str:
-    text = f"Prune_f {found['Prune_f']:.3f}, Prune_h {found['Prune_h']:.3f}"
-    if "Prune_f_reachable" in found:
-        text += f", Prune_f of the weights that reach an image pixel {found['Prune_f_reachable']:.3f}"
-    return text
-
-
-def _cluster_table(labels: Tensor, target: Tensor, group: Tensor, dm: Any) -> list[dict[str, Any]]:
-    """Size, classes and (for the report only) groups of every cluster."""
-    rows = []
-    for k in range(int(labels.max()) + 1):
-        member = labels == k
-        row: dict[str, Any] = {"cluster": k, "n": int(member.sum())}
-        row["classes"] = {dm.class_names[c]: int((target[member] == c).sum()) for c in range(dm.num_classes)}
-        if (group >= 0).all():
-            row["groups"] = {dm.group_names[g]: int((group[member] == g).sum()) for g in range(dm.num_groups)}
-        rows.append(row)
-    return rows
+        if self._best is not None:
+            self._best.best = state_dict.get("best")
+        self._data.split = state_dict.get("data_split")

@@ -12,11 +12,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from shortcut_lightning.activations import reduce_channels
-from shortcut_lightning.callbacks.spurious_positive_mining import SpuriousPositiveMining
 from shortcut_lightning.errors import ShortcutError
-from shortcut_lightning.hooks import OutputCapture
-from shortcut_lightning.model_parts import find_module, freeze_before
+from shortcut_lightning.methods.score.spurious_positive_mining import SpuriousPositiveMining
+from shortcut_lightning.probing.activations import reduce_channels
+from shortcut_lightning.probing.hooks import OutputCapture
+from shortcut_lightning.probing.model_parts import find_module, freeze_before
 
 NORMS = ("l1", "l2")
 
@@ -63,7 +63,14 @@ class NeuronRegularization(Callback):
     """
 
     penalty_name = "neuron_regularization"
+    stage_label = "SCORE fine-tuning"
     changes_model_at_fit_end = True  # test the fine-tuned model, not the best checkpoint by val accuracy
+    uses_annotations = False
+
+    @property
+    def before_reports(self) -> dict[str, dict[str, Any]]:
+        """Empty: :class:`SpuriousPositiveMining` reports the model it mined."""
+        return {}
 
     def __init__(
         self,

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from shortcut_lightning.model_parts import evaluating
+from shortcut_lightning.probing.model_parts import evaluating
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

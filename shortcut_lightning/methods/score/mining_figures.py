@@ -10,7 +10,8 @@ import numpy as np
 from torch import Tensor
 
 from shortcut_lightning.data.transforms import denormalize
-from shortcut_lightning.figures import new_figure
+from shortcut_lightning.reporting.figures import new_figure
+from shortcut_lightning.reporting.projection import project_2d
 
 FRAME = np.array([0.86, 0.08, 0.08])  # red: the selected samples' frames and indices
 
@@ -85,3 +86,15 @@ def masked_embedding_view(panels: dict[str, dict[str, np.ndarray]], method: str 
     # fixed margins: tight_layout would cost about a second per figure
     figure.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.93, wspace=0.05)
     return figure
+
+
+def selection_panel(found: dict[str, Tensor], chosen: list[int], min_overlap: float) -> dict[str, np.ndarray]:
+    """A class's panel of :func:`masked_embedding_view`: 2-D points of the masked embeddings, which were selected,
+    and (with spurious masks) which overlap the spurious region by ``min_overlap``."""
+    points = project_2d(found["embedding"].numpy(), method="pca")
+    selected = np.zeros(len(points), dtype=bool)
+    selected[chosen] = True
+    panel = {"points": points, "selected": selected}
+    if "overlap" in found:
+        panel["spurious"] = (found["overlap"] >= min_overlap).numpy()
+    return panel

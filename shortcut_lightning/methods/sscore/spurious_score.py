@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,63 +14,23 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from shortcut_lightning.callbacks.model_stage import ModelStage
-from shortcut_lightning.data.base import require_group_datamodule
+from shortcut_lightning.data.base import MASK_SOURCES, require_group_datamodule
 from shortcut_lightning.data.transforms import denormalize
-from shortcut_lightning.embedding_pass import embed_splits, head_change_reports
 from shortcut_lightning.errors import DataError, ModelError
-from shortcut_lightning.figures import new_figure
-from shortcut_lightning.hooks import InputCapture, OutputCapture
-from shortcut_lightning.metrics import format_group_table
-from shortcut_lightning.model_parts import evaluating, find_head, find_module, last_transformer_block
-from shortcut_lightning.xai.gradcam import is_pooled_layer, neuron_gradcam, score_maps
-
-MASK_SOURCES = "MetadataDataModule reads them from a mask_filename column (docs/datasets.md); SyntheticShortcuts has them"
-
-
-def find_feature_layer(model: nn.Module, head: nn.Module, images: Tensor) -> str:
-    """The default neuron layer: the shallowest module the embedding is the average pool of (a CNN).
-
-    For a class-token ViT: the last block's first LayerNorm, the last layer whose patch tokens still reach
-    the class token (through that block's attention). At the block's output only the class token gets a
-    gradient, so every patch's Grad-CAM would be zero.
-    """
-    block = last_transformer_block(model)
-    if block is not None:
-        return f"{block}.norm1"
-    captures = {
-        name: OutputCapture(m) for name, m in model.named_modules() if name and not isinstance(m, nn.Linear)
-    }
-    embedding = InputCapture(head)
-    try:
-        with torch.no_grad(), evaluating(model):  # a probe must not move BatchNorm statistics
-            model(images)
-    finally:
-        for c in captures.values():
-            c.remove()
-        embedding.remove()
-    z = embedding.value.flatten(1)
-    found = [
-        name
-        for name, c in captures.items()
-        if isinstance(c.value, Tensor) and c.value.ndim == 4 and is_pooled_layer(c.value, z)
-    ]
-    if not found:
-        raise ModelError(
-            "cannot find the layer whose global average pool is the penultimate embedding: name the Grad-CAM "
-            "layer with SpuriousScore(layer=...), e.g. layer='net.layer4'"
-        )
-    return min(found, key=lambda n: n.count("."))
+from shortcut_lightning.probing.embedding_pass import embed_splits, head_change_reports
+from shortcut_lightning.probing.hooks import OutputCapture
+from shortcut_lightning.probing.layers import find_feature_layer
+from shortcut_lightning.probing.model_parts import evaluating, find_head, find_module
+from shortcut_lightning.reporting.figures import new_figure
+from shortcut_lightning.reporting.stage_report import stage_tables, write_stage_report
+from shortcut_lightning.stages import ModelStage
+from shortcut_lightning.xai.gradcam import neuron_gradcam, score_maps
 
 
 def check_resolution(model: nn.Module, layer: nn.Module, name: str, image: Tensor) -> None:
     """A 1x1 map is uniform over the image: its s-score would only be the mask's share of the image."""
-    capture = OutputCapture(layer)
-    try:
-        with torch.no_grad(), evaluating(model):
-            model(image)
-    finally:
-        capture.remove()
+    with OutputCapture(layer) as capture, torch.no_grad(), evaluating(model):
+        model(image)
     if capture.value.ndim == 4 and capture.value.shape[-2:] == (1, 1):
         raise ModelError(
             f"layer {name!r} has a 1x1 map at {tuple(image.shape[-2:])} px input, so every Grad-CAM map covers the "
@@ -151,9 +110,17 @@ class SpuriousScore(ModelStage):
         self.report_splits = tuple(report_splits)
         self.result: dict[str, Any] = {}
 
+    stage_label = "s-score"
+    uses_annotations = True  # spurious-region masks
+
     @property
     def changes_model_at_fit_end(self) -> bool:
         return self.prune_above is not None
+
+    @property
+    def before_reports(self) -> dict[str, dict[str, Any]]:
+        """The model before s-score pruning (empty without ``prune_above``)."""
+        return self.result.get("pruning", {}).get("before", {})
 
     # -- what ----------------------------------------------------------------------------------
     def samples(self, dm: Any) -> dict[str, Tensor]:
@@ -248,7 +215,6 @@ class SpuriousScore(ModelStage):
         maps: Tensor,
     ) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / "sscore.json").write_text(json.dumps(report, indent=2))
         norms = head.weight.detach().norm(dim=0).cpu()
         with (log_dir / "sscore.csv").open("w", newline="") as handle:
             writer = csv.writer(handle)
@@ -268,17 +234,20 @@ class SpuriousScore(ModelStage):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_histogram("sscore/neurons", scores, global_step=trainer.global_step)
                 logger.experiment.add_figure("sscore/heatmaps", figure, global_step=trainer.global_step)
-        print(
-            f"\ns-score over {report['n_samples']} {self.split} samples at {report['layer']}: mean {report['mean']:.3f} "
+        summary = [
+            f"s-score over {report['n_samples']} {self.split} samples at {report['layer']}: mean {report['mean']:.3f} "
             f"(a map covering the whole image scores {report['uniform_map_score']:.3f}; the focus regions cover "
-            f"{report['mean_focus_share']:.3f} of the image on average), {report['ranges']}",
-            flush=True,
-        )
+            f"{report['mean_focus_share']:.3f} of the image on average), {report['ranges']}"
+        ]
+        tables = None
         if "pruning" in report:
-            print(f"pruned {len(report['pruning']['neurons'])} neurons with s-score > {self.prune_above}")
-            for split, before in report["pruning"]["before"].items():
-                table = format_group_table({"before": before, "pruned": report["pruning"]["after"][split]})
-                print("\n" + table + "\n", flush=True)
+            summary.append(
+                f"pruned {len(report['pruning']['neurons'])} neurons with s-score > {self.prune_above}"
+            )
+            tables = stage_tables(
+                {"before": report["pruning"]["before"], "pruned": report["pruning"]["after"]}
+            )
+        write_stage_report(log_dir, "sscore.json", report, summary, tables)
 
 
 def heatmap_grid(batch: dict[str, Tensor], maps: Tensor, scores: Tensor, n_images: int = 5) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,27 +14,29 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from shortcut_lightning.activations import reduce_channels
-from shortcut_lightning.callbacks.embedding_projector import project_2d
-from shortcut_lightning.callbacks.spurious_score import MASK_SOURCES, find_feature_layer
-from shortcut_lightning.data.base import require_group_datamodule
-from shortcut_lightning.embedding_pass import Embeddings, collect_embeddings, embed_splits, group_reports
+from shortcut_lightning.data.base import MASK_SOURCES, require_group_datamodule
 from shortcut_lightning.errors import ShortcutError
-from shortcut_lightning.hooks import InputCapture, OutputCapture
-from shortcut_lightning.metrics import format_group_table
-from shortcut_lightning.mining_figures import masked_embedding_view, review_sheet
-from shortcut_lightning.model_parts import evaluating, find_head, find_module
-from shortcut_lightning.spurious_positives import (
+from shortcut_lightning.methods.score.lrp_analysis import LRPMasking, analyse_samples, top_by_logit
+from shortcut_lightning.methods.score.mining_figures import (
+    masked_embedding_view,
+    review_sheet,
+    selection_panel,
+)
+from shortcut_lightning.methods.score.spurious_positives import (
     confuser_similarity,
-    mask_images,
-    mask_overlap,
     neuron_scores,
-    relevance_mask,
     select_neurons,
 )
-from shortcut_lightning.xai import relevance
+from shortcut_lightning.probing.embedding_pass import (
+    Embeddings,
+    collect_embeddings,
+    embed_splits,
+    group_reports,
+)
+from shortcut_lightning.probing.layers import find_feature_layer
+from shortcut_lightning.probing.model_parts import find_head, find_module
+from shortcut_lightning.reporting.stage_report import stage_tables, write_stage_report
 
 SELECTIONS = ("auto", "oracle", "manual")
 
@@ -171,6 +172,9 @@ class SpuriousPositiveMining(Callback):
         self.every_n_epochs = every_n_epochs
         self.result: dict[str, Any] | None = None
 
+    stage_label = "SCORE"
+    changes_model_at_fit_end = False  # NeuronRegularization fine-tunes; mining only reads the model
+
     @property
     def uses_annotations(self) -> bool:
         return self.selection == "oracle"
@@ -238,7 +242,7 @@ class SpuriousPositiveMining(Callback):
         neurons: set[int] = set()
         for c in classes:
             name = dm.class_names[c]
-            top = self._top(train, c, own=True, n=self.top_m)
+            top = top_by_logit(train, c, own=True, n=self.top_m)
             pool = top + [i for i in self.manual_indices.get(c, []) if i not in top]
             found = self._analyse(pl_module, dataset, pool, c, layer, layer_name, head, f"{name}{tag}")
             confusers: dict[str, Tensor] | None = None
@@ -284,7 +288,7 @@ class SpuriousPositiveMining(Callback):
                 f"class {name}: top {len(top)} by logit, relevance masks (top {self.top_q:.0%}); "
                 f"framed = selected ({self.selection}){tag}", notes,
             )  # fmt: skip
-            panels[name] = self._panel(found, chosen)
+            panels[name] = selection_panel(found, chosen, self.oracle_min_overlap)
         if not neurons:
             raise ShortcutError(
                 f"SCORE mining{tag}: no sample passed the {self.selection!r} selection in any class, so there is "
@@ -329,50 +333,12 @@ class SpuriousPositiveMining(Callback):
                         "list each sample under its own class (see the indices on review_<class>.png)"
                     )
 
-    def _top(self, train: Embeddings, c: int, own: bool, n: int) -> list[int]:
-        rows = ((train.target == c) if own else (train.target != c)).nonzero().flatten()
-        order = train.logits[rows, c].argsort(descending=True, stable=True)
-        return train.index[rows[order[:n]]].tolist()
-
     def _analyse(
-        self,
-        pl_module: L.LightningModule,
-        dataset: Any,
-        indices: list[int],
-        c: int,
-        layer: nn.Module,
-        layer_name: str,
-        head: nn.Module,
-        desc: str,
-    ) -> dict[str, Tensor]:
-        """LRP masks, masked images and what the model does with them, for ``indices`` and class ``c``."""
-        parts: dict[str, list[Tensor]] = {}
-        chunks = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-        show = getattr(getattr(pl_module, "_trainer", None), "is_global_zero", True)
-        for chunk in tqdm(chunks, desc=f"SCORE: LRP on class {desc}", leave=False, disable=not show):
-            samples = [dataset[i] for i in chunk]
-            x = torch.stack([s["image"] for s in samples]).to(pl_module.device)
-            masks = relevance_mask(
-                relevance(pl_module, x, c, self.composite).input, self.top_q, self.dilation
-            )
-            masked = mask_images(x, masks, self.fill)
-            activation, _ = _forward(pl_module, x, layer, head)
-            lrp = relevance(pl_module, masked, c, self.composite, [layer_name])
-            _, embedding = _forward(pl_module, masked, layer, head)
-            got = {
-                "images": x.cpu(),
-                "masks": masks.cpu(),
-                "activation": reduce_channels(activation).cpu(),
-                "relevance": lrp.layers[layer_name].cpu(),
-                "embedding": embedding.flatten(1).cpu(),
-                "kept": (lrp.logits.argmax(1) == c).cpu(),
-            }
-            if getattr(dataset, "has_masks", False):
-                spurious = torch.stack([s["mask"] for s in samples]).cpu()
-                got["overlap"] = mask_overlap(masks.cpu(), spurious)
-            for key, value in got.items():
-                parts.setdefault(key, []).append(value)
-        return {k: torch.cat(v) for k, v in parts.items()}
+        self, pl_module: L.LightningModule, dataset: Any, indices: list[int], c: int, layer: nn.Module,
+        layer_name: str, head: nn.Module, desc: str,
+    ) -> dict[str, Tensor]:  # fmt: skip
+        settings = LRPMasking(self.composite, self.top_q, self.dilation, self.fill, self.batch_size)
+        return analyse_samples(pl_module, dataset, indices, c, layer, layer_name, head, desc, settings)
 
     def _select(
         self,
@@ -397,22 +363,13 @@ class SpuriousPositiveMining(Callback):
             scores = found["overlap"]
             candidates &= scores >= self.oracle_min_overlap
         else:
-            confusers = self._top(train, c, own=False, n=self.n_confusers)
+            confusers = top_by_logit(train, c, own=False, n=self.n_confusers)
             other = self._analyse(
                 pl_module, dataset, confusers, c, layer, layer_name, head, f"{c} confusers{tag}"
             )
             scores = confuser_similarity(found["embedding"], other["embedding"])
         order = [int(i) for i in scores.argsort(descending=True, stable=True) if candidates[i]]
         return scores, order[: self.num_selected], other
-
-    def _panel(self, found: dict[str, Tensor], chosen: list[int]) -> dict[str, np.ndarray]:
-        points = project_2d(found["embedding"].numpy(), method="pca")
-        selected = np.zeros(len(points), dtype=bool)
-        selected[chosen] = True
-        panel = {"points": points, "selected": selected}
-        if "overlap" in found:
-            panel["spurious"] = (found["overlap"] >= self.oracle_min_overlap).numpy()
-        return panel
 
     def _reports(self, pl_module: L.LightningModule, dm: Any, head: nn.Linear) -> dict[str, Any]:
         return group_reports(dm, embed_splits(pl_module, dm, head, self.report_splits, "SCORE (before):"))
@@ -429,7 +386,6 @@ class SpuriousPositiveMining(Callback):
         self, trainer: L.Trainer, log_dir: Path, result: dict[str, Any], figures: dict[str, Any], panels: dict
     ) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / "mining.json").write_text(json.dumps(result, indent=2))
         view = masked_embedding_view(panels)
         view.savefig(log_dir / "masked_embeddings.png", dpi=100)
         for name, figure in figures.items():
@@ -444,19 +400,15 @@ class SpuriousPositiveMining(Callback):
         tag = " [oracle: uses spurious annotations]" if result["uses_annotations"] else ""
         rounds = result["rounds"]
         new = f" (round {len(rounds)}: {rounds[-1]['neurons']})" if len(rounds) > 1 else ""
-        print(f"\nSCORE mining{tag} at {result['layer']}: neurons {result['neurons']}{new}", flush=True)
+        summary = [f"SCORE mining{tag} at {result['layer']}: neurons {result['neurons']}{new}"]
         for name, entry in result["classes"].items():
             extra = ""
             if "precision_vs_oracle" in entry:
                 extra = f", precision vs oracle {entry['precision_vs_oracle']:.2f}"
-            print(f"  {name}: selected {entry['selected_indices']}{extra}", flush=True)
-        if len(rounds) > 1:
-            return  # the table before the stage was printed by the first round
-        for split, report in result["before"].items():
-            print(
-                f"\n{split} before SCORE fine-tuning\n" + format_group_table({"before": report}) + "\n",
-                flush=True,
-            )
+            summary.append(f"  {name}: selected {entry['selected_indices']}{extra}")
+        # the table before the stage comes with the first round only
+        tables = stage_tables({"before SCORE": result["before"]}) if len(rounds) == 1 else None
+        write_stage_report(log_dir, "mining.json", result, summary, tables)
 
 
 def _rounds(result: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -464,17 +416,3 @@ def _rounds(result: dict[str, Any] | None) -> list[dict[str, Any]]:
     if result is None:
         return []
     return result.get("rounds", [{"epoch": result["epoch"], "neurons": result["neurons"]}])
-
-
-def _forward(
-    pl_module: L.LightningModule, images: Tensor, layer: nn.Module, head: nn.Module
-) -> tuple[Tensor, Tensor]:
-    """``layer``'s output and the embedding (the head's input) of ``images``, in eval mode without gradients."""
-    activation, embedding = OutputCapture(layer), InputCapture(head)
-    try:
-        with torch.no_grad(), evaluating(pl_module):
-            pl_module(images)
-    finally:
-        activation.remove()
-        embedding.remove()
-    return activation.value, embedding.value

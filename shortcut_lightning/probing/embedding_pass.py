@@ -12,9 +12,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from shortcut_lightning.errors import ShortcutError
-from shortcut_lightning.hooks import InputCapture
 from shortcut_lightning.metrics import GroupAccuracy, group_report
-from shortcut_lightning.model_parts import evaluating
+from shortcut_lightning.probing.hooks import InputCapture
+from shortcut_lightning.probing.model_parts import evaluating
 
 LABELS = ("target", "group", "spurious", "index")
 
@@ -47,26 +47,22 @@ def collect_embeddings(
     its shard; the shards are gathered and de-duplicated by ``index`` so every rank returns the
     whole split, identically.
     """
-    capture = InputCapture(head)
     parts: dict[str, list[Tensor]] = {k: [] for k in ("features", "logits", *LABELS)}
-    try:
-        with evaluating(pl_module):
-            show = getattr(getattr(pl_module, "_trainer", None), "is_global_zero", True)
-            for batch in tqdm(loader, desc=desc, leave=False, disable=not show):
-                logits = pl_module(batch["image"].to(pl_module.device))
-                if capture.value is None:
-                    raise ShortcutError(
-                        f"the model's forward did not call its head {type(head).__name__}: name the head"
-                    )
-                parts["features"].append(capture.value.flatten(1).float().cpu())
-                parts["logits"].append(logits.float().cpu())
-                for key in LABELS:  # a label the data lacks (e.g. no group annotations) is -1
-                    value = batch.get(key) if isinstance(batch, dict) else None
-                    parts[key].append(
-                        torch.full((len(logits),), -1) if value is None else torch.as_tensor(value).cpu()
-                    )
-    finally:
-        capture.remove()
+    with InputCapture(head) as capture, evaluating(pl_module):
+        show = getattr(getattr(pl_module, "_trainer", None), "is_global_zero", True)
+        for batch in tqdm(loader, desc=desc, leave=False, disable=not show):
+            logits = pl_module(batch["image"].to(pl_module.device))
+            if capture.value is None:
+                raise ShortcutError(
+                    f"the model's forward did not call its head {type(head).__name__}: name the head"
+                )
+            parts["features"].append(capture.value.flatten(1).float().cpu())
+            parts["logits"].append(logits.float().cpu())
+            for key in LABELS:  # a label the data lacks (e.g. no group annotations) is -1
+                value = batch.get(key) if isinstance(batch, dict) else None
+                parts[key].append(
+                    torch.full((len(logits),), -1) if value is None else torch.as_tensor(value).cpu()
+                )
     local = {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
     gathered = _gather(pl_module, local)
     if (gathered["index"] < 0).any():  # no sample indices: keep the loader's order

@@ -14,12 +14,13 @@ import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
+import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from shortcut_lightning.conv_reach import reachable_of
 from shortcut_lightning.errors import ModelError, ShortcutError
+from shortcut_lightning.methods.prusc.conv_reach import reachable_of
 
 MODES = ("off", "learn", "fixed")
 MASKABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -187,7 +188,7 @@ def set_density(
 ) -> None:
     """Shifts the logits so that exactly a share ``density`` of the masked weights is kept (ties by position).
 
-    With ``reachable`` (from :func:`~shortcut_lightning.conv_reach.reachable_weights`) the share is of
+    With ``reachable`` (from :func:`~shortcut_lightning.methods.prusc.conv_reach.reachable_weights`) the share is of
     the masked weights that can read an image pixel, and the others, which multiply only padding, are
     pruned: a density then means the same at every image size.
     """
@@ -217,7 +218,7 @@ def densities(model: nn.Module, reachable: dict[str, Tensor] | None = None) -> d
 
     ``Prune_f`` counts every conv and linear weight of the model (unmasked layers as kept); ``Prune_h``
     is the pruned share of the last linear layer (the head). With ``reachable`` (from
-    :func:`~shortcut_lightning.conv_reach.reachable_weights`), ``Prune_f_reachable`` is the pruned share
+    :func:`~shortcut_lightning.methods.prusc.conv_reach.reachable_weights`), ``Prune_f_reachable`` is the pruned share
     of the weights that can read an image pixel at that input size: the others multiply only padding.
     """
     out: dict[str, float] = {}
@@ -245,3 +246,53 @@ def densities(model: nn.Module, reachable: dict[str, Tensor] | None = None) -> d
     if reachable is not None:
         out["Prune_f_reachable"] = 1 - kept_reach / max(total_reach, 1)
     return out
+
+
+def density_summary(found: dict[str, float]) -> str:
+    """One line of :func:`densities`: the pruned shares of all weights, of the head, of the reachable weights."""
+    text = f"Prune_f {found['Prune_f']:.3f}, Prune_h {found['Prune_h']:.3f}"
+    if "Prune_f_reachable" in found:
+        text += f", Prune_f of the weights that reach an image pixel {found['Prune_f_reachable']:.3f}"
+    return text
+
+
+def step_mask_logits(
+    trainer: L.Trainer, masks: dict[str, GumbelSigmoidMask], optimizer: torch.optim.Optimizer
+) -> None:
+    """One step of the mask logits' own optimizer, their gradients averaged over the DDP ranks first.
+
+    A step with a non-finite gradient (an AMP overflow) is skipped, as the module's optimizer skips it.
+    """
+    logits = [m.logits for m in masks.values() if m.logits.grad is not None]
+    if not logits:
+        return
+    flat = torch.cat([p.grad.flatten() for p in logits])
+    if trainer.world_size > 1:
+        flat = trainer.strategy.reduce(flat, reduce_op="mean")
+        offset = 0
+        for p in logits:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+    if bool(torch.isfinite(flat).all()):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` as if every mask were baked (:func:`bake_masks`), without changing ``model``.
+
+    A masked weight ``P.parametrizations.weight.original`` (and its mask's logits and mode) becomes ``P.weight``
+    as evaluation sees it; every other entry is kept.
+    """
+    modules = dict(model.named_modules())
+    masked = {name: (mask, original_weight(modules[name])) for name, mask in model_masks(model).items()}
+    plain: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        module_name = key.split(".parametrizations.weight.", 1)[0]
+        if ".parametrizations.weight." not in key or module_name not in masked:
+            plain[key] = value
+        elif key.endswith(".parametrizations.weight.original"):
+            mask, weight = masked[module_name]
+            with torch.no_grad():
+                plain[f"{module_name}.weight"] = mask.deterministic(weight).detach().clone()
+    return plain

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,13 +11,13 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from shortcut_lightning.callbacks.model_stage import ModelStage
 from shortcut_lightning.data.base import require_group_datamodule
-from shortcut_lightning.embedding_pass import Embeddings, embed_splits, head_change_reports
 from shortcut_lightning.errors import DataError, ModelError, ShortcutError
-from shortcut_lightning.last_layer import C_GRID, LinearHead, check_balance_labels, fit_dfr
-from shortcut_lightning.metrics import format_group_table
-from shortcut_lightning.model_parts import find_head
+from shortcut_lightning.methods.dfr.last_layer import C_GRID, LinearHead, check_balance_labels, fit_dfr
+from shortcut_lightning.probing.embedding_pass import Embeddings, embed_splits, head_change_reports
+from shortcut_lightning.probing.model_parts import find_head
+from shortcut_lightning.reporting.stage_report import stage_tables, write_stage_report
+from shortcut_lightning.stages import ModelStage, decide_on_rank_zero
 
 BALANCE = ("groups", "classes")
 
@@ -56,7 +55,17 @@ class DeepFeatureReweighting(ModelStage):
         trainer.test(datamodule=...)  # the refit model
     """
 
+    stage_label = "DFR"
     changes_model_at_fit_end = True
+
+    @property
+    def uses_annotations(self) -> bool:
+        """Group labels of the refit split (``balance="groups"``)."""
+        return self.balance == "groups"
+
+    @property
+    def before_reports(self) -> dict[str, dict[str, Any]]:
+        return self.result.get("before", {})
 
     def __init__(
         self,
@@ -117,30 +126,31 @@ class DeepFeatureReweighting(ModelStage):
         return self.result
 
     def _fit_on_rank_zero(self, trainer: L.Trainer, dm: Any, embeddings: dict[str, Embeddings]) -> LinearHead:
-        fitted = None
-        if trainer.is_global_zero:
-            refit = embeddings[self.split]
-            if self.balance == "groups":
-                labels, names, what = refit.group.numpy(), dm.group_names, "group"
-                if (labels < 0).any():
-                    raise DataError(
-                        "the refit split has no group labels: use DeepFeatureReweighting(balance='classes')"
-                    )
-            else:
-                labels, names, what = refit.target.numpy(), list(dm.class_names), "class"
-            check_balance_labels(labels, names, what, self.split)
-            scaler = embeddings[self.scaler_split or self.split].features.numpy()
-            fitted = fit_dfr(
-                refit.features.double().numpy(),
-                refit.target.numpy(),
-                labels,
-                scaler.astype(np.float64),
-                dm.num_classes,
-                self.c_grid,
-                self.num_refits,
-                self.seed,
-            )
-        return trainer.strategy.broadcast(fitted, src=0)
+        """The refit on rank 0, broadcast; its data errors reach every rank (:func:`decide_on_rank_zero`)."""
+        return decide_on_rank_zero(trainer, lambda: self._fit(dm, embeddings))
+
+    def _fit(self, dm: Any, embeddings: dict[str, Embeddings]) -> LinearHead:
+        refit = embeddings[self.split]
+        if self.balance == "groups":
+            labels, names, what = refit.group.numpy(), dm.group_names, "group"
+            if (labels < 0).any():
+                raise DataError(
+                    "the refit split has no group labels: use DeepFeatureReweighting(balance='classes')"
+                )
+        else:
+            labels, names, what = refit.target.numpy(), list(dm.class_names), "class"
+        check_balance_labels(labels, names, what, self.split)
+        scaler = embeddings[self.scaler_split or self.split].features.numpy()
+        return fit_dfr(
+            refit.features.double().numpy(),
+            refit.target.numpy(),
+            labels,
+            scaler.astype(np.float64),
+            dm.num_classes,
+            self.c_grid,
+            self.num_refits,
+            self.seed,
+        )
 
     def _report(self, dm: Any, embeddings: dict[str, Embeddings], fitted: LinearHead) -> dict[str, Any]:
         reported = {s: e for s, e in embeddings.items() if s in self.report_splits}
@@ -161,8 +171,8 @@ class DeepFeatureReweighting(ModelStage):
 
     @rank_zero_only
     def _write(self, trainer: L.Trainer, log_dir: Path, report: dict[str, Any], fitted: LinearHead) -> None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / "dfr.json").write_text(json.dumps(report, indent=2))
+        tables = stage_tables({"before": report["before"], "DFR": report["after"]})
+        write_stage_report(log_dir, "dfr.json", report, tables=tables)
         torch.save(
             {"weight": torch.as_tensor(fitted.weight), "bias": torch.as_tensor(fitted.bias)},
             log_dir / "dfr_head.pt",
@@ -175,9 +185,6 @@ class DeepFeatureReweighting(ModelStage):
                         scalars[f"dfr/{split}/{name}_{key}"] = r[name]
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step)
-        for split, before in report["before"].items():
-            table = format_group_table({"before": before, "DFR": report["after"][split]})
-            print("\n" + table + "\n", flush=True)
 
     # -- resumable state ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

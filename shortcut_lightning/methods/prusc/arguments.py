@@ -1,0 +1,57 @@
+"""The bad-input rules of ``MaskPruning``'s arguments and trainer: each error names the argument and the fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shortcut_lightning.data.base import TRAIN_SPLITS
+from shortcut_lightning.errors import ShortcutError
+
+
+def check_arguments(
+    start_epoch: int,
+    prune_epochs: int,
+    finetune_epochs: int,
+    finetune_split: str | None,
+    num_clusters: int,
+    target_density: float | None,
+    mode: str,
+    split: str,
+    lambda_sparse: float,
+    beta: float,
+) -> None:
+    """Raises :class:`ShortcutError` for the first argument of ``MaskPruning`` that cannot work."""
+    if prune_epochs < 1:
+        raise ShortcutError(f"prune_epochs must be >= 1, got {prune_epochs}")
+    for name, value in (("finetune_epochs", finetune_epochs), ("start_epoch", start_epoch)):
+        if value < 0:
+            raise ShortcutError(f"{name} must be >= 0, got {value}")
+    if num_clusters < 2:
+        raise ShortcutError(f"num_clusters must be >= 2 (SupCon needs other clusters), got {num_clusters}")
+    if target_density is not None and not 0 < target_density < 1:
+        raise ShortcutError(
+            f"target_density must be between 0 and 1 (exclusive), got {target_density}: 0 prunes everything, "
+            "1 nothing"
+        )
+    if mode not in ("max", "min"):
+        raise ShortcutError(f"mode must be 'max' or 'min', got {mode!r}")
+    for name, value in (("split", split), ("finetune_split", finetune_split or split)):
+        if value not in TRAIN_SPLITS:
+            raise ShortcutError(f"{name} must be 'train' or 'val', got {value!r}")
+    if finetune_split is not None and finetune_epochs == 0:
+        raise ShortcutError(
+            f"finetune_split {finetune_split!r} needs finetune_epochs >= 1 (there is nothing to fine-tune)"
+        )
+    for name, value in (("lambda_sparse", lambda_sparse), ("beta", beta)):
+        if value < 0:
+            raise ShortcutError(f"{name} must be >= 0, got {value}")
+
+
+def check_strategy(strategy: Any, world_size: int) -> None:
+    """Mask learning freezes the weights: under DDP the strategy must allow parameters without gradients."""
+    kwargs = getattr(strategy, "_ddp_kwargs", None)
+    if world_size > 1 and kwargs is not None and not kwargs.get("find_unused_parameters", False):
+        raise ShortcutError(
+            "MaskPruning freezes the weights during fit, which plain DDP refuses: use "
+            "strategy='ddp_find_unused_parameters_true' (or 'ddp_spawn_find_unused_parameters_true')"
+        )

@@ -1,0 +1,58 @@
+"""The mask logits of PruSC's best mask-learning epoch by a validation metric (``MaskPruning(monitor=...)``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from shortcut_lightning.errors import ShortcutError
+from shortcut_lightning.methods.prusc.masks import GumbelSigmoidMask
+
+
+class BestMasks:
+    """Keeps a CPU copy of the mask logits whenever ``monitor`` improves; puts the best back once.
+
+    ``best`` (``{"epoch", "score", "logits"}``, ``None`` before a validation) is resumable state: the
+    logits are dropped once restored, so later checkpoints do not carry a copy of every mask.
+    """
+
+    def __init__(self, monitor: str, mode: str = "max") -> None:
+        self.monitor = monitor
+        self.mode = mode
+        self.best: dict[str, Any] | None = None
+
+    def update(self, trainer: L.Trainer, masks: dict[str, GumbelSigmoidMask]) -> None:
+        """After a validation: keeps the logits if ``monitor`` is the best so far."""
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            found = ", ".join(sorted(k for k in trainer.callback_metrics if k.startswith("val/"))) or "none"
+            raise ShortcutError(
+                f"MaskPruning monitor {self.monitor!r} was not logged in validation (logged: {found}); "
+                "set monitor to one of them, e.g. val/worst_class"
+            )
+        score = float(value)
+        if self.best is not None:
+            better = score > self.best["score"] if self.mode == "max" else score < self.best["score"]
+            if not better:
+                return
+        logits = {name: m.logits.detach().to("cpu", copy=True) for name, m in masks.items()}
+        self.best = {"epoch": trainer.current_epoch, "score": score, "logits": logits}
+
+    def restore(self, masks: dict[str, GumbelSigmoidMask]) -> dict[str, Any] | None:
+        """Puts the best epoch's logits back; returns ``{"monitor", "epoch", "score"}``, or ``None`` if none was seen."""
+        if self.best is None:
+            rank_zero_info(
+                f"PruSC: {self.monitor} was never validated during mask learning; the last masks are kept"
+            )
+            return None
+        with torch.no_grad():
+            for name, mask in masks.items():
+                mask.logits.copy_(self.best["logits"][name])
+        self.best["logits"] = None
+        rank_zero_info(
+            f"PruSC: the masks of epoch {self.best['epoch']} are kept ({self.monitor} {self.best['score']:.4f})"
+        )
+        return {"monitor": self.monitor, "epoch": self.best["epoch"], "score": self.best["score"]}

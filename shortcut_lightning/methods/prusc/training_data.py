@@ -1,0 +1,60 @@
+"""What the trainer trains on during PruSC: the split of each epoch, cluster-balanced where it was clustered."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from shortcut_lightning.data.samplers import BalancedSampler
+from shortcut_lightning.errors import ShortcutError
+
+
+class TrainingData:
+    """Points the datamodule at a split through its ``train_on`` contract; a change of split rebuilds the loader.
+
+    Lightning builds the training loader once; when the split changes, ``reload_dataloaders_every_n_epochs``
+    is set to 1 for one epoch and then given back (:meth:`epoch_started`). ``split`` is resumable state.
+    """
+
+    def __init__(self) -> None:
+        self.split: str | None = None  # the split the datamodule was last pointed at
+        self._reload_every: int | None = None  # the trainer's own setting while a rebuild is pending
+
+    def point(self, trainer: L.Trainer, split: str, weights: Callable[[], Tensor] | None = None) -> None:
+        """Trains on ``split`` from the next loader on; ``weights()``: per-sample draw weights over it (cluster
+        balance), computed once the datamodule draws from ``split``."""
+        dm = trainer.datamodule
+        self.split = split
+        if split != dm.train_split:
+            dm.train_on(split)
+            if trainer.train_dataloader is not None and self._reload_every is None:
+                self._reload_every = trainer.reload_dataloaders_every_n_epochs
+                trainer.reload_dataloaders_every_n_epochs = 1
+            held_out = " (validation metrics from now on are on data it trains on)" if split == "val" else ""
+            rank_zero_info(f"PruSC: the trainer now trains on the {split} split{held_out}")
+        if weights is not None:
+            self._reweight(trainer, weights())
+
+    def epoch_started(self, trainer: L.Trainer) -> None:
+        """Gives the trainer its own reload setting back once the loader of the new split was built."""
+        if self._reload_every is not None:
+            trainer.reload_dataloaders_every_n_epochs, self._reload_every = self._reload_every, None
+
+    @staticmethod
+    def _reweight(trainer: L.Trainer, weights: Tensor) -> None:
+        """The datamodule's weights for a loader yet to be built, and the live sampler's."""
+        dm = trainer.datamodule
+        dm.train_on(dm.train_split, groups=dm.train_groups, weights=weights)
+        loader = trainer.train_dataloader
+        if loader is None:  # on_fit_start: the loader is built after it, from the datamodule's weights
+            return
+        sampler = getattr(loader, "sampler", None)
+        if not isinstance(sampler, BalancedSampler):
+            raise ShortcutError(
+                "MaskPruning(cluster_balanced=True) needs the training loader of a shortcut_lightning datamodule "
+                f"(its sampler is {type(sampler).__name__}); or set cluster_balanced: false"
+            )
+        sampler.reweight(weights)
