@@ -536,5 +536,5 @@ def test_a_masked_checkpoint_loads_as_a_plain_network_through_model_weights(tmp_
     with torch.no_grad():
         torch.testing.assert_close(net(x), model(x))
     torch.save({"state_dict": model.state_dict()}, path)  # an older checkpoint: masked weights only
-    with pytest.raises(ModelError, match="pruned.ckpt"):
+    with pytest.raises(ModelError, match=r"pruned\.ckpt"):
         create_backbone("test_resnet", num_classes=2, weights=str(path))
