@@ -34,6 +34,7 @@ from shortcut_lightning.methods.prusc.training_data import TrainingData
 from shortcut_lightning.probing.embedding_pass import collect_embeddings, embed_splits, group_reports
 from shortcut_lightning.probing.model_parts import find_head
 from shortcut_lightning.reporting.stage_report import stage_tables, write_stage_report
+from shortcut_lightning.stages import decide_on_rank_zero
 
 
 class MaskPruning(Callback):
@@ -294,7 +295,10 @@ class MaskPruning(Callback):
         embedded = collect_embeddings(
             pl_module, dm.dataloader(self.split), head, desc=f"PruSC: embedding {self.split}"
         )
-        self.clusters, found = cluster_by_index(embedded, self.num_clusters, self.seed)
+        # one k-means on rank 0, its clusters broadcast: the same clusters on every rank by construction
+        self.clusters, found = decide_on_rank_zero(
+            trainer, lambda: cluster_by_index(embedded, self.num_clusters, self.seed)
+        )
         self._cluster_device = None
         self.report = {
             "uses_annotations": self.uses_annotations,

@@ -37,6 +37,7 @@ from shortcut_lightning.probing.embedding_pass import (
 from shortcut_lightning.probing.layers import find_feature_layer
 from shortcut_lightning.probing.model_parts import find_head, find_module
 from shortcut_lightning.reporting.stage_report import stage_tables, write_stage_report
+from shortcut_lightning.stages import decide_on_rank_zero
 
 SELECTIONS = ("auto", "oracle", "manual")
 
@@ -236,66 +237,72 @@ class SpuriousPositiveMining(Callback):
             layer_name = find_feature_layer(pl_module, head, probe)
         layer = find_module(pl_module, layer_name, "layer")
         train = collect_embeddings(pl_module, dm.dataloader("train"), head, desc=f"SCORE: ranking train{tag}")
-        per_class: dict[str, Any] = {}
-        figures: dict[str, Any] = {}
+        figures: dict[str, Any] = {}  # rank 0's, for the report it writes
         panels: dict[str, dict[str, np.ndarray]] = {}
-        neurons: set[int] = set()
-        for c in classes:
-            name = dm.class_names[c]
-            top = top_by_logit(train, c, own=True, n=self.top_m)
-            pool = top + [i for i in self.manual_indices.get(c, []) if i not in top]
-            found = self._analyse(pl_module, dataset, pool, c, layer, layer_name, head, f"{name}{tag}")
-            confusers: dict[str, Tensor] | None = None
-            if self.selection == "manual":
-                scores, chosen = None, [pool.index(i) for i in self.manual_indices.get(c, [])]
-            else:
-                scores, chosen, confusers = self._select(
-                    pl_module, dataset, train, found, c, layer, layer_name, head, tag
-                )
-            passing = [pool[i] for i in chosen]
-            entry: dict[str, Any] = {
-                "top_indices": top,
-                "selected_indices": passing,
-                "masked_prediction_kept": int(found["kept"].sum()),
-                "selection_scores": None if scores is None else [round(float(s), 5) for s in scores],
-            }
-            if found.get("overlap") is not None:
-                overlap = found["overlap"][: len(top)]
-                entry["lrp_mask_overlap_with_spurious_region"] = float(overlap.mean())
+
+        def decide() -> tuple[dict[str, Any], list[int]]:
+            """The per-class analysis and selection on rank 0 (the broadcast decision of every rank)."""
+            per_class: dict[str, Any] = {}
+            neurons: set[int] = set()
+            for c in classes:
+                name = dm.class_names[c]
+                top = top_by_logit(train, c, own=True, n=self.top_m)
+                pool = top + [i for i in self.manual_indices.get(c, []) if i not in top]
+                found = self._analyse(pl_module, dataset, pool, c, layer, layer_name, head, f"{name}{tag}")
+                confusers: dict[str, Tensor] | None = None
+                if self.selection == "manual":
+                    scores, chosen = None, [pool.index(i) for i in self.manual_indices.get(c, [])]
+                else:
+                    scores, chosen, confusers = self._select(
+                        pl_module, dataset, train, found, c, layer, layer_name, head, tag
+                    )
+                passing = [pool[i] for i in chosen]
+                entry: dict[str, Any] = {
+                    "top_indices": top,
+                    "selected_indices": passing,
+                    "masked_prediction_kept": int(found["kept"].sum()),
+                    "selection_scores": None if scores is None else [round(float(s), 5) for s in scores],
+                }
+                if found.get("overlap") is not None:
+                    overlap = found["overlap"][: len(top)]
+                    entry["lrp_mask_overlap_with_spurious_region"] = float(overlap.mean())
+                    if chosen:
+                        hits = found["overlap"][chosen] >= self.oracle_min_overlap
+                        entry["precision_vs_oracle"] = float(hits.float().mean())
                 if chosen:
-                    hits = found["overlap"][chosen] >= self.oracle_min_overlap
-                    entry["precision_vs_oracle"] = float(hits.float().mean())
-            if chosen:
-                activation, relevance_ = found["activation"][chosen], found["relevance"][chosen]
-                if self.neuron_samples == "confusers" and confusers is not None:
-                    activation, relevance_ = confusers["activation"], confusers["relevance"]
-                s = neuron_scores(activation, relevance_)
-                picked = select_neurons(s, self.num_neurons, self.z_score)
-                entry["neurons"] = picked.tolist()
-                entry["neuron_scores"] = [round(float(s[j]), 6) for j in picked]
-                neurons.update(picked.tolist())
-            else:
-                warnings.warn(
-                    f"SCORE mining{tag}: no spurious-positive sample of class {name!r} passed the selection "
-                    f"({self.selection}); no neuron is taken from this class",
-                    stacklevel=2,
+                    activation, relevance_ = found["activation"][chosen], found["relevance"][chosen]
+                    if self.neuron_samples == "confusers" and confusers is not None:
+                        activation, relevance_ = confusers["activation"], confusers["relevance"]
+                    s = neuron_scores(activation, relevance_)
+                    picked = select_neurons(s, self.num_neurons, self.z_score)
+                    entry["neurons"] = picked.tolist()
+                    entry["neuron_scores"] = [round(float(s[j]), 6) for j in picked]
+                    neurons.update(picked.tolist())
+                else:
+                    warnings.warn(
+                        f"SCORE mining{tag}: no spurious-positive sample of class {name!r} passed the selection "
+                        f"({self.selection}); no neuron is taken from this class",
+                        stacklevel=2,
+                    )
+                    entry["neurons"] = []
+                per_class[name] = entry
+                notes = None if scores is None else [f"{float(v):.2f}" for v in scores]
+                figures[name] = review_sheet(
+                    found["images"], found["masks"], pool, passing,
+                    f"class {name}: top {len(top)} by logit, relevance masks (top {self.top_q:.0%}); "
+                    f"framed = selected ({self.selection}){tag}", notes,
+                )  # fmt: skip
+                panels[name] = selection_panel(found, chosen, self.oracle_min_overlap)
+            if not neurons:
+                raise ShortcutError(
+                    f"SCORE mining{tag}: no sample passed the {self.selection!r} selection in any class, so there is "
+                    "nothing to regularise. Look at review_<class>.png, then try selection='manual', a larger top_m "
+                    "or top_q, or require_masked_prediction=False"
                 )
-                entry["neurons"] = []
-            per_class[name] = entry
-            notes = None if scores is None else [f"{float(v):.2f}" for v in scores]
-            figures[name] = review_sheet(
-                found["images"], found["masks"], pool, passing,
-                f"class {name}: top {len(top)} by logit, relevance masks (top {self.top_q:.0%}); "
-                f"framed = selected ({self.selection}){tag}", notes,
-            )  # fmt: skip
-            panels[name] = selection_panel(found, chosen, self.oracle_min_overlap)
-        if not neurons:
-            raise ShortcutError(
-                f"SCORE mining{tag}: no sample passed the {self.selection!r} selection in any class, so there is "
-                "nothing to regularise. Look at review_<class>.png, then try selection='manual', a larger top_m "
-                "or top_q, or require_masked_prediction=False"
-            )
-        rounds = [*_rounds(earlier), {"epoch": trainer.current_epoch, "neurons": sorted(neurons)}]
+            return per_class, sorted(neurons)
+
+        per_class, neurons = decide_on_rank_zero(trainer, decide)
+        rounds = [*_rounds(earlier), {"epoch": trainer.current_epoch, "neurons": neurons}]
         self.result = {
             "selection": self.selection,
             "uses_annotations": self.uses_annotations,
