@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import lightning as L
 import pytest
 import torch
 
@@ -18,14 +17,9 @@ from shortcut_lightning.callbacks import (
 )
 from shortcut_lightning.methods.prusc.masks import model_masks
 
+from helpers import make_trainer
+
 SIZE = {"image_size": 64}  # stride 32: a 2x2 map at the last stage, enough for Grad-CAM to locate
-
-
-def _trainer(tmp_path, callbacks, max_epochs, **kwargs):
-    return L.Trainer(
-        accelerator="cpu", max_epochs=max_epochs, default_root_dir=tmp_path, logger=False,
-        enable_progress_bar=False, enable_checkpointing=False, callbacks=callbacks, **kwargs,
-    )  # fmt: skip
 
 
 @pytest.fixture
@@ -36,7 +30,7 @@ def lite0():
 
 def test_sscore_finds_the_last_conv_stage_and_scores_every_neuron(tmp_path, tiny_synthetic, lite0):
     scorer = SpuriousScore(n_samples=8, alpha=0.5, prune_above=0.9, report_splits=("val",))
-    _trainer(tmp_path, [scorer], 1, limit_val_batches=1).fit(
+    make_trainer(tmp_path, [scorer], 1, limit_val_batches=1).fit(
         lite0, datamodule=tiny_synthetic(spurious="patch", **SIZE)
     )
     assert scorer.result["layer"] == "net.bn2"  # the BatchNormAct (ReLU6) whose pool is the embedding
@@ -49,7 +43,7 @@ def test_sscore_finds_the_last_conv_stage_and_scores_every_neuron(tmp_path, tiny
 def test_prusc_masks_the_depthwise_convolutions_too(tmp_path, tiny_synthetic, lite0):
     pruning = MaskPruning(prune_epochs=1, num_clusters=3, mask_lr=0.5, init_logit=1.0, lambda_sparse=1e-3,
                           report_splits=("val",), export=False)  # fmt: skip
-    _trainer(tmp_path, [pruning], 2, limit_val_batches=0).fit(lite0, datamodule=tiny_synthetic(**SIZE))
+    make_trainer(tmp_path, [pruning], 2, limit_val_batches=0).fit(lite0, datamodule=tiny_synthetic(**SIZE))
     masks = model_masks(lite0)
     depthwise = [n for n in masks if getattr(lite0.get_submodule(n), "groups", 1) > 1]
     assert "net.blocks.1.0.conv_dw" in depthwise and len(depthwise) == 16  # every depthwise conv of lite0
@@ -61,7 +55,7 @@ def test_prusc_masks_the_depthwise_convolutions_too(tmp_path, tiny_synthetic, li
 def test_dfr_refits_the_head_of_efficientnet(tmp_path, tiny_synthetic, lite0):
     dfr = DeepFeatureReweighting(split="val", num_refits=2, balance="classes", report_splits=("val",))
     before = lite0.head.weight.detach().clone()
-    _trainer(tmp_path, [dfr], 1, limit_val_batches=0).fit(lite0, datamodule=tiny_synthetic(**SIZE))
+    make_trainer(tmp_path, [dfr], 1, limit_val_batches=0).fit(lite0, datamodule=tiny_synthetic(**SIZE))
     assert lite0.head.weight.shape == (2, 1280) and not torch.equal(lite0.head.weight, before)
 
 
@@ -70,7 +64,7 @@ def test_score_mines_at_a_named_intermediate_stage_and_regularizes_it(tmp_path, 
                                     selection="auto", report_splits=("val",))  # fmt: skip
     regularization = NeuronRegularization(strength=0.5, finetune_from="net.blocks.4")
     before = lite0.net.blocks[3][0].conv_pw.weight.detach().clone()
-    _trainer(tmp_path, [mining, regularization], 2, limit_val_batches=1).fit(
+    make_trainer(tmp_path, [mining, regularization], 2, limit_val_batches=1).fit(
         lite0, datamodule=tiny_synthetic(spurious="patch", **SIZE)
     )
     result = json.loads((tmp_path / "mining.json").read_text())

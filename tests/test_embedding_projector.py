@@ -17,6 +17,8 @@ from shortcut_lightning.callbacks import EmbeddingProjector
 from shortcut_lightning.callbacks.embedding_projector import silhouette_scores, subsample
 from shortcut_lightning.errors import ShortcutError
 
+from helpers import make_trainer
+
 
 class PlainResNet(L.LightningModule):
     """A module that knows nothing of shortcut_lightning: torchvision's ResNet-18, logits out."""
@@ -33,14 +35,8 @@ class PlainResNet(L.LightningModule):
 
 
 def _trainer(tmp_path, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=TensorBoardLogger(save_dir=tmp_path),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
+    return make_trainer(
+        tmp_path, logger=TensorBoardLogger(save_dir=tmp_path), enable_model_summary=False, **kwargs
     )
 
 

@@ -15,6 +15,8 @@ from shortcut_lightning.errors import ModelError
 from shortcut_lightning.xai import relevance
 from shortcut_lightning.xai.gradcam import neuron_gradcam
 
+from helpers import make_trainer
+
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
@@ -51,10 +53,7 @@ def test_half_weights_are_refused_with_the_fix():
 
 
 def _bf16_trainer(tmp_path, callbacks, max_epochs: int) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu", precision="bf16-mixed", max_epochs=max_epochs, default_root_dir=tmp_path,
-        logger=False, enable_progress_bar=False, enable_checkpointing=False, callbacks=callbacks,
-    )  # fmt: skip
+    return make_trainer(tmp_path, callbacks, max_epochs, precision="bf16-mixed")
 
 
 def test_score_mines_and_regularizes_under_bf16_mixed(tmp_path, tiny_synthetic):

@@ -25,7 +25,7 @@ from shortcut_lightning.methods.prusc.masks import (
 )
 from shortcut_lightning.methods.prusc.supcon import cluster_supcon
 
-from helpers import BatchIndices, MaskDump
+from helpers import BatchIndices, MaskDump, make_trainer
 
 
 def _naive_supcon(z, y, c, t):
@@ -127,12 +127,10 @@ def test_cosine_kmeans_finds_separated_directions_deterministically():
         cosine_kmeans(x, 200)
 
 
-def _trainer(tmp_path, callbacks, max_epochs, **kwargs):
-    kwargs = {"limit_val_batches": 0, **kwargs}
-    return L.Trainer(
-        accelerator="cpu", max_epochs=max_epochs, default_root_dir=tmp_path, logger=False,
-        enable_progress_bar=False, callbacks=callbacks, **kwargs,
-    )  # fmt: skip
+def _trainer(tmp_path, callbacks, max_epochs, **kwargs) -> L.Trainer:
+    return make_trainer(
+        tmp_path, callbacks, max_epochs, **{"enable_checkpointing": True, "limit_val_batches": 0, **kwargs}
+    )
 
 
 def test_mask_learning_keeps_weights_frozen_and_writes_a_plain_pruned_model(tmp_path, tiny_synthetic):
@@ -313,10 +311,10 @@ def test_finetune_split_val_trains_on_the_validation_split_and_resumes_there(tmp
     assert whole.drawn[1] != whole.drawn[2]
     assert trainer.reload_dataloaders_every_n_epochs == 0  # the trainer's setting is given back
     assert trainer.datamodule.train_split == "val" and trainer.datamodule.train_weights is None
-    assert pruning.report["parameters"]["finetune_split"] == "val"
+    assert pruning.report.parameters["finetune_split"] == "val"
     # the group table of the masks alone, between the ERM model's and the fine-tuned one's
-    assert set(pruning.report) >= {"before", "fixed", "after"}
-    assert pruning.report["fixed"]["test"]["split"] == "test" and "wga" in pruning.report["fixed"]["test"]
+    assert set(pruning.report.to_dict()) >= {"before", "fixed", "after"}
+    assert pruning.report.fixed["test"]["split"] == "test" and "wga" in pruning.report.fixed["test"]
 
     torch.manual_seed(0)
     first = BatchIndices()
@@ -357,7 +355,7 @@ def test_monitor_keeps_the_masks_of_the_best_validated_epoch(tmp_path, tiny_synt
     trainer = _trainer(tmp_path, [script, pruning], 3, limit_val_batches=1, enable_checkpointing=False)
     trainer.fit(model, datamodule=tiny_synthetic())
     assert pruning.best["epoch"] == 1 and pruning.best["score"] == pytest.approx(0.9)
-    assert pruning.report["best"] == {"monitor": "val/scripted", "epoch": 1, "score": pytest.approx(0.9)}
+    assert pruning.report.best == {"monitor": "val/scripted", "epoch": 1, "score": pytest.approx(0.9)}
     for name, mask in model_masks(model).items():
         assert not torch.equal(script.seen[1][name], script.seen[2][name])
         assert torch.equal(mask.logits.detach(), script.seen[1][name])

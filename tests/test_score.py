@@ -22,6 +22,8 @@ from shortcut_lightning.methods.score.spurious_positives import (
 )
 from shortcut_lightning.probing.model_parts import freeze_before
 
+from helpers import make_trainer
+
 # -- the steps on tensors ----------------------------------------------------------------------------
 
 
@@ -111,13 +113,6 @@ def _data(**kwargs) -> SyntheticShortcuts:
     )
 
 
-def _trainer(tmp_path, callbacks, max_epochs=1, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu", max_epochs=max_epochs, default_root_dir=tmp_path, logger=False,
-        enable_progress_bar=False, enable_checkpointing=False, callbacks=callbacks, **kwargs,
-    )  # fmt: skip
-
-
 def _mining(**kwargs) -> SpuriousPositiveMining:
     return SpuriousPositiveMining(
         **{"top_m": 8, "num_selected": 3, "n_confusers": 4, "num_neurons": 4, **kwargs}
@@ -127,10 +122,10 @@ def _mining(**kwargs) -> SpuriousPositiveMining:
 def test_mining_writes_its_report_sheets_and_neurons(tmp_path, caplog):
     torch.manual_seed(0)
     mining = _mining(selection="oracle", oracle_min_overlap=0.0, require_masked_prediction=False)
-    trainer = _trainer(tmp_path, [mining, NeuronRegularization(strength=0.5)])
+    trainer = make_trainer(tmp_path, [mining, NeuronRegularization(strength=0.5)])
     trainer.fit(ShortcutClassifier("test_resnet"), datamodule=_data())
     result = json.loads((tmp_path / "mining.json").read_text())
-    assert result == json.loads(json.dumps(mining.result))
+    assert result == json.loads(json.dumps(mining.result.to_dict()))
     assert result["uses_annotations"] is True and "[oracle: uses spurious annotations]" in caplog.text
     for name, entry in result["classes"].items():
         assert len(entry["top_indices"]) == 8
@@ -165,7 +160,7 @@ def test_mining_in_the_middle_of_fit_leaves_the_model_unchanged(tmp_path):
     started from a model other than the trained one."""
     torch.manual_seed(0)
     before, after = _StateRecorder(), _StateRecorder()
-    trainer = _trainer(
+    trainer = make_trainer(
         tmp_path, [before, _mining(require_masked_prediction=False), after], limit_train_batches=1
     )
     trainer.fit(ShortcutClassifier("test_resnet"), datamodule=_data())
@@ -180,8 +175,8 @@ def test_oracle_selects_the_samples_whose_mask_is_most_on_the_spurious_region(tm
     mining = _mining(
         selection="oracle", oracle_min_overlap=0.0, require_masked_prediction=False, num_selected=8
     )
-    _trainer(tmp_path, [mining]).fit(ShortcutClassifier("test_resnet"), datamodule=_data())
-    for entry in mining.result["classes"].values():
+    make_trainer(tmp_path, [mining]).fit(ShortcutClassifier("test_resnet"), datamodule=_data())
+    for entry in mining.result.classes.values():
         scores = dict(zip(entry["top_indices"], entry["selection_scores"], strict=False))
         chosen = [scores[i] for i in entry["selected_indices"]]
         assert chosen == sorted(chosen, reverse=True) and chosen[0] == max(scores.values())
@@ -193,8 +188,8 @@ def test_manual_selection_takes_the_given_indices(tmp_path):
     targets = dm.dataset("train").targets
     picks = {c: (targets == c).nonzero().flatten()[-2:].tolist() for c in (0, 1)}  # likely outside the top m
     mining = _mining(selection="manual", manual_indices=picks)
-    _trainer(tmp_path, [mining]).fit(ShortcutClassifier("test_resnet"), datamodule=dm)
-    for c, entry in enumerate(mining.result["classes"].values()):
+    make_trainer(tmp_path, [mining]).fit(ShortcutClassifier("test_resnet"), datamodule=dm)
+    for c, entry in enumerate(mining.result.classes.values()):
         assert entry["selected_indices"] == picks[c]
 
 
@@ -206,7 +201,7 @@ def test_manual_indices_that_do_not_exist_or_belong_elsewhere_are_named(tmp_path
     for picks, message in (({0: [999]}, r"sample 999, but the train split has samples 0\.\.63"),
                            ({0: [other]}, rf"sample {other}, which belongs to class 1")):  # fmt: skip
         with pytest.raises(ShortcutError, match=message):
-            _trainer(tmp_path, [_mining(selection="manual", manual_indices=picks)]).fit(
+            make_trainer(tmp_path, [_mining(selection="manual", manual_indices=picks)]).fit(
                 ShortcutClassifier("test_resnet"), datamodule=dm
             )
 
@@ -219,7 +214,7 @@ def test_bad_mining_arguments_are_named(tmp_path):
     with pytest.raises(ShortcutError, match="every_n_epochs must be >= 1"):
         SpuriousPositiveMining(every_n_epochs=0)
     with pytest.raises(ShortcutError, match=r"has only .* channels"):
-        _trainer(
+        make_trainer(
             tmp_path,
             [
                 _mining(
@@ -235,7 +230,7 @@ def test_bad_mining_arguments_are_named(tmp_path):
 def test_no_sample_passing_stops_the_stage(tmp_path):
     mining = _mining(selection="oracle", oracle_min_overlap=1.5)  # no mask can lie 150% inside
     with pytest.raises(ShortcutError, match="no sample passed the 'oracle' selection in any class"):
-        _trainer(tmp_path, [mining, NeuronRegularization()]).fit(
+        make_trainer(tmp_path, [mining, NeuronRegularization()]).fit(
             ShortcutClassifier("test_resnet"), datamodule=_data()
         )
 
@@ -245,7 +240,7 @@ def test_oracle_without_masks_is_refused(metadata_folder, tmp_path):
 
     dm = MetadataDataModule(root=str(metadata_folder(masks=False)), image_size=32, num_workers=0)
     with pytest.raises(ShortcutError, match=r"needs spurious-region masks.*mask_filename"):
-        _trainer(tmp_path, [_mining(selection="oracle")]).fit(
+        make_trainer(tmp_path, [_mining(selection="oracle")]).fit(
             ShortcutClassifier("test_resnet"), datamodule=dm
         )
 
@@ -275,7 +270,7 @@ def test_regularized_fit_logs_and_lowers_the_selected_activation(tmp_path):
         torch.manual_seed(0)
         model = ShortcutClassifier("test_resnet")
         reg = NeuronRegularization(strength=strength, neurons=[0, 2, 5], layer="net.layer3")
-        trainer = _trainer(tmp_path, [reg], max_epochs=2)
+        trainer = make_trainer(tmp_path, [reg], max_epochs=2)
         trainer.fit(model, datamodule=_data())
         assert "train/penalty/neuron_regularization_epoch" in trainer.callback_metrics
         return float(trainer.callback_metrics["score/selected_activation_epoch"])
@@ -290,7 +285,7 @@ def test_neurons_from_a_mining_file_and_finetune_from(tmp_path):
     model = ShortcutClassifier("test_resnet")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     reg = NeuronRegularization(mining_file=str(mined), finetune_from="net.layer3")
-    _trainer(tmp_path, [reg]).fit(model, datamodule=_data())
+    make_trainer(tmp_path, [reg]).fit(model, datamodule=_data())
     assert (reg.layer, reg.neurons) == ("net.layer3", [4, 7])
     after = model.state_dict()
     assert torch.equal(after["net.conv1.0.weight"], before["net.conv1.0.weight"])
@@ -316,7 +311,7 @@ def test_fresh_optimizer_clears_the_state_once_when_the_stage_starts(tmp_path):
         steps = _AdamSteps()
         reg = NeuronRegularization(start_epoch=1, neurons=[0], layer="net.layer3", fresh_optimizer=fresh)
         model = ShortcutClassifier("test_resnet", optimizer=partial(torch.optim.AdamW, lr=1e-3))
-        trainer = _trainer(tmp_path, [reg, steps], max_epochs=max_epochs)
+        trainer = make_trainer(tmp_path, [reg, steps], max_epochs=max_epochs)
         trainer.fit(model, datamodule=_data(), ckpt_path=ckpt)  # 4 steps an epoch
         return trainer, steps.steps
 
@@ -335,7 +330,7 @@ def test_regularization_arguments_are_checked(tmp_path):
     with pytest.raises(ShortcutError, match="norm must be"):
         NeuronRegularization(norm="l3")
     with pytest.raises(ShortcutError, match="add SpuriousPositiveMining"):
-        _trainer(tmp_path, [NeuronRegularization()]).fit(
+        make_trainer(tmp_path, [NeuronRegularization()]).fit(
             ShortcutClassifier("test_resnet"), datamodule=_data()
         )
     with pytest.raises(ShortcutError, match="finetune_from"):
@@ -368,7 +363,7 @@ def test_mining_again_adds_the_new_rounds_neurons_to_the_penalty(tmp_path, monke
     mining = _mining(start_epoch=1, every_n_epochs=1, **kwargs)
     reg = NeuronRegularization(start_epoch=1)
     index = _PenalisedIndex(reg)
-    _trainer(tmp_path, [mining, reg, index], max_epochs=4).fit(
+    make_trainer(tmp_path, [mining, reg, index], max_epochs=4).fit(
         ShortcutClassifier("test_resnet"), datamodule=_data()
     )
     result = json.loads((tmp_path / "mining.json").read_text())
@@ -402,4 +397,4 @@ def test_resume_keeps_the_mining_result(tmp_path, monkeypatch):
         callbacks=[second, reg],
     )  # fmt: skip
     trainer.fit(ShortcutClassifier("test_resnet"), datamodule=_data(), ckpt_path=ckpt)
-    assert second.result == first.result and reg.neurons == first.result["neurons"]
+    assert second.result == first.result and reg.neurons == first.result.neurons

@@ -12,17 +12,11 @@ import torch
 from shortcut_lightning import ShortcutClassifier, SpuriousScore
 from shortcut_lightning.errors import DataError, ModelError
 
-from helpers import PlainResNet
+from helpers import PlainResNet, make_trainer
 
 
-def _trainer(tmp_path, callbacks):
-    return L.Trainer(
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        callbacks=callbacks,
-        accelerator="cpu",
-    )
+def _trainer(tmp_path, callbacks) -> L.Trainer:
+    return make_trainer(tmp_path, callbacks, enable_checkpointing=True)
 
 
 def test_scores_files_and_pruning(tiny_synthetic, tmp_path):

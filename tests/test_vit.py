@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
@@ -22,6 +21,8 @@ from shortcut_lightning.callbacks import (
 from shortcut_lightning.methods.prusc.masks import model_masks
 from shortcut_lightning.xai import neuron_gradcam
 
+from helpers import make_trainer
+
 VIT = {"backbone": "test_vit", "backbone_kwargs": {"img_size": 32, "patch_size": 4}}
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -29,13 +30,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def _vit() -> ShortcutClassifier:
     torch.manual_seed(0)
     return ShortcutClassifier(**VIT)
-
-
-def _trainer(tmp_path, callbacks, max_epochs=1, **kwargs):
-    return L.Trainer(
-        accelerator="cpu", max_epochs=max_epochs, default_root_dir=tmp_path, logger=False,
-        enable_progress_bar=False, enable_checkpointing=False, callbacks=callbacks, **kwargs,
-    )  # fmt: skip
 
 
 def test_gradcam_reads_tokens_as_the_patch_grid():
@@ -59,7 +53,7 @@ def test_dfr_and_sscore_on_a_vit(tiny_synthetic, tmp_path):
     model = _vit()
     dfr = DeepFeatureReweighting(split="val", num_refits=2)
     sscore = SpuriousScore(split="train", n_samples=8, alpha=0.5)
-    trainer = _trainer(tmp_path, [dfr, sscore], limit_val_batches=0)
+    trainer = make_trainer(tmp_path, [dfr, sscore], limit_val_batches=0)
     trainer.fit(model, datamodule=tiny_synthetic(spurious="patch"))
     report = json.loads((tmp_path / "sscore.json").read_text())
     # the last block's norm1: at the block's output only the class token has a gradient (all maps zero)
@@ -72,7 +66,7 @@ def test_score_mining_and_regularization_on_a_vit(tiny_synthetic, tmp_path):
     model = _vit()
     mining = SpuriousPositiveMining(start_epoch=1, top_m=8, num_selected=3, num_neurons=4, report_splits=())
     regularization = NeuronRegularization(start_epoch=1, strength=1.0)
-    trainer = _trainer(tmp_path, [mining, regularization], max_epochs=2, limit_val_batches=0)
+    trainer = make_trainer(tmp_path, [mining, regularization], max_epochs=2, limit_val_batches=0)
     trainer.fit(model, datamodule=tiny_synthetic())
     report = json.loads((tmp_path / "mining.json").read_text())
     assert report["layer"] == "net.blocks.5.norm1"
@@ -86,7 +80,7 @@ def test_prusc_masks_the_linear_weights_of_a_vit(tiny_synthetic, tmp_path):
     pruning = MaskPruning(
         prune_epochs=1, num_clusters=4, modules=["net.blocks.*"], report_splits=(), export=False
     )
-    trainer = _trainer(tmp_path, [pruning], max_epochs=2, limit_val_batches=0)
+    trainer = make_trainer(tmp_path, [pruning], max_epochs=2, limit_val_batches=0)
     trainer.fit(model, datamodule=tiny_synthetic())
     masked = sorted(model_masks(model))
     assert masked and all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in masked)
@@ -95,7 +89,7 @@ def test_prusc_masks_the_linear_weights_of_a_vit(tiny_synthetic, tmp_path):
 
 def test_token_views_write_figures(tiny_synthetic, tmp_path):
     views = TokenViews(num_samples=2, query=[3, 4])
-    trainer = _trainer(tmp_path, [views], limit_train_batches=1)
+    trainer = make_trainer(tmp_path, [views], limit_train_batches=1)
     trainer.fit(_vit(), datamodule=tiny_synthetic())
     assert len(views.written) == 2 and all(Path(p).stat().st_size > 0 for p in views.written)
     with pytest.raises(Exception, match="query must be 'cls' or"):

@@ -13,6 +13,9 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     monitored metric stops improving, ``last.ckpt`` stops moving and a killed run would resume from an
     old epoch. Here ``last.ckpt`` is written at the end of every epoch (after validation when there is one).
 
+    It calls private ``ModelCheckpoint`` methods, so ``pyproject.toml`` bounds Lightning to the tested minor
+    release (2.6); ``tests/test_cli.py`` checks that ``last.ckpt`` follows every epoch.
+
     Example::
 
         trainer = L.Trainer(callbacks=[BestAndLastCheckpoint(monitor="val/mean", mode="max", save_last=True)])

@@ -29,6 +29,7 @@ from shortcut_lightning.methods.prusc.masks import (
     set_density,
     step_mask_logits,
 )
+from shortcut_lightning.methods.prusc.prusc_report import PruSCReport
 from shortcut_lightning.methods.prusc.supcon import cluster_supcon
 from shortcut_lightning.methods.prusc.training_data import TrainingData
 from shortcut_lightning.probing.embedding_pass import collect_embeddings, embed_splits, group_reports
@@ -158,7 +159,7 @@ class MaskPruning(Callback):
         self.phase = "waiting"
         self.started_epoch: int | None = None
         self.clusters: Tensor | None = None  # cluster of every sample of ``split``, by its index
-        self.report: dict[str, Any] = {}
+        self.report: PruSCReport | None = None
         self._best = None if monitor is None else BestMasks(monitor, mode)
         self._cluster_device: Tensor | None = None
         self._masks: dict[str, Any] = {}
@@ -173,7 +174,7 @@ class MaskPruning(Callback):
 
     @property
     def before_reports(self) -> dict[str, dict[str, Any]]:
-        return self.report.get("before", {})
+        return {} if self.report is None else self.report.before
 
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -259,10 +260,12 @@ class MaskPruning(Callback):
         if phase == "fixed" and not resumed:
             restored = None if self._best is None else self._best.restore(masks)
             if restored is not None:
-                self.report["best"] = restored
+                self.report.best = restored
             if self.target_density is not None:
                 set_density(masks, self.target_density, self._reachable_weights(trainer, pl_module))
-            rank_zero_info(f"PruSC: masks fixed, {density_summary(self._densities(trainer, pl_module))}")
+            rank_zero_info(
+                f"PruSC: masks fixed, {density_summary(densities(pl_module, self._reachable_weights(trainer, pl_module)))}"
+            )
         freeze_weights = phase == "learning" or self.finetune_epochs == 0
         logits = {id(m.logits) for m in masks.values()}
         for param in pl_module.parameters():
@@ -285,7 +288,7 @@ class MaskPruning(Callback):
         if phase == "fixed" and not resumed and self.finetune_epochs > 0:
             # what the masks alone do, before the fine-tuning changes the weights
             dm = trainer.datamodule
-            self.report["fixed"] = self._reports(pl_module, dm, find_head(pl_module), "masks fixed")
+            self.report.fixed = self._reports(pl_module, dm, find_head(pl_module), "masks fixed")
 
     # -- clustering -----------------------------------------------------------------------------
     def _cluster(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -300,13 +303,13 @@ class MaskPruning(Callback):
             trainer, lambda: cluster_by_index(embedded, self.num_clusters, self.seed)
         )
         self._cluster_device = None
-        self.report = {
-            "uses_annotations": self.uses_annotations,
-            "clusters": cluster_table(found.labels, embedded.target, embedded.group, dm),
-            "kmeans_inertia": found.inertia,
-            "before": self._reports(pl_module, dm, head, "before"),
-            "parameters": self._parameters(),
-        }
+        self.report = PruSCReport(
+            uses_annotations=self.uses_annotations,
+            clusters=cluster_table(found.labels, embedded.target, embedded.group, dm),
+            kmeans_inertia=found.inertia,
+            before=self._reports(pl_module, dm, head, "before"),
+            parameters=self._parameters(),
+        )
         rank_zero_info(f"PruSC{tag}: {self.num_clusters} clusters of the {self.split} split (cosine k-means)")
 
     def _reports(self, pl_module: L.LightningModule, dm: Any, head: Any, when: str) -> dict[str, Any]:
@@ -362,11 +365,8 @@ class MaskPruning(Callback):
             self._reachable = reachable_weights(pl_module, image[None].to(pl_module.device))
         return self._reachable
 
-    def _densities(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        return densities(pl_module, self._reachable_weights(trainer, pl_module))
-
     def _log_densities(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for name, value in self._densities(trainer, pl_module).items():
+        for name, value in densities(pl_module, self._reachable_weights(trainer, pl_module)).items():
             key = name if name.startswith("Prune_") else f"density/{name}"
             pl_module.log(f"prune/{key}", value, on_epoch=True, rank_zero_only=True)
 
@@ -389,8 +389,8 @@ class MaskPruning(Callback):
         if self.phase == "learning":
             self._enter(trainer, pl_module, "fixed")
         dm = trainer.datamodule
-        self.report["densities"] = self._densities(trainer, pl_module)
-        self.report["after"] = self._reports(pl_module, dm, find_head(pl_module), "after")
+        self.report.densities = densities(pl_module, self._reachable_weights(trainer, pl_module))
+        self.report.after = self._reports(pl_module, dm, find_head(pl_module), "after")
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
         if self.export:
             bake_masks(pl_module)
@@ -402,13 +402,14 @@ class MaskPruning(Callback):
 
     def _write(self, log_dir: Path) -> None:
         tag = " [uses group annotations]" if self.uses_annotations else ""
-        columns = {"before": self.report["before"]}
-        if "fixed" in self.report:  # fine-tuned after the masks were fixed
-            columns.update(pruned=self.report["fixed"], tuned=self.report["after"])
+        report = self.report
+        columns = {"before": report.before}
+        if report.fixed is not None:  # fine-tuned after the masks were fixed
+            columns.update(pruned=report.fixed, tuned=report.after)
         else:
-            columns["pruned"] = self.report["after"]
-        summary = [f"PruSC{tag}: {density_summary(self.report['densities'])}"]
-        write_stage_report(log_dir, "prusc.json", self.report, summary, stage_tables(columns))
+            columns["pruned"] = report.after
+        summary = [f"PruSC{tag}: {density_summary(report.densities)}"]
+        write_stage_report(log_dir, "prusc.json", report.to_dict(), summary, stage_tables(columns))
 
     def _parameters(self) -> dict[str, Any]:
         keys = ("start_epoch", "prune_epochs", "finetune_epochs", "finetune_split", "num_clusters", "modules", "lambda_sparse", "beta",
@@ -419,10 +420,7 @@ class MaskPruning(Callback):
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """The network as evaluation sees it, in plain weights, beside the masked state a resume needs.
-
-        ``model.weights=<this checkpoint>`` then loads a plain network (``backbones.PLAIN_WEIGHTS``).
-        """
+        """Beside the masked state a resume needs, the network as evaluation sees it (``backbones.PLAIN_WEIGHTS``)."""
         if model_masks(pl_module):
             checkpoint[PLAIN_WEIGHTS] = plain_state_dict(pl_module)
 
@@ -432,7 +430,7 @@ class MaskPruning(Callback):
             "phase": self.phase,
             "started_epoch": self.started_epoch,
             "clusters": self.clusters,
-            "report": self.report,
+            "report": None if self.report is None else self.report.to_dict(),
             "optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
             "best": self.best,
             "data_split": self._data.split,
@@ -442,7 +440,8 @@ class MaskPruning(Callback):
         self.phase = state_dict.get("phase", "waiting")
         self.started_epoch = state_dict.get("started_epoch")
         self.clusters = state_dict.get("clusters")
-        self.report = state_dict.get("report", {})
+        saved = state_dict.get("report")
+        self.report = PruSCReport.from_dict(saved) if saved else None
         self._optimizer_state = state_dict.get("optimizer")
         if self._best is not None:
             self._best.best = state_dict.get("best")

@@ -23,6 +23,7 @@ from shortcut_lightning.methods.score.mining_figures import (
     review_sheet,
     selection_panel,
 )
+from shortcut_lightning.methods.score.mining_result import MiningResult
 from shortcut_lightning.methods.score.spurious_positives import (
     confuser_similarity,
     neuron_scores,
@@ -171,7 +172,7 @@ class SpuriousPositiveMining(Callback):
             raise ShortcutError(f"neuron_samples must be 'selected' or 'confusers', got {neuron_samples!r}")
         self.neuron_samples = neuron_samples
         self.every_n_epochs = every_n_epochs
-        self.result: dict[str, Any] | None = None
+        self.result: MiningResult | None = None
 
     stage_label = "SCORE"
     changes_model_at_fit_end = False  # NeuronRegularization fine-tunes; mining only reads the model
@@ -182,16 +183,16 @@ class SpuriousPositiveMining(Callback):
 
     @property
     def neurons(self) -> list[int] | None:
-        return None if self.result is None else self.result["neurons"]
+        return None if self.result is None else self.result.neurons
 
     @property
     def before_reports(self) -> dict[str, Any]:
         """Group reports per split of the model as mined, before fine-tuning (the CLI prints them beside the test)."""
-        return {} if self.result is None else self.result["before"]
+        return {} if self.result is None else self.result.before
 
     @property
     def layer_name(self) -> str | None:
-        return None if self.result is None else self.result["layer"]
+        return None if self.result is None else self.result.layer
 
     # -- hooks ----------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -199,17 +200,18 @@ class SpuriousPositiveMining(Callback):
         if self.result is None:
             if epoch >= self.start_epoch:
                 self.mine(trainer, pl_module)
-        elif self.every_n_epochs is not None and epoch >= self.result["epoch"] + self.every_n_epochs:
+        elif self.every_n_epochs is not None and epoch >= self.result.epoch + self.every_n_epochs:
             self.mine(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"result": self.result}
+        return {"result": None if self.result is None else self.result.to_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.result = state_dict.get("result")
+        saved = state_dict.get("result")
+        self.result = None if saved is None else MiningResult.from_dict(saved)
 
     # -- mining ---------------------------------------------------------------------------------
-    def mine(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+    def mine(self, trainer: L.Trainer, pl_module: L.LightningModule) -> MiningResult:
         """Runs the whole mining on the current model; returns (and keeps) the result.
 
         A later round (``every_n_epochs``) adds its neurons to the earlier rounds' and keeps their
@@ -229,7 +231,7 @@ class SpuriousPositiveMining(Callback):
                 f"selection='oracle' needs spurious-region masks and the train split of {type(dm).__name__} has "
                 f"none ({MASK_SOURCES}); or use selection='auto' or 'manual'"
             )
-        layer_name = self.layer or (earlier["layer"] if earlier is not None else None)
+        layer_name = self.layer or (earlier.layer if earlier is not None else None)
         if layer_name is None:  # the first round finds the layer; later rounds score the same one
             probe = torch.stack([dataset[i]["image"] for i in range(min(2, len(dataset)))]).to(
                 pl_module.device
@@ -302,18 +304,21 @@ class SpuriousPositiveMining(Callback):
             return per_class, sorted(neurons)
 
         per_class, neurons = decide_on_rank_zero(trainer, decide)
-        rounds = [*_rounds(earlier), {"epoch": trainer.current_epoch, "neurons": neurons}]
-        self.result = {
-            "selection": self.selection,
-            "uses_annotations": self.uses_annotations,
-            "layer": layer_name,
-            "neurons": sorted({n for r in rounds for n in r["neurons"]}),
-            "classes": per_class,
-            "before": self._reports(pl_module, dm, head) if earlier is None else earlier["before"],
-            "epoch": trainer.current_epoch,
-            "rounds": rounds,
-            "parameters": self._parameters(),
-        }
+        rounds = [
+            *([] if earlier is None else earlier.rounds),
+            {"epoch": trainer.current_epoch, "neurons": neurons},
+        ]
+        self.result = MiningResult(
+            selection=self.selection,
+            uses_annotations=self.uses_annotations,
+            layer=layer_name,
+            neurons=sorted({n for r in rounds for n in r["neurons"]}),
+            classes=per_class,
+            before=self._reports(pl_module, dm, head) if earlier is None else earlier.before,
+            epoch=trainer.current_epoch,
+            rounds=rounds,
+            parameters=self._parameters(),
+        )
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
         self._write(trainer, log_dir, self.result, figures, panels)
         return self.result
@@ -390,7 +395,7 @@ class SpuriousPositiveMining(Callback):
     # -- output ---------------------------------------------------------------------------------
     @rank_zero_only
     def _write(
-        self, trainer: L.Trainer, log_dir: Path, result: dict[str, Any], figures: dict[str, Any], panels: dict
+        self, trainer: L.Trainer, log_dir: Path, result: MiningResult, figures: dict[str, Any], panels: dict
     ) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         view = masked_embedding_view(panels)
@@ -404,22 +409,15 @@ class SpuriousPositiveMining(Callback):
                         f"score/review_{name}", figure, global_step=trainer.global_step
                     )
                 logger.experiment.add_figure("score/masked_embeddings", view, global_step=trainer.global_step)
-        tag = " [oracle: uses spurious annotations]" if result["uses_annotations"] else ""
-        rounds = result["rounds"]
+        tag = " [oracle: uses spurious annotations]" if result.uses_annotations else ""
+        rounds = result.rounds
         new = f" (round {len(rounds)}: {rounds[-1]['neurons']})" if len(rounds) > 1 else ""
-        summary = [f"SCORE mining{tag} at {result['layer']}: neurons {result['neurons']}{new}"]
-        for name, entry in result["classes"].items():
+        summary = [f"SCORE mining{tag} at {result['layer']}: neurons {result.neurons}{new}"]
+        for name, entry in result.classes.items():
             extra = ""
             if "precision_vs_oracle" in entry:
                 extra = f", precision vs oracle {entry['precision_vs_oracle']:.2f}"
             summary.append(f"  {name}: selected {entry['selected_indices']}{extra}")
         # the table before the stage comes with the first round only
-        tables = stage_tables({"before SCORE": result["before"]}) if len(rounds) == 1 else None
-        write_stage_report(log_dir, "mining.json", result, summary, tables)
-
-
-def _rounds(result: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The mining rounds of a result so far (one for a result saved before rounds were recorded)."""
-    if result is None:
-        return []
-    return result.get("rounds", [{"epoch": result["epoch"], "neurons": result["neurons"]}])
+        tables = stage_tables({"before SCORE": result.before}) if len(rounds) == 1 else None
+        write_stage_report(log_dir, "mining.json", result.to_dict(), summary, tables)
