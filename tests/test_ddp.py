@@ -175,9 +175,9 @@ def test_mask_pruning_refuses_plain_ddp(tmp_path):
     import pytest
     from lightning.pytorch.strategies import DDPStrategy
 
-    from shortcut_lightning.callbacks import MaskPruning
     from shortcut_lightning.errors import ShortcutError
+    from shortcut_lightning.methods.prusc.arguments import check_strategy
 
     with pytest.raises(ShortcutError, match="ddp_find_unused_parameters_true"):
-        MaskPruning._check_strategy(DDPStrategy(), world_size=2)
-    MaskPruning._check_strategy(DDPStrategy(find_unused_parameters=True), world_size=2)
+        check_strategy(DDPStrategy(), world_size=2)
+    check_strategy(DDPStrategy(find_unused_parameters=True), world_size=2)

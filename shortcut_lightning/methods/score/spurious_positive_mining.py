@@ -412,7 +412,7 @@ class SpuriousPositiveMining(Callback):
         tag = " [oracle: uses spurious annotations]" if result.uses_annotations else ""
         rounds = result.rounds
         new = f" (round {len(rounds)}: {rounds[-1]['neurons']})" if len(rounds) > 1 else ""
-        summary = [f"SCORE mining{tag} at {result['layer']}: neurons {result.neurons}{new}"]
+        summary = [f"SCORE mining{tag} at {result.layer}: neurons {result.neurons}{new}"]
         for name, entry in result.classes.items():
             extra = ""
             if "precision_vs_oracle" in entry:
