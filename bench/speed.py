@@ -2,7 +2,9 @@
 
 - ``erm``: an ERM epoch through the Lightning stack (ShortcutClassifier + Trainer, progress bar and
   logging on) vs a plain PyTorch loop over the same model, data, batches and optimizer. Runs
-  alternate and the medians are compared, so machine noise hits both sides alike. Target <= 1.05.
+  alternate; the ratio compares the fastest run of each side (other load on a shared machine only adds
+  time, so the minimum estimates each loop's own cost, as ``timeit`` does), the ratio of medians is kept
+  beside it. Target <= 1.05.
 - ``dfr``: the DFR refit (C tuning + 20 refits, embeddings given) vs one ERM training epoch (plain
   loop) on the embedded default's training set. Target <= 0.10.
 - ``sscore``: s-scores of all 512 penultimate neurons of a ResNet-18 over 50 masked samples, our
@@ -376,8 +378,8 @@ def main() -> None:
     result = {
         "benchmark": "ERM epoch, Lightning stack vs plain PyTorch loop",
         "backbone": args.backbone, "n": args.n, "image_size": args.image_size, "device": device,
-        "plain_s": statistics.median(plain), "lightning_s": statistics.median(light),
-        "ratio": statistics.median(light) / statistics.median(plain), "target": "<= 1.05",
+        "plain_s": min(plain), "lightning_s": min(light), "ratio": min(light) / min(plain), "target": "<= 1.05",
+        "ratio_of_medians": statistics.median(light) / statistics.median(plain),
         "runs_plain_s": plain, "runs_lightning_s": light,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "lightning": L.__version__,
@@ -386,7 +388,7 @@ def main() -> None:
     print(f"\nERM epoch ({args.backbone}, {args.n} images at {args.image_size}px, {device})")
     print(f"plain loop     {result['plain_s']:.2f} s")
     print(f"Lightning      {result['lightning_s']:.2f} s")
-    print(f"ratio          {result['ratio']:.3f}  (target <= 1.05)")
+    print(f"ratio          {result['ratio']:.3f}  (fastest runs; target <= 1.05), medians {result['ratio_of_medians']:.3f}")
 
 
 if __name__ == "__main__":
