@@ -284,7 +284,7 @@ class SpuriousPositiveMining(Callback):
                     warnings.warn(
                         f"SCORE mining{tag}: no spurious-positive sample of class {name!r} passed the selection "
                         f"({self.selection}); no neuron is taken from this class",
-                        stacklevel=2,
+                        stacklevel=3,  # mine(), through decide_on_rank_zero
                     )
                     entry["neurons"] = []
                 per_class[name] = entry
