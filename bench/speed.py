@@ -388,7 +388,9 @@ def main() -> None:
     print(f"\nERM epoch ({args.backbone}, {args.n} images at {args.image_size}px, {device})")
     print(f"plain loop     {result['plain_s']:.2f} s")
     print(f"Lightning      {result['lightning_s']:.2f} s")
-    print(f"ratio          {result['ratio']:.3f}  (fastest runs; target <= 1.05), medians {result['ratio_of_medians']:.3f}")
+    print(
+        f"ratio          {result['ratio']:.3f}  (fastest runs; target <= 1.05), medians {result['ratio_of_medians']:.3f}"
+    )
 
 
 if __name__ == "__main__":
