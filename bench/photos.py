@@ -118,8 +118,15 @@ def one_model(label: str, backbone_args: list[str], rows: tuple[str, ...], seeds
     seconds: dict[str, list[float]] = {}
     slug = label.split()[0]
     for seed in seeds:
-        report, _, _, sec = run("configs/photos_erm.yaml", seed, runs / f"{slug}_ERM", [*data, *backbone_args],
-                                reuse=resume or finished_only, data_seed=False)  # fmt: skip
+        try:
+            report, _, _, sec = run("configs/photos_erm.yaml", seed, runs / f"{slug}_ERM", [*data, *backbone_args],
+                                    reuse=resume or finished_only, run_missing=not finished_only,
+                                    data_seed=False)  # fmt: skip
+        except NotRun:  # --finished-only: a seed whose ERM has not finished has no rows yet
+            failures.setdefault("ERM", {})[seed] = "not run"
+            for row in rows:
+                failures.setdefault(row, {})[seed] = "not run"
+            continue
         per_seed["ERM"].append(report)
         seconds.setdefault("ERM", []).append(sec)
         erm_dir = next((runs / f"{slug}_ERM").glob(f"*/seed{seed}"))
@@ -157,7 +164,12 @@ def one_model(label: str, backbone_args: list[str], rows: tuple[str, ...], seeds
                 if backbone_args
                 else "efficientnet_lite0"
             )
-            reference = sklearn_reference(ckpt, backbone, root, image_size)
+            cached = erm_dir / "sklearn_reference.json"  # computed once per ERM run, read back by --resume
+            if cached.is_file() and (resume or finished_only):
+                reference = json.loads(cached.read_text())
+            else:
+                reference = sklearn_reference(ckpt, backbone, root, image_size)
+                cached.write_text(json.dumps(reference))
             per_seed["DFR (scikit-learn reference)"].append(reference)
             seconds.setdefault("DFR (scikit-learn reference)", []).append(time.perf_counter() - start)
             print(
