@@ -20,7 +20,7 @@ LOG="$OUT/gpu_check.log"
 $PY -c "import torch; print('torch', torch.__version__, 'GPUs', torch.cuda.device_count(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')" | tee "$LOG"
 start=$(date +%s)
 timeout 330 $PY bench/photos.py --quick --image-size 224 --precision bf16-mixed --root "$PHOTOS" \
-  --runs /tmp/gpu_runs --no-docs 2>&1 | grep -E '^\[photos\]|Error|error' | tee -a "$LOG"
+  --runs /tmp/gpu_runs --no-docs 2>&1 | grep --line-buffered -E '^\[photos\]|Error|error' | tee -a "$LOG"
 photos_s=$(( $(date +%s) - start ))
 timeout 200 $PY bench/speed.py --repeats 1 --only erm,dfr,score,prusc,lrp,lrp_efficientnet --n 2560 --image-size 32 2>&1 | tail -30 | tee -a "$LOG"
 ddp="{}"

@@ -24,7 +24,7 @@ from shortcut_lightning.cli import main as cli_main
 from shortcut_lightning.metrics import SUMMARY_KEYS
 
 OUT = Path(__file__).resolve().parent / "results"
-SSCORE_KEYS = ("mean", "mean_used_neurons", "head_weighted_mean")
+SSCORE_KEYS = ("mean", "mean_used_neurons", "head_weighted_mean", "views")
 STAGE_FILES = ("dfr.json", "prusc.json", "mining.json")  # stages that report the model before they ran
 
 
@@ -81,7 +81,7 @@ def run(
                 report["mining"] = mining_quality(stage)
     if (run_dir / "sscore.json").is_file():
         scores = json.loads((run_dir / "sscore.json").read_text())
-        sscore = {k: scores[k] for k in SSCORE_KEYS}
+        sscore = {k: scores.get(k) for k in SSCORE_KEYS}
         if "pruning" in scores:
             before = before or scores["pruning"]["before"]["test"]
             sscore["pruned_neurons"] = len(scores["pruning"]["neurons"])

@@ -145,6 +145,26 @@ class NeuronDump(Callback):
             json.dump({"rounds": mining.result.rounds, "penalised": reg.neurons}, f)
 
 
+class WeightDump(Callback):
+    """Saves every rank's parameters and SCORE pair indices at the end of fit (``weights_rank<r>.pt``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from shortcut_lightning.callbacks import SpuriousPositiveMining
+
+        mining = next(cb for cb in trainer.callbacks if isinstance(cb, SpuriousPositiveMining))
+        os.makedirs(self.path, exist_ok=True)
+        state = {
+            k: v.detach().cpu() for k, v in pl_module.named_parameters()
+        }  # BatchNorm buffers are per rank
+        torch.save(
+            {"state": state, "pairs": mining.pairs.indices},
+            f"{self.path}/weights_rank{trainer.global_rank}.pt",
+        )
+
+
 class BatchIndices(Callback):
     """Records the sample indices of every training batch, by epoch."""
 

@@ -7,6 +7,7 @@ import timm
 import torch
 from captum.attr import LayerGradCam
 
+from shortcut_lightning.errors import ModelError
 from shortcut_lightning.xai.gradcam import (
     binarize,
     neuron_gradcam,
@@ -83,6 +84,21 @@ def test_binarize_scales_each_map_and_keeps_empty_maps_empty():
     maps[0, 0] = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     b = binarize(maps, (2, 2), alpha=0.5, mode="nearest")
     assert b[0, 0].tolist() == [[False, True], [True, True]] and not b[0, 1].any()
+    # min-max: 1 -> 0 and 4 -> 1, so alpha 0.5 keeps 3 and 4 only (max scaling kept 2, 3 and 4)
+    m = binarize(maps, (2, 2), alpha=0.5, mode="nearest", scaling="minmax")
+    assert m[0, 0].tolist() == [[False, False], [True, True]] and not m[0, 1].any()
+    flat = binarize(torch.ones(1, 1, 2, 2), (2, 2), alpha=0.5, mode="nearest", scaling="minmax")
+    assert not flat.any()  # a constant map has no focus under min-max scaling
+    with pytest.raises(ModelError, match="scaling must be one of max, minmax"):
+        binarize(maps, (2, 2), alpha=0.5, scaling="peak")
+
+
+def test_the_three_mean_views_of_the_s_score():
+    from shortcut_lightning.methods.sscore.spurious_score import mean_views
+
+    views = mean_views(torch.tensor([0.2, 0.4, 0.6]), torch.tensor([True, False, True]))
+    assert views == pytest.approx({"all": 0.4, "head_connected": 0.4, "disconnected_as_zero": 0.8 / 3})
+    assert mean_views(torch.tensor([0.5]), torch.tensor([False]))["head_connected"] is None
 
 
 def test_a_neuron_looking_only_at_the_mask_scores_one():

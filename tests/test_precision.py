@@ -44,6 +44,23 @@ def test_gradcam_inside_a_bf16_autocast_step_is_the_float32_map():
     torch.testing.assert_close(got.maps, want.maps, rtol=1e-5, atol=1e-7)
 
 
+def test_attribution_turns_tf32_off_and_always_restores_it():
+    """CUDA's default TF32 convolutions moved LRP's canonized logits by 12% (H200); the flags are global."""
+    from shortcut_lightning.xai.precision import float32_attribution
+
+    model = _model()
+    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
+    before = flags()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with pytest.raises(RuntimeError, match="inside"), float32_attribution(model, "cpu", "LRP"):
+            assert flags() == (False, False)
+            raise RuntimeError("inside")
+        assert flags() == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def test_half_weights_are_refused_with_the_fix():
     model = _model().to(torch.bfloat16)
     with pytest.raises(ModelError, match="bf16-mixed"):

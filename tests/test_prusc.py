@@ -389,6 +389,8 @@ def test_bad_input(tmp_path, tiny_synthetic):
         ),
         ({"finetune_split": "val"}, "finetune_split 'val' needs finetune_epochs >= 1"),
         ({"mode": "best"}, "mode must be 'max' or 'min'"),
+        ({"batchnorm": "train"}, "batchnorm must be one of 'held', 'batch', got 'train'"),
+        ({"sparsity": "l1"}, "sparsity must be one of 'probability', 'logit', got 'l1'"),
     ):
         with pytest.raises(ShortcutError, match=match):
             MaskPruning(**kwargs)
@@ -431,19 +433,38 @@ def test_batchnorm_is_held_during_mask_learning_and_recalibrated_after(tmp_path,
             k: v.clone() for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var"))
         }
 
-    for recalibrate in (False, True):
+    # (recalibrate_bn, batchnorm): held stays put unless recalibrated; batch statistics move them while learning
+    for recalibrate, batchnorm, moved in (
+        (False, "held", False),
+        (True, "held", True),
+        (False, "batch", True),
+    ):
         torch.manual_seed(0)
         model = ShortcutClassifier("test_resnet")
         before = stats(model)
         pruning = MaskPruning(
-            prune_epochs=1, num_clusters=4, report_splits=(), export=False, recalibrate_bn=recalibrate
-        )
-        _trainer(tmp_path / str(recalibrate), [pruning], 1, enable_checkpointing=False).fit(
+            prune_epochs=1, num_clusters=4, report_splits=(), export=False, recalibrate_bn=recalibrate,
+            batchnorm=batchnorm,
+        )  # fmt: skip
+        _trainer(tmp_path / f"{recalibrate}{batchnorm}", [pruning], 1, enable_checkpointing=False).fit(
             model, datamodule=tiny_synthetic()
         )
         after = stats(model)
         same = all(torch.equal(before[k], after[k]) for k in before)
-        assert same is not recalibrate
+        assert same is not moved, (recalibrate, batchnorm)
+
+
+def test_sparsity_term_is_the_sum_of_keep_probabilities_or_of_logits():
+    from shortcut_lightning.methods.prusc.masks import sparsity_term
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 2))
+    masks = attach_masks(model)
+    for m in masks.values():
+        m.logits.data.normal_()
+    logits = torch.cat([m.logits.flatten() for m in masks.values()])
+    torch.testing.assert_close(sparsity_term(masks, "probability"), torch.sigmoid(logits).sum())
+    torch.testing.assert_close(sparsity_term(masks, "logit"), logits.sum())
 
 
 def test_fused_gumbel_sigmoid_equals_its_autograd_composition():

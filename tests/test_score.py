@@ -99,6 +99,25 @@ def test_review_sheet_frames_and_labels_exactly_the_selected_tiles():
     assert labels == {"10": False, "11": False, "12": True, "13": False, "14": False}
 
 
+def test_review_sheet_shows_each_sample_whole_beside_its_masked_image():
+    from shortcut_lightning.data.transforms import denormalize
+    from shortcut_lightning.methods.score.mining_figures import review_sheet
+
+    images = torch.full((1, 3, 8, 8), 1.5)  # normalised: bright
+    masks = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    masks[..., :, :4] = True  # relevance on the left half only
+    (ax,) = review_sheet(images, masks, [7], [], "title").axes
+    mosaic = ax.images[0].get_array()
+    bright = denormalize(images)[0, :, 0, 0].numpy()
+    grey = denormalize(torch.zeros(1, 3, 1, 1))[0, :, 0, 0].numpy()  # fill 0: the dataset mean
+    rows = (abs(mosaic - bright) < 1e-6).all(-1).any(1).nonzero()[0]
+    top, left = rows[0], (abs(mosaic[rows[0]] - bright) < 1e-6).all(-1).nonzero()[0][0]
+    tile = mosaic[top : top + 8, left : left + 17]  # 8 px original, 1 px line, 8 px masked
+    assert (abs(tile[:, :8] - bright) < 1e-6).all()  # the original, undimmed
+    assert (abs(tile[:, 9:13] - bright) < 1e-6).all()  # masked image: the relevant half kept
+    assert (abs(tile[:, 13:17] - grey) < 1e-6).all()  # and the rest set to the fill
+
+
 def _data(**kwargs) -> SyntheticShortcuts:
     return SyntheticShortcuts(
         **{
@@ -329,6 +348,12 @@ def test_regularization_arguments_are_checked(tmp_path):
         NeuronRegularization(mining_file=str(tmp_path / "nope.json"))
     with pytest.raises(ShortcutError, match="norm must be"):
         NeuronRegularization(norm="l3")
+    with pytest.raises(ShortcutError, match="regularize_on must be one of all, pairs, got 'batch'"):
+        NeuronRegularization(regularize_on="batch")
+    with pytest.raises(ShortcutError, match="pairs_per_step must be >= 1"):
+        NeuronRegularization(regularize_on="pairs", pairs_per_step=0)
+    with pytest.raises(ShortcutError, match=r"neurons=\[...\] and mining_file carry no samples"):
+        NeuronRegularization(regularize_on="pairs", neurons=[1], layer="net.layer3")
     with pytest.raises(ShortcutError, match="add SpuriousPositiveMining"):
         make_trainer(tmp_path, [NeuronRegularization()]).fit(
             ShortcutClassifier("test_resnet"), datamodule=_data()
@@ -398,3 +423,54 @@ def test_resume_keeps_the_mining_result(tmp_path, monkeypatch):
     )  # fmt: skip
     trainer.fit(ShortcutClassifier("test_resnet"), datamodule=_data(), ckpt_path=ckpt)
     assert second.result == first.result and reg.neurons == first.result.neurons
+    assert second.pairs.indices == first.pairs.indices and torch.equal(second.pairs.masks, first.pairs.masks)
+
+
+def test_pairs_are_the_selected_samples_and_their_masked_images():
+    from shortcut_lightning.methods.score.mining_result import SpuriousPairs
+
+    dataset = [{"image": torch.full((3, 2, 2), float(i + 1))} for i in range(4)]
+    masks = torch.tensor([[[True, False], [False, False]], [[True, True], [False, False]]])[:, None]
+    images = SpuriousPairs([3, 1], masks, fill=-1.0).images(dataset)
+    assert images.shape == (4, 3, 2, 2)
+    assert torch.equal(images[0], dataset[3]["image"]) and torch.equal(images[1], dataset[1]["image"])
+    assert images[2, 0].tolist() == [[4.0, -1.0], [-1.0, -1.0]]  # sample 3, its mask kept, the rest filled
+    assert images[3, 0].tolist() == [[2.0, 2.0], [-1.0, -1.0]]
+
+
+def test_regularize_on_pairs_penalises_the_selected_pairs_in_turn(tmp_path):
+    """Each step forwards pairs_per_step of the pairs (originals, then masked), in eval mode, and the
+    penalty is the selected neurons' mean activation on them, not on the training batch."""
+    torch.manual_seed(0)
+    kwargs = {"selection": "oracle", "oracle_min_overlap": 0.0, "require_masked_prediction": False}
+    mining = _mining(**kwargs)
+    reg = NeuronRegularization(strength=1.0, regularize_on="pairs", pairs_per_step=4)
+    model = ShortcutClassifier("test_resnet")
+    seen: list[tuple[torch.Tensor, bool]] = []
+    penalties: list[tuple[int, float, float]] = []
+    forward, penalty = model.forward, reg.training_penalty
+
+    def spy_forward(x):
+        if len(x) == 4:  # the pair forward (training batches have 16)
+            seen.append((x.detach().clone(), model.training))
+        return forward(x)
+
+    def spy_penalty(*args):
+        value = penalty(*args)
+        pooled = reg._capture.value.mean(dim=(2, 3))[:, reg.neurons]
+        penalties.append((len(reg._capture.value), float(value), float(pooled.detach().abs().mean())))
+        return value
+
+    model.forward, reg.training_penalty = spy_forward, spy_penalty
+    trainer = make_trainer(tmp_path, [mining, reg], max_epochs=1)
+    trainer.fit(model, datamodule=_data())
+    pairs = mining.pair_images(trainer.datamodule)
+    n = len(pairs)
+    assert n == 2 * len(mining.pairs.indices) and n > 4
+    assert len(seen) == 4  # 64 samples, batches of 16: one pair forward per step
+    for size, value, expected in penalties:
+        assert size == 4 and value == pytest.approx(expected, rel=1e-5)  # on the pairs, not the batch
+    for step, (x, training) in enumerate(seen):
+        take = torch.arange(step * 4, step * 4 + 4) % n
+        torch.testing.assert_close(x, pairs[take])
+        assert not training  # eval mode: masked images leave BatchNorm's statistics alone

@@ -30,6 +30,9 @@ def test_scores_files_and_pruning(tiny_synthetic, tmp_path):
     scores = torch.tensor([float(r["s_score"]) for r in rows])
     assert len(rows) == model.head.in_features and ((scores >= 0) & (scores <= 1)).all()
     assert report["mean"] == pytest.approx(float(scores.mean()), abs=1e-5)
+    assert report["views"]["max"]["all"] == pytest.approx(report["mean"])  # the default scaling's view
+    assert report["views"]["max"]["head_connected"] == pytest.approx(report["mean_used_neurons"])
+    assert set(report["views"]) == {"max", "minmax"}
     shares = torch.tensor([float(r["focus_share"]) for r in rows])
     assert ((shares >= 0) & (shares <= 1)).all() and (shares > 0).any()
     assert report["mean_focus_share"] == pytest.approx(float(shares.mean()), abs=1e-5)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from shortcut_lightning.errors import ModelError
 from shortcut_lightning.probing.activations import require_token_layout
 from shortcut_lightning.probing.hooks import layer_and_embedding
 from shortcut_lightning.probing.layers import is_pooled_layer
@@ -82,13 +83,26 @@ def neuron_gradcam(
         return NeuronMaps(torch.cat(parts, dim=1), neurons.cpu(), fast=False)
 
 
-def binarize(maps: Tensor, size: tuple[int, int], alpha: float, mode: str = "bilinear") -> Tensor:
-    """Upsample maps [N,K,h,w] to ``size``, scale each to max 1, keep pixels >= ``alpha`` (empty maps stay empty)."""
+SCALINGS = ("max", "minmax")
+
+
+def binarize(
+    maps: Tensor, size: tuple[int, int], alpha: float, mode: str = "bilinear", scaling: str = "max"
+) -> Tensor:
+    """Upsample maps [N,K,h,w] to ``size``, scale each to [0, 1], keep pixels >= ``alpha`` (empty maps stay empty).
+
+    ``scaling="max"`` divides by the map's peak (seed 001); ``"minmax"`` maps its minimum to 0 and its peak to 1,
+    so that a map positive everywhere (a broad, weak floor under a focus) binarises to its focus alone.
+    """
+    if scaling not in SCALINGS:
+        raise ModelError(f"scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}")
     corners = {} if mode == "nearest" else {"align_corners": False}
     up = F.interpolate(maps, size=size, mode=mode, **corners)
     peak = up.amax(dim=(2, 3), keepdim=True)
-    scaled = torch.where(peak > 0, up / peak.clamp(min=1e-12), torch.zeros_like(up))
-    return (scaled >= alpha) & (peak > 0)
+    low = up.amin(dim=(2, 3), keepdim=True) if scaling == "minmax" else torch.zeros_like(peak)
+    span = peak - low
+    scaled = torch.where(span > 0, (up - low) / span.clamp(min=1e-12), torch.zeros_like(up))
+    return (scaled >= alpha) & (peak > 0) & (span > 0)
 
 
 def spurious_overlap(binary: Tensor, masks: Tensor) -> Tensor:
@@ -98,15 +112,19 @@ def spurious_overlap(binary: Tensor, masks: Tensor) -> Tensor:
     return torch.where(focus > 0, inside / focus.clamp(min=1), torch.zeros_like(focus))
 
 
-def spurious_scores(maps: Tensor, masks: Tensor, alpha: float, mode: str = "bilinear") -> Tensor:
+def spurious_scores(
+    maps: Tensor, masks: Tensor, alpha: float, mode: str = "bilinear", scaling: str = "max"
+) -> Tensor:
     """s-score of each neuron [K]: the overlap of its binarised Grad-CAM with the spurious mask, averaged over samples.
 
     ``maps`` [N,K,h,w] from :func:`neuron_gradcam`, ``masks`` [N,1,H,W] bool.
     """
-    return score_maps(maps, masks, alpha, mode)[0]
+    return score_maps(maps, masks, alpha, mode, scaling)[0]
 
 
-def score_maps(maps: Tensor, masks: Tensor, alpha: float, mode: str = "bilinear") -> tuple[Tensor, Tensor]:
+def score_maps(
+    maps: Tensor, masks: Tensor, alpha: float, mode: str = "bilinear", scaling: str = "max"
+) -> tuple[Tensor, Tensor]:
     """Per neuron [K], averaged over samples: the s-score, and the share of the image its focus region covers.
 
     The focus share tells a neuron that looks everywhere (share 1; its s-score is then just the mask's share
@@ -115,7 +133,7 @@ def score_maps(maps: Tensor, masks: Tensor, alpha: float, mode: str = "bilinear"
     """
     scores, shares = [], []
     for j in range(len(maps)):
-        binary = binarize(maps[j : j + 1].float(), tuple(masks.shape[-2:]), alpha, mode)
+        binary = binarize(maps[j : j + 1].float(), tuple(masks.shape[-2:]), alpha, mode, scaling)
         scores.append(spurious_overlap(binary, masks[j : j + 1].to(binary.device)))
         shares.append(binary.flatten(2).float().mean(-1))
     return torch.cat(scores).mean(dim=0), torch.cat(shares).mean(dim=0)

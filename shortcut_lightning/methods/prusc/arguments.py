@@ -6,6 +6,9 @@ from typing import Any
 
 from shortcut_lightning.data.base import TRAIN_SPLITS
 from shortcut_lightning.errors import ShortcutError
+from shortcut_lightning.methods.prusc.masks import SPARSITY_FORMS
+
+BATCHNORM_MODES = ("held", "batch")
 
 
 def check_arguments(
@@ -19,6 +22,8 @@ def check_arguments(
     split: str,
     lambda_sparse: float,
     beta: float,
+    batchnorm: str = "held",
+    sparsity: str = "probability",
 ) -> None:
     """Raises :class:`ShortcutError` for the first argument of ``MaskPruning`` that cannot work."""
     if prune_epochs < 1:
@@ -42,6 +47,12 @@ def check_arguments(
         raise ShortcutError(
             f"finetune_split {finetune_split!r} needs finetune_epochs >= 1 (there is nothing to fine-tune)"
         )
+    for name, value, allowed in (
+        ("batchnorm", batchnorm, BATCHNORM_MODES),
+        ("sparsity", sparsity, SPARSITY_FORMS),
+    ):
+        if value not in allowed:
+            raise ShortcutError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
     for name, value in (("lambda_sparse", lambda_sparse), ("beta", beta)):
         if value < 0:
             raise ShortcutError(f"{name} must be >= 0, got {value}")

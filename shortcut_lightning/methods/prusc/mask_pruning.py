@@ -27,6 +27,7 @@ from shortcut_lightning.methods.prusc.masks import (
     model_masks,
     plain_state_dict,
     set_density,
+    sparsity_term,
     step_mask_logits,
 )
 from shortcut_lightning.methods.prusc.prusc_report import PruSCReport
@@ -34,7 +35,6 @@ from shortcut_lightning.methods.prusc.supcon import cluster_supcon
 from shortcut_lightning.methods.prusc.training_data import TrainingData
 from shortcut_lightning.probing.embedding_pass import collect_embeddings, embed_splits, group_reports
 from shortcut_lightning.probing.model_parts import find_head
-from shortcut_lightning.reporting.stage_report import stage_tables, write_stage_report
 from shortcut_lightning.stages import decide_on_rank_zero
 
 
@@ -46,7 +46,7 @@ class MaskPruning(Callback):
     labels). Then every weight is frozen and each conv and linear weight of ``modules`` gets a mask
     logit (BatchNorm stays unmasked), sampled as a straight-through Gumbel-sigmoid in training and
     thresholded at evaluation. For ``prune_epochs`` the loss is the module's cross-entropy plus,
-    through the penalty seam, ``lambda_sparse * sum(sigmoid(logits))`` and ``beta * SupCon`` on the
+    through the penalty seam, ``lambda_sparse`` times the ``sparsity`` term and ``beta * SupCon`` on the
     normalised penultimate features of the same forward (positives: same class, other cluster;
     negatives: the anchor's cluster; :func:`~shortcut_lightning.methods.prusc.supcon.cluster_supcon`). Then the masks
     are fixed (at ``target_density`` if given; with ``monitor``, the masks of the mask-learning epoch
@@ -93,7 +93,11 @@ class MaskPruning(Callback):
             needed; the small clusters an ERM model forms around its minority samples are seen as
             often as the large ones).
         recalibrate_bn: re-estimate the BatchNorm statistics of the pruned network once the masks are
-            fixed (BatchNorm is held in eval mode while the weights are frozen).
+            fixed.
+        batchnorm: BatchNorm while the masks learn: ``held`` at the dense model's statistics (eval mode),
+            or ``batch`` statistics in train mode, its running statistics updated (the released code).
+        sparsity: ``probability`` (``lambda_sparse * sum(sigmoid(logits))``) or ``logit``
+            (``lambda_sparse * sum(logits)``, the released code).
         groups: train on these group ids only (uses annotations).
         seed: seed of the k-means.
         export: multiply the masks in at the end (plain network, ``pruned.ckpt``).
@@ -124,6 +128,8 @@ class MaskPruning(Callback):
         split: str = "train",
         cluster_balanced: bool = True,
         recalibrate_bn: bool = False,
+        batchnorm: str = "held",
+        sparsity: str = "probability",
         groups: list[int] | None = None,
         seed: int = 0,
         export: bool = True,
@@ -132,7 +138,7 @@ class MaskPruning(Callback):
         check_arguments(
             start_epoch=start_epoch, prune_epochs=prune_epochs, finetune_epochs=finetune_epochs,
             finetune_split=finetune_split, num_clusters=num_clusters, target_density=target_density, mode=mode,
-            split=split, lambda_sparse=lambda_sparse, beta=beta,
+            split=split, lambda_sparse=lambda_sparse, beta=beta, batchnorm=batchnorm, sparsity=sparsity,
         )  # fmt: skip
         self.start_epoch = start_epoch
         self.prune_epochs = prune_epochs
@@ -152,6 +158,8 @@ class MaskPruning(Callback):
         self.split = split
         self.cluster_balanced = cluster_balanced
         self.recalibrate_bn = recalibrate_bn
+        self.batchnorm = batchnorm
+        self.sparsity = sparsity
         self.groups = None if groups is None else [int(g) for g in groups]
         self.seed = seed
         self.export = export
@@ -229,7 +237,9 @@ class MaskPruning(Callback):
         self._data.epoch_started(trainer)
         if self.phase != "waiting":
             self._point_data(trainer, self._split_of(epoch))
-        if self.phase == "learning" or (self.phase == "fixed" and self.finetune_epochs == 0):
+        if (self.phase == "learning" and self.batchnorm == "held") or (
+            self.phase == "fixed" and self.finetune_epochs == 0
+        ):
             hold_batchnorm(pl_module)  # frozen weights: the dense model's statistics, not noisy masks' ones
 
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -326,7 +336,7 @@ class MaskPruning(Callback):
                 "MaskPruning needs the penultimate features of the training forward: pass "
                 "{'features': features, 'logits': logits} to total_penalty in training_step"
             )
-        sparsity = torch.stack([torch.sigmoid(m.logits).sum() for m in self._masks.values()]).sum()
+        sparsity = sparsity_term(self._masks, self.sparsity)
         if self._cluster_device is None or self._cluster_device.device != outputs["features"].device:
             self._cluster_device = self.clusters.to(outputs["features"].device)
         clusters = self._cluster_device[batch["index"]]
@@ -398,22 +408,11 @@ class MaskPruning(Callback):
                 param.requires_grad_(True)
             if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
                 trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "pruned.ckpt")
-        self._write(log_dir)
-
-    def _write(self, log_dir: Path) -> None:
-        tag = " [uses group annotations]" if self.uses_annotations else ""
-        report = self.report
-        columns = {"before": report.before}
-        if report.fixed is not None:  # fine-tuned after the masks were fixed
-            columns.update(pruned=report.fixed, tuned=report.after)
-        else:
-            columns["pruned"] = report.after
-        summary = [f"PruSC{tag}: {density_summary(report.densities)}"]
-        write_stage_report(log_dir, "prusc.json", report.to_dict(), summary, stage_tables(columns))
+        self.report.write(log_dir)
 
     def _parameters(self) -> dict[str, Any]:
         keys = ("start_epoch", "prune_epochs", "finetune_epochs", "finetune_split", "num_clusters", "modules", "lambda_sparse", "beta",
-                "temperature", "gumbel_temperature", "init_logit", "mask_lr", "target_density", "monitor", "mode", "split", "cluster_balanced", "recalibrate_bn", "groups",
+                "temperature", "gumbel_temperature", "init_logit", "mask_lr", "target_density", "monitor", "mode", "split", "cluster_balanced", "recalibrate_bn", "batchnorm", "sparsity", "groups",
                 "seed", "export")  # fmt: skip
         return {k: getattr(self, k) for k in keys}
 

@@ -256,6 +256,18 @@ def density_summary(found: dict[str, float]) -> str:
     return text
 
 
+SPARSITY_FORMS = ("probability", "logit")
+
+
+def sparsity_term(masks: dict[str, GumbelSigmoidMask], form: str = "probability") -> Tensor:
+    """The pull towards pruning: the sum of keep probabilities (``probability``, ours; bounded, its gradient
+    fades as a logit saturates) or of the logits themselves (``logit``, the released PruSC code; a constant
+    pull on every logit, which prunes far more at the same ``lambda_sparse``)."""
+    if form == "logit":
+        return torch.stack([m.logits.sum() for m in masks.values()]).sum()
+    return torch.stack([torch.sigmoid(m.logits).sum() for m in masks.values()]).sum()
+
+
 def step_mask_logits(
     trainer: L.Trainer, masks: dict[str, GumbelSigmoidMask], optimizer: torch.optim.Optimizer
 ) -> None:

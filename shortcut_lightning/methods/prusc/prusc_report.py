@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
+
+from shortcut_lightning.methods.prusc.masks import density_summary
+from shortcut_lightning.reporting.stage_report import stage_tables, write_stage_report
 
 
 @dataclass
@@ -34,3 +38,14 @@ class PruSCReport:
     def from_dict(cls, data: dict[str, Any]) -> PruSCReport:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    def write(self, log_dir: Path) -> None:
+        """``prusc.json`` and the printed before/pruned(/tuned) group tables."""
+        tag = " [uses group annotations]" if self.uses_annotations else ""
+        columns = {"before": self.before}
+        if self.fixed is not None:  # fine-tuned after the masks were fixed
+            columns.update(pruned=self.fixed, tuned=self.after)
+        else:
+            columns["pruned"] = self.after
+        summary = [f"PruSC{tag}: {density_summary(self.densities)}"]
+        write_stage_report(log_dir, "prusc.json", self.to_dict(), summary, stage_tables(columns))

@@ -7,9 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from shortcut_lightning.data.transforms import denormalize
+from shortcut_lightning.methods.score.spurious_positives import mask_images
 from shortcut_lightning.reporting.figures import new_figure
 from shortcut_lightning.reporting.projection import project_2d
 
@@ -24,10 +26,13 @@ def review_sheet(
     title: str,
     notes: Sequence[str] | None = None,
     columns: int = 10,
+    fill: float = 0.0,
 ) -> Any:
-    """One tile per sample: the image dimmed outside its relevance mask, its dataset index, selected ones framed.
+    """One tile per sample, a pair as in seed 002's Fig. 2: the original beside its masked image (what the
+    model is shown: pixels outside the relevance mask set to ``fill``), its dataset index, selected ones framed.
 
-    ``images`` [N,3,H,W] normalised, ``masks`` [N,1,H,W] bool, ``indices`` the dataset indices (what
+    The original is shown whole, so that a dark sample stays recognisable to a person choosing ``manual``
+    indices. ``images`` [N,3,H,W] normalised, ``masks`` [N,1,H,W] bool, ``indices`` the dataset indices (what
     ``manual_indices`` takes), ``notes`` an optional short line per tile (e.g. a score). The tiles are
     one mosaic image with one label per tile: a sheet of 100 renders in a fraction of the time 100
     subplots take, which is most of what mining costs on small images.
@@ -35,15 +40,20 @@ def review_sheet(
     n = len(indices)
     columns = max(1, min(columns, n))
     rows = max(1, math.ceil(n / columns))
-    shown = denormalize(images.float().cpu()) * (0.25 + 0.75 * masks.float().cpu())
-    tiles = shown.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    images, masks = images.float().cpu(), masks.cpu()
+    pair = [
+        denormalize(images),
+        torch.ones_like(images[..., :1]),
+        denormalize(mask_images(images, masks, fill)),
+    ]
+    tiles = torch.cat(pair, dim=-1).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # original | white line | masked
     h, w = tiles.shape[1:3]
-    gap = max(2, w // 8)  # the frame is drawn in the gap around a tile
+    gap = max(2, h // 8)  # the frame is drawn in the gap around a tile
     band = round(h * (0.6 if notes else 0.35))  # room for the label above a tile
     cell_h, cell_w = band + h + 2 * gap, w + 2 * gap
     mosaic = np.ones((rows * cell_h, columns * cell_w, 3))
     chosen = {int(i) for i in selected}
-    width = 1.3 * columns
+    width = 1.3 * columns * w / h
     height = width * mosaic.shape[0] / mosaic.shape[1] + 0.5  # 0.5 inch for the title
     figure = new_figure(width, height)
     figure.suptitle(title, fontsize=9)

@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+from torch import Tensor
+
+from shortcut_lightning.methods.score.spurious_positives import mask_images
+
 
 @dataclass
 class MiningResult:
@@ -35,3 +40,25 @@ class MiningResult:
         """A result saved by :meth:`to_dict`; one saved before rounds were recorded gets its single round."""
         rounds = data.get("rounds") or [{"epoch": data["epoch"], "neurons": data["neurons"]}]
         return cls(**{**data, "rounds": rounds})
+
+
+@dataclass
+class SpuriousPairs:
+    """The selected spurious-positive samples of the last mining round and their LRP masks (seed 002, Fig. 2:
+    the (masked, original) pairs that are used for regularization).
+
+    ``indices`` are training-set indices, ``masks`` [n,1,H,W] bool. Kept in the miner's checkpointed state,
+    not in ``mining.json``.
+    """
+
+    indices: list[int]
+    masks: Tensor
+    fill: float = 0.0
+
+    def images(self, dataset: Any) -> Tensor:
+        """Originals then masked images [2n,3,H,W] of ``dataset`` (evaluation transforms)."""
+        originals = torch.stack([dataset[i]["image"] for i in self.indices])
+        return torch.cat([originals, mask_images(originals, self.masks, self.fill)])
+
+    def state(self) -> dict[str, Any]:
+        return {"indices": self.indices, "masks": self.masks, "fill": self.fill}

@@ -16,9 +16,10 @@ from shortcut_lightning.errors import ShortcutError
 from shortcut_lightning.methods.score.spurious_positive_mining import SpuriousPositiveMining
 from shortcut_lightning.probing.activations import reduce_channels
 from shortcut_lightning.probing.hooks import OutputCapture
-from shortcut_lightning.probing.model_parts import find_module, freeze_before
+from shortcut_lightning.probing.model_parts import evaluating, find_module, freeze_before
 
 NORMS = ("l1", "l2")
+REGULARIZE_ON = ("all", "pairs")
 
 
 class NeuronRegularization(Callback):
@@ -60,6 +61,10 @@ class NeuronRegularization(Callback):
         mining_file: a ``mining.json`` to take layer and neurons from.
         finetune_from: freeze the parameters registered before this module.
         fresh_optimizer: clear the optimizers' state when the stage starts.
+        regularize_on: ``all`` (ours: the training batch) or ``pairs``: the selected spurious-positive samples
+            and their masked images (seed 002, Fig. 2), ``pairs_per_step`` of them per step, in turn, through
+            an extra forward in eval mode; needs the miner in the same trainer.
+        pairs_per_step: how many of the pairs one step penalises.
     """
 
     penalty_name = "neuron_regularization"
@@ -82,9 +87,22 @@ class NeuronRegularization(Callback):
         mining_file: str | None = None,
         finetune_from: str | None = None,
         fresh_optimizer: bool = False,
+        regularize_on: str = "all",
+        pairs_per_step: int = 16,
     ) -> None:
         if norm not in NORMS:
             raise ShortcutError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+        if regularize_on not in REGULARIZE_ON:
+            raise ShortcutError(
+                f"regularize_on must be one of {', '.join(REGULARIZE_ON)}, got {regularize_on!r}"
+            )
+        if pairs_per_step < 1:
+            raise ShortcutError(f"pairs_per_step must be >= 1, got {pairs_per_step}")
+        if regularize_on == "pairs" and (neurons is not None or mining_file is not None):
+            raise ShortcutError(
+                "regularize_on='pairs' needs the selected samples of a SpuriousPositiveMining callback in the same "
+                "trainer; neurons=[...] and mining_file carry no samples"
+            )
         if strength < 0:
             raise ShortcutError(f"strength must be >= 0, got {strength}")
         if neurons is not None and layer is None:
@@ -102,11 +120,15 @@ class NeuronRegularization(Callback):
         self.mining_file = mining_file
         self.finetune_from = finetune_from
         self.fresh_optimizer = fresh_optimizer
+        self.regularize_on = regularize_on
+        self.pairs_per_step = pairs_per_step
         self.optimizer_cleared = False
         self.layer: str | None = None
         self.neurons: list[int] | None = None
         self._capture: OutputCapture | None = None
         self._index: Tensor | None = None
+        self._pairs: Tensor | None = None  # regularize_on="pairs": originals then masked images
+        self._miner: SpuriousPositiveMining | None = None
 
     # -- which neurons --------------------------------------------------------------------------
     def _resolve(self, trainer: L.Trainer) -> tuple[str, list[int]]:
@@ -129,6 +151,7 @@ class NeuronRegularization(Callback):
                 f"SpuriousPositiveMining has not run by epoch {trainer.current_epoch}: list it before "
                 f"NeuronRegularization and give it start_epoch <= {self.start_epoch}"
             )
+        self._miner = miners[0]
         return str(miners[0].layer_name), list(miners[0].neurons)
 
     def _activate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -157,9 +180,10 @@ class NeuronRegularization(Callback):
         if self._capture is None:
             self._activate(trainer, pl_module)
         elif self.explicit[1] is None and self.mining_file is None:  # the miner may have mined again
+            self._pairs = None
             neurons = self._resolve(trainer)[1]
             if neurons != self.neurons:
-                self.neurons, self._index = neurons, None
+                self.neurons, self._index, self._pairs = neurons, None, None
                 rank_zero_info(f"NeuronRegularization: now penalising neurons {self.neurons} of {self.layer}")
 
     def training_penalty(
@@ -167,6 +191,8 @@ class NeuronRegularization(Callback):
     ) -> Tensor | None:
         if self._capture is None or self._capture.value is None:
             return None
+        if self.regularize_on == "pairs":  # a forward of the spurious-positive pairs instead of the batch
+            self._forward_pairs(trainer, pl_module)
         pooled = reduce_channels(self._capture.value)
         if self._index is None or self._index.device != pooled.device:  # first step: check and place once
             if max(self.neurons) >= pooled.shape[1]:
@@ -179,6 +205,17 @@ class NeuronRegularization(Callback):
         value = selected.abs().mean() if self.norm == "l1" else selected.pow(2).mean()
         pl_module.log("score/selected_activation", selected.detach().mean(), on_step=True, on_epoch=True)
         return self.strength * value
+
+    def _forward_pairs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """``pairs_per_step`` of the pairs, in turn (the same ones on every rank), through the model in eval
+        mode (their masked images must not move BatchNorm's statistics); the capture then holds their layer."""
+        if self._pairs is None:
+            self._pairs = self._miner.pair_images(trainer.datamodule).to(pl_module.device)
+        n = len(self._pairs)
+        start = (trainer.global_step * self.pairs_per_step) % n
+        take = torch.arange(start, start + min(self.pairs_per_step, n), device=self._pairs.device) % n
+        with evaluating(pl_module):
+            pl_module(self._pairs[take])
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer_cleared": self.optimizer_cleared}

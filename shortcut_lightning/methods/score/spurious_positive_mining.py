@@ -23,7 +23,7 @@ from shortcut_lightning.methods.score.mining_figures import (
     review_sheet,
     selection_panel,
 )
-from shortcut_lightning.methods.score.mining_result import MiningResult
+from shortcut_lightning.methods.score.mining_result import MiningResult, SpuriousPairs
 from shortcut_lightning.methods.score.spurious_positives import (
     confuser_similarity,
     neuron_scores,
@@ -173,6 +173,7 @@ class SpuriousPositiveMining(Callback):
         self.neuron_samples = neuron_samples
         self.every_n_epochs = every_n_epochs
         self.result: MiningResult | None = None
+        self.pairs: SpuriousPairs | None = None
 
     stage_label = "SCORE"
     changes_model_at_fit_end = False  # NeuronRegularization fine-tunes; mining only reads the model
@@ -190,6 +191,14 @@ class SpuriousPositiveMining(Callback):
         """Group reports per split of the model as mined, before fine-tuning (the CLI prints them beside the test)."""
         return {} if self.result is None else self.result.before
 
+    def pair_images(self, dm: Any) -> Tensor:
+        """The last round's selected samples then their masked images [2n,3,H,W] (evaluation transforms)."""
+        if self.pairs is None:
+            raise ShortcutError(
+                "SpuriousPositiveMining has selected no sample yet: it mines at its start_epoch"
+            )
+        return self.pairs.images(dm.dataset("train"))
+
     @property
     def layer_name(self) -> str | None:
         return None if self.result is None else self.result.layer
@@ -204,11 +213,13 @@ class SpuriousPositiveMining(Callback):
             self.mine(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"result": None if self.result is None else self.result.to_dict()}
+        pairs = None if self.pairs is None else self.pairs.state()
+        return {"result": None if self.result is None else self.result.to_dict(), "pairs": pairs}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("result")
+        saved, pairs = state_dict.get("result"), state_dict.get("pairs")
         self.result = None if saved is None else MiningResult.from_dict(saved)
+        self.pairs = None if pairs is None else SpuriousPairs(**pairs)
 
     # -- mining ---------------------------------------------------------------------------------
     def mine(self, trainer: L.Trainer, pl_module: L.LightningModule) -> MiningResult:
@@ -242,10 +253,12 @@ class SpuriousPositiveMining(Callback):
         figures: dict[str, Any] = {}  # rank 0's, for the report it writes
         panels: dict[str, dict[str, np.ndarray]] = {}
 
-        def decide() -> tuple[dict[str, Any], list[int]]:
+        def decide() -> tuple[dict[str, Any], list[int], SpuriousPairs]:
             """The per-class analysis and selection on rank 0 (the broadcast decision of every rank)."""
             per_class: dict[str, Any] = {}
             neurons: set[int] = set()
+            pair_indices: list[int] = []
+            pair_masks: list[Tensor] = []
             for c in classes:
                 name = dm.class_names[c]
                 top = top_by_logit(train, c, own=True, n=self.top_m)
@@ -259,6 +272,8 @@ class SpuriousPositiveMining(Callback):
                         pl_module, dataset, train, found, c, layer, layer_name, head, tag
                     )
                 passing = [pool[i] for i in chosen]
+                pair_indices += passing
+                pair_masks.append(found["masks"][chosen])
                 entry: dict[str, Any] = {
                     "top_indices": top,
                     "selected_indices": passing,
@@ -291,8 +306,8 @@ class SpuriousPositiveMining(Callback):
                 notes = None if scores is None else [f"{float(v):.2f}" for v in scores]
                 figures[name] = review_sheet(
                     found["images"], found["masks"], pool, passing,
-                    f"class {name}: top {len(top)} by logit, relevance masks (top {self.top_q:.0%}); "
-                    f"framed = selected ({self.selection}){tag}", notes,
+                    f"class {name}: top {len(top)} by logit, each beside its masked image (LRP top {self.top_q:.0%}); "
+                    f"framed = selected ({self.selection}){tag}", notes, fill=self.fill,
                 )  # fmt: skip
                 panels[name] = selection_panel(found, chosen, self.oracle_min_overlap)
             if not neurons:
@@ -301,9 +316,9 @@ class SpuriousPositiveMining(Callback):
                     "nothing to regularise. Look at review_<class>.png, then try selection='manual', a larger top_m "
                     "or top_q, or require_masked_prediction=False"
                 )
-            return per_class, sorted(neurons)
+            return per_class, sorted(neurons), SpuriousPairs(pair_indices, torch.cat(pair_masks), self.fill)
 
-        per_class, neurons = decide_on_rank_zero(trainer, decide)
+        per_class, neurons, self.pairs = decide_on_rank_zero(trainer, decide)
         rounds = [
             *([] if earlier is None else earlier.rounds),
             {"epoch": trainer.current_epoch, "neurons": neurons},

@@ -24,7 +24,7 @@ from shortcut_lightning.probing.model_parts import evaluating, find_head, find_m
 from shortcut_lightning.reporting.figures import new_figure
 from shortcut_lightning.reporting.stage_report import stage_tables, write_stage_report
 from shortcut_lightning.stages import ModelStage
-from shortcut_lightning.xai.gradcam import neuron_gradcam, score_maps
+from shortcut_lightning.xai.gradcam import SCALINGS, neuron_gradcam, score_maps
 
 
 def check_resolution(model: nn.Module, layer: nn.Module, name: str, image: Tensor) -> None:
@@ -75,6 +75,8 @@ class SpuriousScore(ModelStage):
         seed: which samples are drawn.
         interpolation: upsampling of the maps (``bilinear`` or ``nearest``).
         report_splits: splits reported before and after pruning.
+        scaling: how a map is scaled before binarising: ``max`` (divided by its peak, seed 001) or ``minmax``.
+            ``sscore.json``'s ``views`` holds the mean three ways (:func:`mean_views`) under both scalings.
 
     Example::
 
@@ -93,7 +95,10 @@ class SpuriousScore(ModelStage):
         seed: int = 0,
         interpolation: str = "bilinear",
         report_splits: tuple[str, ...] = ("val", "test"),
+        scaling: str = "max",
     ) -> None:
+        if scaling not in SCALINGS:
+            raise ModelError(f"scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}")
         if not 0.0 < alpha <= 1.0:
             raise ModelError(f"alpha must lie in (0, 1], got {alpha}")
         if n_samples < 1:
@@ -108,6 +113,7 @@ class SpuriousScore(ModelStage):
         self.seed = seed
         self.interpolation = interpolation
         self.report_splits = tuple(report_splits)
+        self.scaling = scaling
         self.result: dict[str, Any] = {}
 
     stage_label = "s-score"
@@ -157,14 +163,20 @@ class SpuriousScore(ModelStage):
                 neuron_gradcam(pl_module, images[i : i + 8], layer, head) for i in range(0, len(images), 8)
             ]
         all_maps = torch.cat([m.maps for m in maps]).cpu()
-        scores, shares = score_maps(all_maps, batch["mask"], self.alpha, self.interpolation)
         usage = head.weight.detach().abs().sum(0).cpu()  # how much the head reads each neuron
         used = usage > 0
+        views = {}
+        for scaling in SCALINGS:
+            found = score_maps(all_maps, batch["mask"], self.alpha, self.interpolation, scaling)
+            views[scaling] = mean_views(found[0], used)
+            if scaling == self.scaling:
+                scores, shares = found
         report: dict[str, Any] = {
             "split": self.split,
             "n_samples": len(batch["index"]),
             "sample_index": batch["index"].tolist(),
             "alpha": self.alpha,
+            "scaling": self.scaling,
             "layer": layer_name,
             "one_pass": maps[0].fast,
             "mean": float(scores.mean()),
@@ -172,6 +184,7 @@ class SpuriousScore(ModelStage):
             "head_weighted_mean": float((scores * usage).sum() / usage.sum()) if used.any() else None,
             "uniform_map_score": float(batch["mask"].flatten(1).float().mean(1).mean()),
             "mean_focus_share": float(shares.mean()),
+            "views": views,
             "n_neurons": len(scores),
             "n_used_neurons": int(used.sum()),
             "ranges": {
@@ -248,6 +261,17 @@ class SpuriousScore(ModelStage):
                 {"before": report["pruning"]["before"], "pruned": report["pruning"]["after"]}
             )
         write_stage_report(log_dir, "sscore.json", report, summary, tables)
+
+
+def mean_views(scores: Tensor, used: Tensor) -> dict[str, float | None]:
+    """The mean s-score three ways: over ``all`` neurons (seed 001's average: a neuron whose map is empty, e.g.
+    one PruSC pruned, scores 0), over the ``head_connected`` ones (``used``: the head reads them), and over all
+    with the disconnected ones counted as 0 (``disconnected_as_zero``: what the classifier can still see)."""
+    return {
+        "all": float(scores.mean()),
+        "head_connected": float(scores[used].mean()) if used.any() else None,
+        "disconnected_as_zero": float((scores * used).mean()),
+    }
 
 
 def heatmap_grid(batch: dict[str, Tensor], maps: Tensor, scores: Tensor, n_images: int = 5) -> Any:

@@ -1,0 +1,88 @@
+"""Variants of one stage on the photo benchmark, from the ERM checkpoints of ``make bench-photos``.
+
+    python bench/photo_variants.py --variant prusc_batch_bn --seeds 0
+    python bench/photo_variants.py --list
+
+Each variant is a stage config of ``bench/photos.py`` with some init arguments of its callbacks changed.
+It starts from the same ERM checkpoint (best by ``val/mean``) as the suite's rows, runs 2 stage epochs, and
+prints one line: validation worst-class accuracy (the group-free selection rule: a variant is chosen by it,
+never by test) beside test worst-group and mean accuracy. Runs land in ``runs/photo_variants`` and a
+finished run is read, not rerun. The figures go into docs/experiments by hand, with this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from photos import STAGE_EPOCHS, best_checkpoint
+from quality import run
+from suite import config_with
+
+PRUSC, SCORE = "configs/photos_prusc.yaml", "configs/photos_score.yaml"
+START = {"MaskPruning": {"start_epoch": 0}}
+SCORE_START = {"SpuriousPositiveMining": {"start_epoch": 0}, "NeuronRegularization": {"start_epoch": 0}}
+
+# name -> (config, callback init_args by class name); start_epoch 0 everywhere (the stage starts from ERM)
+VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
+    "prusc": (PRUSC, START),
+    "prusc_batch_bn": (PRUSC, {"MaskPruning": {"start_epoch": 0, "batchnorm": "batch"}}),
+    "prusc_val": (PRUSC, {"MaskPruning": {"start_epoch": 0, "split": "val"}}),
+    "prusc_val_batch_bn": (PRUSC, {"MaskPruning": {"start_epoch": 0, "split": "val", "batchnorm": "batch"}}),
+    # val has 600 images (19 steps an epoch): 6 epochs are about the steps of 2 train epochs, and the masks
+    # need about 60 Adam steps of 0.05 to move a logit from 3 to 0; no monitor (it would select on training data)
+    "prusc_val_6": (PRUSC, {"MaskPruning": {"start_epoch": 0, "split": "val", "prune_epochs": 6, "monitor": None}}),
+    "prusc_logit_sparsity": (
+        PRUSC, {"MaskPruning": {"start_epoch": 0, "sparsity": "logit", "mask_lr": 0.01, "init_logit": 1.5}}),
+    "score": (SCORE, SCORE_START),
+    "score_blocks3": (SCORE, {"SpuriousPositiveMining": {"start_epoch": 0, "layer": "net.blocks.3"},
+                              "NeuronRegularization": {"start_epoch": 0, "finetune_from": "net.blocks.3"}}),
+    "score_blocks5": (SCORE, {"SpuriousPositiveMining": {"start_epoch": 0, "layer": "net.blocks.5"},
+                              "NeuronRegularization": {"start_epoch": 0, "finetune_from": "net.blocks.5"}}),
+    "score_strength0": (SCORE, {**SCORE_START, "NeuronRegularization": {"start_epoch": 0, "strength": 0.0}}),
+    "score_strength100": (SCORE, {**SCORE_START, "NeuronRegularization": {"start_epoch": 0, "strength": 100.0}}),
+    "score_pairs": (SCORE, {**SCORE_START, "NeuronRegularization": {"start_epoch": 0, "regularize_on": "pairs"}}),
+}  # fmt: skip
+EPOCHS = {"prusc_val_6": 6}  # stage epochs where a variant needs other than STAGE_EPOCHS
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--variant", nargs="+", default=[])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--root", default="data/photos")
+    parser.add_argument("--erm-runs", default="runs/bench_photos/128px/efficientnet_lite0_ERM")
+    parser.add_argument("--runs", default="runs/photo_variants")
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args()
+    if args.list or not args.variant:
+        print("\n".join(f"{k}: {v[0]} {json.dumps(v[1])}" for k, v in VARIANTS.items()))
+        return
+    for name in args.variant:
+        if name not in VARIANTS:
+            sys.exit(f"unknown variant {name!r}; --list shows them")
+        config, overrides = VARIANTS[name]
+        for seed in args.seeds:
+            erm = next(Path(args.erm_runs).glob(f"*/seed{seed}"), None)
+            if erm is None:
+                sys.exit(f"no ERM run of seed {seed} in {args.erm_runs}: run make bench-photos first")
+            top = {
+                "trainer__max_epochs": EPOCHS.get(name, STAGE_EPOCHS),
+                "model__weights": best_checkpoint(erm),
+            }
+            path = config_with(config, f"{name}_seed{seed}", overrides, Path(args.runs) / "configs", **top)
+            data = ["--data.root", args.root, "--data.image_size", "128"]
+            report, _, _, seconds = run(path, seed, Path(args.runs) / name, data, reuse=True, data_seed=False)
+            run_dir = next((Path(args.runs) / name).glob(f"*/seed{seed}"))
+            val = json.loads((run_dir / "metrics_val.json").read_text())
+            extra = {k: report[k] for k in ("Prune_f", "Prune_h") if k in report}
+            print(f"[variant] {name} seed {seed}: val worst_class {val['worst_class']:.3f} | test wga "
+                  f"{report['wga']:.3f} mean {report['mean']:.3f} {extra} ({seconds:.0f} s)", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
