@@ -21,7 +21,7 @@ from photos import STAGE_EPOCHS, best_checkpoint
 from quality import run
 from suite import config_with
 
-PRUSC, SCORE = "configs/photos_prusc.yaml", "configs/photos_score.yaml"
+PRUSC, SCORE, SSCORE = "configs/photos_prusc.yaml", "configs/photos_score.yaml", "configs/photos_sscore.yaml"
 START = {"MaskPruning": {"start_epoch": 0}}
 SCORE_START = {"SpuriousPositiveMining": {"start_epoch": 0}, "NeuronRegularization": {"start_epoch": 0}}
 
@@ -36,6 +36,9 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
     "prusc_val_6": (PRUSC, {"MaskPruning": {"start_epoch": 0, "split": "val", "prune_epochs": 6, "monitor": None}}),
     "prusc_logit_sparsity": (
         PRUSC, {"MaskPruning": {"start_epoch": 0, "sparsity": "logit", "mask_lr": 0.01, "init_logit": 1.5}}),
+    # PruSC's masks (2 epochs on train), then 2 epochs retraining the surviving weights on val (released code)
+    "prusc_retrain": (PRUSC, {"MaskPruning": {"start_epoch": 0, "finetune_epochs": 2, "finetune_split": "val"}}),
+    "sscore_erm": (SSCORE, {}),  # the ERM model's s-score views (no training)
     "score": (SCORE, SCORE_START),
     "score_blocks3": (SCORE, {"SpuriousPositiveMining": {"start_epoch": 0, "layer": "net.blocks.3"},
                               "NeuronRegularization": {"start_epoch": 0, "finetune_from": "net.blocks.3"}}),
@@ -45,7 +48,11 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
     "score_strength100": (SCORE, {**SCORE_START, "NeuronRegularization": {"start_epoch": 0, "strength": 100.0}}),
     "score_pairs": (SCORE, {**SCORE_START, "NeuronRegularization": {"start_epoch": 0, "regularize_on": "pairs"}}),
 }  # fmt: skip
-EPOCHS = {"prusc_val_6": 6}  # stage epochs where a variant needs other than STAGE_EPOCHS
+EPOCHS = {
+    "prusc_val_6": 6,
+    "prusc_retrain": 4,
+    "sscore_erm": 0,
+}  # stage epochs where a variant needs other than STAGE_EPOCHS
 
 
 def main() -> None:
@@ -78,8 +85,11 @@ def main() -> None:
             data = ["--data.root", args.root, "--data.image_size", "128"]
             report, _, _, seconds = run(path, seed, Path(args.runs) / name, data, reuse=True, data_seed=False)
             run_dir = next((Path(args.runs) / name).glob(f"*/seed{seed}"))
-            val = json.loads((run_dir / "metrics_val.json").read_text())
+            val_file = run_dir / "metrics_val.json"  # absent where the stage trains no epoch
+            val = json.loads(val_file.read_text()) if val_file.is_file() else {"worst_class": float("nan")}
             extra = {k: report[k] for k in ("Prune_f", "Prune_h") if k in report}
+            if (run_dir / "sscore.json").is_file():
+                extra["sscore_views"] = json.loads((run_dir / "sscore.json").read_text()).get("views")
             print(f"[variant] {name} seed {seed}: val worst_class {val['worst_class']:.3f} | test wga "
                   f"{report['wga']:.3f} mean {report['mean']:.3f} {extra} ({seconds:.0f} s)", flush=True)  # fmt: skip
 

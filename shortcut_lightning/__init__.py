@@ -3,7 +3,9 @@
 from shortcut_lightning.callbacks import (
     DeepFeatureReweighting,
     EmbeddingProjector,
+    GroupDRO,
     GroupMetrics,
+    JustTrainTwice,
     MaskPruning,
     NeuronRegularization,
     SpuriousPositiveMining,
@@ -14,7 +16,7 @@ from shortcut_lightning.data import ISIC, CelebA, MetadataDataModule, SyntheticS
 from shortcut_lightning.errors import DataError, ModelError, ShortcutError
 from shortcut_lightning.metrics import GroupAccuracy
 from shortcut_lightning.module import ShortcutClassifier
-from shortcut_lightning.penalties import PenaltyProvider, total_penalty
+from shortcut_lightning.penalties import LossWeighting, PenaltyProvider, total_penalty, weighted_loss
 
 __version__ = "0.1.0"
 
@@ -25,7 +27,10 @@ __all__ = [
     "DeepFeatureReweighting",
     "EmbeddingProjector",
     "GroupAccuracy",
+    "GroupDRO",
     "GroupMetrics",
+    "JustTrainTwice",
+    "LossWeighting",
     "MaskPruning",
     "MetadataDataModule",
     "ModelError",
@@ -39,4 +44,5 @@ __all__ = [
     "TokenViews",
     "Waterbirds",
     "total_penalty",
+    "weighted_loss",
 ]

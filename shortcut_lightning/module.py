@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from shortcut_lightning.backbones import create_backbone
 from shortcut_lightning.errors import ModelError
-from shortcut_lightning.penalties import total_penalty
+from shortcut_lightning.penalties import loss_weighting, total_penalty, weighted_loss
 
 
 class ShortcutClassifier(L.LightningModule):
@@ -73,8 +73,13 @@ class ShortcutClassifier(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         features = self.features(batch["image"])
         logits = self.head(features)
-        ce = F.cross_entropy(logits, batch["target"])
-        loss = ce + total_penalty(self, batch, {"logits": logits, "features": features})
+        if loss_weighting(self) is None:  # the plain mean, in one fused kernel
+            ce = F.cross_entropy(logits, batch["target"])
+            fit = ce
+        else:  # e.g. GroupDRO: its weights over the per-sample losses
+            losses = F.cross_entropy(logits, batch["target"], reduction="none")
+            ce, fit = losses.detach().mean(), weighted_loss(self, batch, losses)
+        loss = fit + total_penalty(self, batch, {"logits": logits, "features": features})
         n = len(logits)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
         self.log("train/ce", ce, on_epoch=True, batch_size=n)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from shortcut_lightning import SyntheticShortcuts
 from shortcut_lightning.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,3 +173,18 @@ def test_two_processes_from_the_cli_give_the_one_process_metrics(tmp_path):
     single, double = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     flat = [{g: (v["acc"], v["n"]) for g, v in r["groups"].items()} for r in (single, double)]
     assert flat[0] == flat[1] and double["wga"] == pytest.approx(single["wga"])
+
+
+def test_jtt_and_groupdro_configs_run_end_to_end(tmp_path, capsys):
+    """The baselines' configs through the CLI: JTT writes its error set, GroupDRO logs its weights."""
+    jtt = run_stage_config(tmp_path, "synthetic_jtt.yaml", [dict(identify_epochs=1)])
+    report = json.loads((jtt / "jtt.json").read_text())
+    assert report["n_errors"] == len(report["error_indices"]) and report["uses_annotations"] is False
+    assert json.loads((jtt / "metrics.json").read_text())["split"] == "test"
+    dro = run_stage_config(tmp_path, "synthetic_groupdro.yaml", [dict(step_size=0.1)])
+    assert json.loads((dro / "metrics.json").read_text())["split"] == "test"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(dro)).Reload().Tags()["scalars"]
+    names = SyntheticShortcuts(spurious="background").group_names
+    assert {t for t in tags if t.startswith("groupdro/q/")} == {f"groupdro/q/{g}" for g in names}

@@ -6,6 +6,8 @@ from shortcut_lightning.callbacks.group_metrics import GroupMetrics
 from shortcut_lightning.callbacks.partial_finetuning import PartialFinetuning
 from shortcut_lightning.callbacks.token_views import TokenViews
 from shortcut_lightning.methods.dfr.deep_feature_reweighting import DeepFeatureReweighting
+from shortcut_lightning.methods.groupdro.group_dro import GroupDRO
+from shortcut_lightning.methods.jtt.just_train_twice import JustTrainTwice
 from shortcut_lightning.methods.prusc.mask_pruning import MaskPruning
 from shortcut_lightning.methods.score.neuron_regularization import NeuronRegularization
 from shortcut_lightning.methods.score.spurious_positive_mining import SpuriousPositiveMining
@@ -15,7 +17,9 @@ __all__ = [
     "BestAndLastCheckpoint",
     "DeepFeatureReweighting",
     "EmbeddingProjector",
+    "GroupDRO",
     "GroupMetrics",
+    "JustTrainTwice",
     "MaskPruning",
     "NeuronRegularization",
     "PartialFinetuning",

@@ -114,6 +114,21 @@ class GroupDataModule(L.LightningDataModule):
         self._train_groups = None if groups is None else [int(g) for g in groups]
         self._train_weights = weights
 
+    def reweight(self, weights: torch.Tensor, who: str) -> None:
+        """Per-sample draw weights over :attr:`train_split` for the loaders built from now on and for the live
+        one, whose sampler draws by them from its next epoch on (``who`` names the stage in the error)."""
+        self.train_on(self.train_split, groups=self.train_groups, weights=weights)
+        loader = None if self.trainer is None else self.trainer.train_dataloader
+        if loader is None:  # before fit's loader exists: it is built from these weights
+            return
+        sampler = getattr(loader, "sampler", None)
+        if not isinstance(sampler, BalancedSampler):
+            raise DataError(
+                f"{who} reweights the training data, which needs the training loader of a shortcut_lightning "
+                f"datamodule (its sampler is {type(sampler).__name__})"
+            )
+        sampler.reweight(weights)
+
     @property
     def train_groups(self) -> list[int] | None:
         """The group ids the training loader draws from (``None``: all); set by :meth:`train_on`."""

@@ -8,9 +8,6 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from shortcut_lightning.data.samplers import BalancedSampler
-from shortcut_lightning.errors import ShortcutError
-
 
 class TrainingData:
     """Points the datamodule at a split through its ``train_on`` contract; a change of split rebuilds the loader.
@@ -46,15 +43,6 @@ class TrainingData:
     @staticmethod
     def _reweight(trainer: L.Trainer, weights: Tensor) -> None:
         """The datamodule's weights for a loader yet to be built, and the live sampler's."""
-        dm = trainer.datamodule
-        dm.train_on(dm.train_split, groups=dm.train_groups, weights=weights)
-        loader = trainer.train_dataloader
-        if loader is None:  # on_fit_start: the loader is built after it, from the datamodule's weights
-            return
-        sampler = getattr(loader, "sampler", None)
-        if not isinstance(sampler, BalancedSampler):
-            raise ShortcutError(
-                "MaskPruning(cluster_balanced=True) needs the training loader of a shortcut_lightning datamodule "
-                f"(its sampler is {type(sampler).__name__}); or set cluster_balanced: false"
-            )
-        sampler.reweight(weights)
+        trainer.datamodule.reweight(
+            weights, "MaskPruning(cluster_balanced=True) (or set cluster_balanced: false)"
+        )

@@ -1,0 +1,130 @@
+"""``JustTrainTwice``: JTT (Liu et al. 2021), up-weighting the training samples an ERM model gets wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from shortcut_lightning.data.base import require_group_datamodule
+from shortcut_lightning.errors import ShortcutError
+from shortcut_lightning.probing.embedding_pass import collect_embeddings
+from shortcut_lightning.probing.model_parts import find_head
+from shortcut_lightning.reporting.stage_report import write_stage_report
+
+
+def error_set(logits: Tensor, target: Tensor) -> Tensor:
+    """Positions of the misclassified samples (JTT's error set), in the order of ``logits``."""
+    return (logits.argmax(1) != target).nonzero().flatten()
+
+
+class JustTrainTwice(Callback):
+    """Trains ERM for ``identify_epochs``, then up-weights the training samples it misclassifies by ``upweight``.
+
+    At the end of epoch ``identify_epochs - 1`` the training split is predicted with evaluation transforms
+    (eval mode; under DDP every rank gathers the whole split, so every rank has the same error set); the
+    misclassified samples form the error set. From the next epoch on the training sampler draws an error-set
+    sample ``upweight`` times as often as another (through the datamodule's ``reweight`` contract), for the
+    rest of the fit. No group labels are used: the groups of the error set are written to ``jtt.json`` for
+    analysis only. The error set is part of the callback's state, so a resumed run draws as the killed one did.
+
+    The paper retrains a second model from scratch on the up-weighted data; in this form the same model
+    continues (give ``identify_epochs: 0`` with ``model.weights: erm.ckpt`` to identify with a trained model
+    and start the up-weighted training from it).
+
+    Example::
+
+        trainer = L.Trainer(max_epochs=6, callbacks=[JustTrainTwice(identify_epochs=2, upweight=20)])
+        trainer.fit(ShortcutClassifier("resnet18"), datamodule=SyntheticShortcuts())
+
+    Args:
+        identify_epochs: ERM epochs before the error set is built (0: at the start, from the loaded model).
+        upweight: how much more often an error-set sample is drawn (the paper's lambda_up, 5-100).
+        head: dotted name of the classifier head (default: found).
+    """
+
+    stage_label = "JTT"
+    uses_annotations = False
+    changes_model_at_fit_end = False  # a training regime: the CLI tests the checkpoint selected on val
+
+    def __init__(self, identify_epochs: int = 1, upweight: float = 20.0, head: str | None = None) -> None:
+        if upweight <= 0:
+            raise ShortcutError(f"JTT upweight must be > 0, got {upweight}")
+        if identify_epochs < 0:
+            raise ShortcutError(f"JTT identify_epochs must be >= 0, got {identify_epochs}")
+        self.identify_epochs = identify_epochs
+        self.upweight = upweight
+        self.head = head
+        self.errors: Tensor | None = None  # dataset positions of the error set
+        self.report: dict[str, Any] | None = None
+
+    @property
+    def before_reports(self) -> dict[str, dict[str, Any]]:
+        """Empty: the stage trains the model from its start."""
+        return {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = require_group_datamodule(getattr(trainer, "datamodule", None), "JustTrainTwice")
+        if (
+            trainer.max_epochs is not None
+            and trainer.max_epochs >= 0
+            and self.identify_epochs >= trainer.max_epochs
+        ):
+            raise ShortcutError(
+                f"JTT identify_epochs={self.identify_epochs} leaves no up-weighted epoch in max_epochs="
+                f"{trainer.max_epochs}: give identify_epochs < max_epochs"
+            )
+        if self.errors is not None:  # resumed after identification: the loader is built from these weights
+            dm.reweight(self.weights(len(dm.dataset(dm.train_split))), "JustTrainTwice")
+        elif self.identify_epochs == 0:
+            self.identify(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.errors is None and trainer.current_epoch + 1 >= self.identify_epochs:
+            self.identify(trainer, pl_module)  # before the next epoch's loader draws its order
+
+    def weights(self, n: int) -> Tensor:
+        """Per-sample draw weights over the training split: ``upweight`` on the error set, 1 elsewhere."""
+        w = torch.ones(n)
+        w[self.errors] = float(self.upweight)
+        return w
+
+    def identify(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Tensor:
+        """Builds the error set with the current model and points the training sampler at the up-weighting."""
+        dm = trainer.datamodule
+        split = dm.train_split
+        found = collect_embeddings(
+            pl_module, dm.dataloader(split), find_head(pl_module, self.head), desc=f"JTT: predicting {split}"
+        )
+        wrong = error_set(found.logits, found.target)
+        self.errors = found.index[wrong]
+        dm.reweight(self.weights(len(dm.dataset(split))), "JustTrainTwice")
+        groups = found.group[wrong]
+        make_up = {name: int((groups == g).sum()) for g, name in enumerate(dm.group_names)}
+        self.report = {
+            "uses_annotations": False,
+            "epoch": trainer.current_epoch,
+            "split": split,
+            "upweight": self.upweight,
+            "n_train": len(found),
+            "n_errors": len(self.errors),
+            "error_indices": self.errors.tolist(),
+            "error_groups_for_analysis": make_up,
+        }
+        summary = (
+            f"JTT: {len(self.errors)} of {len(found)} {split} samples misclassified, drawn {self.upweight:g}x as "
+            f"often from the next epoch on (groups, for analysis: {make_up})"
+        )
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
+        write_stage_report(log_dir, "jtt.json", self.report, [summary])
+        return self.errors
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"errors": self.errors, "report": self.report}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.errors, self.report = state_dict.get("errors"), state_dict.get("report")
