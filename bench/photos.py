@@ -58,6 +58,9 @@ def stage_rows(ckpt: str) -> dict[str, tuple[str, dict, dict, list[str]]]:
         "SCORE (auto)": ("configs/photos_score.yaml", score, epochs, []),
         "SCORE (oracle)": ("configs/photos_score.yaml", oracle, epochs, []),
         "s-score pruning": ("configs/photos_sscore.yaml", {}, {"trainer__max_epochs": 0, "model__weights": ckpt}, []),
+        "AFR": ("configs/photos_afr.yaml", {}, {"trainer__max_epochs": 0, "model__weights": ckpt}, []),
+        "JTT": ("configs/photos_jtt.yaml", {"JustTrainTwice": {"identify_epochs": 0}}, epochs, []),
+        "GroupDRO": ("configs/photos_groupdro.yaml", {}, epochs, []),
         "control: ERM continued": ("configs/photos_erm.yaml", {}, epochs, []),
         "control: retrain on val": ("configs/photos_erm.yaml", {}, epochs,
                                     ["--data.train_split", "val", "--checkpoint.monitor", "null"]),
@@ -65,6 +68,27 @@ def stage_rows(ckpt: str) -> dict[str, tuple[str, dict, dict, list[str]]]:
 
 
 QUICK_ROWS = ("DFR", "SCORE (auto)")
+# how much group information each row uses (DPE's README column): to train or refit, and to select a checkpoint
+GROUP_INFO = {
+    "ERM": "none",
+    "DFR": "val groups",
+    "DFR (scikit-learn reference)": "val groups",
+    "PruSC": "none",
+    "SCORE (auto)": "none",
+    "SCORE (oracle)": "train spurious masks",
+    "s-score pruning": "train spurious masks",
+    "JTT": "none",
+    "GroupDRO": "train groups",
+    "control: ERM continued": "none",
+    "control: retrain on val": "none",
+}
+DEFINITIONS = (
+    "worst-group: the lowest test accuracy over the groups (class x place); mean: the accuracy over all test "
+    "samples (the sample mean; the test split is group-balanced, so it is also the mean of the group accuracies), "
+    "not the train-weighted mean of Waterbirds papers (group accuracies weighted by the groups' train shares; "
+    "`weighted_mean` in metrics.json). group labels: what the row uses beyond class labels; every row selects its "
+    "checkpoint without group labels (ERM and the controls by val/mean, JTT and GroupDRO by val/worst_class)."
+)
 SCRATCH_ROWS = ("DFR",)
 
 
@@ -208,7 +232,10 @@ def _cell(row: dict, key: str, erm: dict | None = None) -> str:
 
 
 def table(result: dict) -> str:
-    lines = ["| model | method | worst-group | mean | s-score | runs |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | method | group labels | worst-group | mean | s-score | runs |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for model, rows in result["models"].items():
         erm = rows["ERM"]
         for row, data in rows.items():
@@ -217,7 +244,7 @@ def table(result: dict) -> str:
             missing = list(data["failed"].values())
             failed = f", {len(missing)} not run" if missing and all(m == "not run" for m in missing) else (
                 f", {len(missing)} failed" if missing else "")  # fmt: skip
-            lines.append(f"| {model} | {row} | {_cell(data, 'wga', None if row == 'ERM' else erm)} | "
+            lines.append(f"| {model} | {row} | {GROUP_INFO.get(row, '?')} | {_cell(data, 'wga', None if row == 'ERM' else erm)} | "
                          f"{_cell(data, 'mean')} | {sscore} | {len(data['per_seed'])}{failed} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -232,6 +259,8 @@ def markdown(result: dict, command: str) -> str:
         f"`{command}` on {env['date']} ({env['machine']}, GPU {env['gpu']}), {result['wall_s'] / 60:.0f} min.",
         "",
         table(result),
+        "",
+        DEFINITIONS,
         "",
     ])  # fmt: skip
 

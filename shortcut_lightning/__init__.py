@@ -1,6 +1,7 @@
 """shortcut_lightning: find and remove shortcut learning in image classifiers with PyTorch Lightning."""
 
 from shortcut_lightning.callbacks import (
+    AutomaticFeatureReweighting,
     DeepFeatureReweighting,
     EmbeddingProjector,
     GroupDRO,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ISIC",
+    "AutomaticFeatureReweighting",
     "CelebA",
     "DataError",
     "DeepFeatureReweighting",

@@ -175,8 +175,8 @@ def test_two_processes_from_the_cli_give_the_one_process_metrics(tmp_path):
     assert flat[0] == flat[1] and double["wga"] == pytest.approx(single["wga"])
 
 
-def test_jtt_and_groupdro_configs_run_end_to_end(tmp_path, capsys):
-    """The baselines' configs through the CLI: JTT writes its error set, GroupDRO logs its weights."""
+def test_baseline_configs_run_end_to_end(tmp_path, capsys):
+    """The baselines' configs through the CLI: JTT writes its error set, GroupDRO logs its weights, AFR refits."""
     jtt = run_stage_config(tmp_path, "synthetic_jtt.yaml", [dict(identify_epochs=1)])
     report = json.loads((jtt / "jtt.json").read_text())
     assert report["n_errors"] == len(report["error_indices"]) and report["uses_annotations"] is False
@@ -185,6 +185,9 @@ def test_jtt_and_groupdro_configs_run_end_to_end(tmp_path, capsys):
     assert json.loads((dro / "metrics.json").read_text())["split"] == "test"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    afr = run_stage_config(tmp_path, "synthetic_afr.yaml", [dict(gamma=2.0)])
+    assert json.loads((afr / "afr.json").read_text())["gamma"] == 2.0
+    assert json.loads((afr / "metrics.json").read_text())["split"] == "test"
     tags = EventAccumulator(str(dro)).Reload().Tags()["scalars"]
     names = SyntheticShortcuts(spurious="background").group_names
     assert {t for t in tags if t.startswith("groupdro/q/")} == {f"groupdro/q/{g}" for g in names}

@@ -5,6 +5,7 @@ from shortcut_lightning.callbacks.embedding_projector import EmbeddingProjector
 from shortcut_lightning.callbacks.group_metrics import GroupMetrics
 from shortcut_lightning.callbacks.partial_finetuning import PartialFinetuning
 from shortcut_lightning.callbacks.token_views import TokenViews
+from shortcut_lightning.methods.dfr.automatic_feature_reweighting import AutomaticFeatureReweighting
 from shortcut_lightning.methods.dfr.deep_feature_reweighting import DeepFeatureReweighting
 from shortcut_lightning.methods.groupdro.group_dro import GroupDRO
 from shortcut_lightning.methods.jtt.just_train_twice import JustTrainTwice
@@ -14,6 +15,7 @@ from shortcut_lightning.methods.score.spurious_positive_mining import SpuriousPo
 from shortcut_lightning.methods.sscore.spurious_score import SpuriousScore
 
 __all__ = [
+    "AutomaticFeatureReweighting",
     "BestAndLastCheckpoint",
     "DeepFeatureReweighting",
     "EmbeddingProjector",

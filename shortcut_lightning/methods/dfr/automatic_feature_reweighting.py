@@ -1,0 +1,81 @@
+"""``AutomaticFeatureReweighting``: AFR (Qiu et al. 2023), a last-layer refit weighted by the ERM model's errors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from shortcut_lightning.errors import ShortcutError
+from shortcut_lightning.methods.dfr.afr_fit import L2_GRID, fit_afr
+from shortcut_lightning.methods.dfr.last_layer import LinearHead
+from shortcut_lightning.methods.dfr.last_layer_refit import LastLayerRefit
+from shortcut_lightning.probing.embedding_pass import Embeddings
+
+
+class AutomaticFeatureReweighting(LastLayerRefit):
+    """Automatic Feature Reweighting (Qiu et al. 2023), no group labels, on DFR's machinery.
+
+    Embeds the held-out ``split`` with the ERM model, weights each sample by ``exp(-gamma p)`` (``p``: the ERM
+    model's probability of its true class, so the samples ERM gets wrong weigh most; each class scaled to the
+    same total), and retrains the head from the ERM head with a weighted cross-entropy plus
+    ``l2 * ||W - W_ERM||^2`` (L-BFGS). The L2 strength is tuned on a 50/50 split of ``split`` by worst-class
+    accuracy (class labels only), then the head is refit on all of it. Writes ``afr.json`` (the strength, its
+    tuning scores, the group reports before and after) and ``afr_head.pt``; runs when and where DFR runs
+    (:class:`~shortcut_lightning.methods.dfr.last_layer_refit.LastLayerRefit`).
+
+    Example::
+
+        trainer = L.Trainer(max_epochs=0, callbacks=[AutomaticFeatureReweighting(gamma=4.0)])
+        trainer.fit(ShortcutClassifier("resnet18", weights="erm.ckpt"), datamodule=SyntheticShortcuts())
+
+    Args:
+        split: held-out split to refit on (``val``).
+        gamma: how sharply the weights favour the samples ERM predicts badly (the paper tunes it; 0: class
+            balance alone).
+        l2_grid: L2 strengths tried.
+        seed: seed of the tuning split.
+        head: dotted path of the head when it cannot be found.
+        report_splits: splits whose group accuracy is reported before and after.
+    """
+
+    stage_label = "AFR"
+    name = "afr"
+    uses_annotations = False
+
+    def __init__(
+        self,
+        split: str = "val",
+        gamma: float = 4.0,
+        l2_grid: Sequence[float] = L2_GRID,
+        seed: int = 0,
+        head: str | None = None,
+        report_splits: Sequence[str] = ("val", "test"),
+    ) -> None:
+        if gamma < 0:
+            raise ShortcutError(f"AFR gamma must be >= 0, got {gamma}")
+        if not l2_grid or min(l2_grid) < 0:
+            raise ShortcutError(f"AFR l2_grid must name at least one strength, all >= 0, got {list(l2_grid)}")
+        super().__init__(split, report_splits, head)
+        self.gamma = gamma
+        self.l2_grid = tuple(float(v) for v in l2_grid)
+        self.seed = seed
+
+    def fit_head(self, dm: Any, embeddings: dict[str, Embeddings], head: torch.nn.Linear) -> LinearHead:
+        refit = embeddings[self.split]
+        bias = head.bias.detach().cpu() if head.bias is not None else torch.zeros(head.out_features)
+        return fit_afr(refit.features, refit.logits, refit.target, head.weight.detach().cpu(), bias,
+                       dm.num_classes, self.gamma, self.l2_grid, self.seed)  # fmt: skip
+
+    def details(self, fitted: LinearHead) -> dict[str, Any]:
+        return {
+            "l2": fitted.c,
+            "tuning_worst_class_accuracy": {str(k): v for k, v in fitted.tuning.items()},
+            "gamma": self.gamma,
+            "split": self.split,
+            "uses_annotations": False,
+        }
+
+    def scalars(self, fitted: LinearHead) -> dict[str, float]:
+        return {"l2": fitted.c}

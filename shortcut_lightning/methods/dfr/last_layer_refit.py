@@ -1,0 +1,118 @@
+"""``LastLayerRefit``: the body every last-layer method shares (DFR, AFR): embed, fit a head on rank 0, write it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from shortcut_lightning.data.base import require_group_datamodule
+from shortcut_lightning.errors import DataError, ModelError
+from shortcut_lightning.methods.dfr.last_layer import LinearHead
+from shortcut_lightning.probing.embedding_pass import Embeddings, embed_splits, head_change_reports
+from shortcut_lightning.probing.model_parts import find_head
+from shortcut_lightning.reporting.stage_report import stage_tables, write_stage_report
+from shortcut_lightning.stages import ModelStage, decide_on_rank_zero
+
+
+class LastLayerRefit(ModelStage):
+    """Embeds ``split`` (and ``report_splits``) with evaluation transforms, fits a new head on rank 0 (broadcast,
+    errors included), writes it into the model's head and reports group accuracy before and after.
+
+    Subclasses implement :meth:`fit_head` (the method) and :meth:`details` (its JSON fields), and name their
+    files with ``name`` (``dfr`` -> ``dfr.json``, ``dfr_head.pt``, ``checkpoints/dfr.ckpt``, scalars ``dfr/...``).
+    """
+
+    name = "refit"
+    changes_model_at_fit_end = True
+
+    def __init__(
+        self, split: str, report_splits: Sequence[str], head: str | None, extra_splits: Sequence[str] = ()
+    ):
+        super().__init__()
+        self.split = split
+        self.head_path = head
+        self.report_splits = tuple(report_splits)
+        self.extra_splits = tuple(extra_splits)
+        self.result: dict[str, Any] = {}
+
+    @property
+    def before_reports(self) -> dict[str, dict[str, Any]]:
+        return self.result.get("before", {})
+
+    # -- what a method provides -----------------------------------------------------------------
+    def fit_head(self, dm: Any, embeddings: dict[str, Embeddings], head: torch.nn.Linear) -> LinearHead:
+        """The new head from the embeddings of :attr:`split` (and of ``extra_splits``); runs on rank 0 only."""
+        raise NotImplementedError
+
+    def details(self, fitted: LinearHead) -> dict[str, Any]:
+        """The method's fields of the report (before the group reports)."""
+        raise NotImplementedError
+
+    def scalars(self, fitted: LinearHead) -> dict[str, float]:
+        """The method's scalars for the loggers (beside the before/after accuracies)."""
+        return {}
+
+    # -- the shared body ------------------------------------------------------------------------
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
+        path = Path(self._log_dir(trainer)) / "checkpoints" / f"{self.name}.ckpt"
+        trainer.save_checkpoint(path, weights_only=False)
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Refit the head of ``pl_module`` in place; returns (and keeps) the report."""
+        dm = require_group_datamodule(getattr(trainer, "datamodule", None), type(self).__name__)
+        head = find_head(pl_module, self.head_path)
+        if head.out_features != dm.num_classes:
+            raise ModelError(
+                f"the head found ({head}) has {head.out_features} outputs but the data has {dm.num_classes} "
+                f"classes: name the right layer with {type(self).__name__}(head=...)"
+            )
+        splits = [self.split, *(s for s in self.report_splits if s != self.split)]
+        splits += [s for s in self.extra_splits if s and s not in splits]
+        embeddings = embed_splits(pl_module, dm, head, splits, f"{self.stage_label}: embedding")
+        if self.split not in embeddings:
+            raise DataError(
+                f"{self.stage_label} refit split {self.split!r} is not in the data; it has {', '.join(dm.splits)}"
+            )
+        fitted = decide_on_rank_zero(trainer, lambda: self.fit_head(dm, embeddings, head))
+        with torch.no_grad():
+            head.weight.copy_(torch.as_tensor(fitted.weight, dtype=head.weight.dtype))
+            if head.bias is not None:
+                head.bias.copy_(torch.as_tensor(fitted.bias, dtype=head.bias.dtype))
+        reported = {s: e for s, e in embeddings.items() if s in self.report_splits}
+        weight, bias = torch.as_tensor(fitted.weight), torch.as_tensor(fitted.bias)
+        self.result = {**self.details(fitted), **head_change_reports(dm, reported, weight, bias)}
+        self._write(trainer, Path(self._log_dir(trainer)), self.result, fitted)
+        return self.result
+
+    def _log_dir(self, trainer: L.Trainer) -> str:
+        return trainer.log_dir or trainer.default_root_dir  # a collective under DDP: call on every rank
+
+    @rank_zero_only
+    def _write(self, trainer: L.Trainer, log_dir: Path, report: dict[str, Any], fitted: LinearHead) -> None:
+        tables = stage_tables({"before": report["before"], self.stage_label: report["after"]})
+        write_stage_report(log_dir, f"{self.name}.json", report, tables=tables)
+        torch.save(
+            {"weight": torch.as_tensor(fitted.weight), "bias": torch.as_tensor(fitted.bias)},
+            log_dir / f"{self.name}_head.pt",
+        )
+        scalars = {f"{self.name}/{k}": v for k, v in self.scalars(fitted).items()}
+        for key in ("before", "after"):
+            for split, r in report[key].items():
+                for name in ("wga", "mean", "weighted_mean"):
+                    if r[name] is not None:
+                        scalars[f"{self.name}/{split}/{name}_{key}"] = r[name]
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=trainer.global_step)
+
+    # -- resumable state ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"result": self.result}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.result = state_dict.get("result", {})
