@@ -7,9 +7,12 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 
 from shortcut_lightning.errors import ShortcutError
 from shortcut_lightning.methods.prusc.masks import GumbelSigmoidMask
+
+STATISTICS = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm's buffers
 
 
 class BestMasks:
@@ -24,8 +27,11 @@ class BestMasks:
         self.mode = mode
         self.best: dict[str, Any] | None = None
 
-    def update(self, trainer: L.Trainer, masks: dict[str, GumbelSigmoidMask]) -> None:
-        """After a validation: keeps the logits if ``monitor`` is the best so far."""
+    def update(
+        self, trainer: L.Trainer, masks: dict[str, GumbelSigmoidMask], model: nn.Module | None = None
+    ) -> None:
+        """After a validation: keeps the logits if ``monitor`` is the best so far, and with ``model`` its BatchNorm
+        statistics (``batchnorm="batch"`` moves them while the masks learn: the best masks need theirs)."""
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
             found = ", ".join(sorted(k for k in trainer.callback_metrics if k.startswith("val/"))) or "none"
@@ -39,9 +45,19 @@ class BestMasks:
             if not better:
                 return
         logits = {name: m.logits.detach().to("cpu", copy=True) for name, m in masks.items()}
-        self.best = {"epoch": trainer.current_epoch, "score": score, "logits": logits}
+        statistics = None if model is None else {
+            k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k.endswith(STATISTICS)
+        }  # fmt: skip
+        self.best = {
+            "epoch": trainer.current_epoch,
+            "score": score,
+            "logits": logits,
+            "statistics": statistics,
+        }
 
-    def restore(self, masks: dict[str, GumbelSigmoidMask]) -> dict[str, Any] | None:
+    def restore(
+        self, masks: dict[str, GumbelSigmoidMask], model: nn.Module | None = None
+    ) -> dict[str, Any] | None:
         """Puts the best epoch's logits back; returns ``{"monitor", "epoch", "score"}``, or ``None`` if none was seen."""
         if self.best is None:
             rank_zero_info(
@@ -51,7 +67,9 @@ class BestMasks:
         with torch.no_grad():
             for name, mask in masks.items():
                 mask.logits.copy_(self.best["logits"][name])
-        self.best["logits"] = None
+        if model is not None and self.best.get("statistics"):
+            model.load_state_dict(self.best["statistics"], strict=False)
+        self.best["logits"] = self.best["statistics"] = None
         rank_zero_info(
             f"PruSC: the masks of epoch {self.best['epoch']} are kept ({self.monitor} {self.best['score']:.4f})"
         )

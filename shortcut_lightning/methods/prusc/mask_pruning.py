@@ -92,8 +92,7 @@ class MaskPruning(Callback):
         cluster_balanced: draw the stage's batches so that every cluster is equally likely (no labels
             needed; the small clusters an ERM model forms around its minority samples are seen as
             often as the large ones).
-        recalibrate_bn: re-estimate the BatchNorm statistics of the pruned network once the masks are
-            fixed.
+        recalibrate_bn: re-estimate the BatchNorm statistics of the pruned network once the masks are fixed.
         batchnorm: BatchNorm while the masks learn: ``held`` at the dense model's statistics (eval mode),
             or ``batch`` statistics in train mode, its running statistics updated (the released code).
         sparsity: ``probability`` (``lambda_sparse * sum(sigmoid(logits))``) or ``logit``
@@ -268,8 +267,9 @@ class MaskPruning(Callback):
     ) -> None:
         masks = model_masks(pl_module)
         if phase == "fixed" and not resumed:
-            restored = None if self._best is None else self._best.restore(masks)
-            if restored is not None:
+            if self._best is not None and (
+                restored := self._best.restore(masks, self._statistics_of(pl_module))
+            ):
                 self.report.best = restored
             if self.target_density is not None:
                 set_density(masks, self.target_density, self._reachable_weights(trainer, pl_module))
@@ -384,7 +384,10 @@ class MaskPruning(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """With ``monitor``: keeps the mask logits of the best mask-learning epoch so far."""
         if self._best is not None and self.phase == "learning" and not trainer.sanity_checking:
-            self._best.update(trainer, self._masks)
+            self._best.update(trainer, self._masks, self._statistics_of(pl_module))
+
+    def _statistics_of(self, pl_module: L.LightningModule) -> L.LightningModule | None:
+        return pl_module if self.batchnorm == "batch" else None  # BatchNorm moved with the masks
 
     @property
     def best(self) -> dict[str, Any] | None:
