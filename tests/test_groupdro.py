@@ -131,13 +131,11 @@ def _one_step(tmp_path, devices: int) -> dict:
     tmp_path.mkdir(parents=True)
     # 16 training samples in one global step: one batch of 16, or 8 on each of 2 ranks
     dm = SyntheticShortcuts(n_train=16, n_val=8, n_test=8, image_size=32, batch_size=16 // devices)
-    kwargs = {"strategy": "ddp_spawn"} if devices > 1 else {}
-    trainer = L.Trainer(
-        accelerator="cpu", devices=devices, max_epochs=1, limit_train_batches=1, limit_val_batches=0,
-        default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-        callbacks=[GroupDRO(step_size=0.5), _Dump(str(tmp_path))], **kwargs,
-    )  # fmt: skip
-    trainer.fit(TinyLinear(), datamodule=dm)
+    ddp = {"strategy": "ddp_spawn", "devices": 2} if devices > 1 else {}
+    callbacks = [GroupDRO(step_size=0.5), _Dump(str(tmp_path))]
+    make_trainer(tmp_path, callbacks, limit_train_batches=1, limit_val_batches=0, **ddp).fit(
+        TinyLinear(), datamodule=dm
+    )
     return {p.name: json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")}
 
 

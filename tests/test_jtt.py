@@ -104,11 +104,10 @@ def test_ddp_gives_every_rank_the_error_set_of_one_process(tmp_path):
         root = tmp_path / str(devices)
         root.mkdir()
         torch.manual_seed(0)
-        kwargs = {"strategy": "ddp_spawn"} if devices > 1 else {}
-        trainer = L.Trainer(
-            accelerator="cpu", devices=devices, max_epochs=1, limit_train_batches=1, limit_val_batches=0,
-            default_root_dir=root, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-            callbacks=[JustTrainTwice(identify_epochs=0), _ErrorDump(str(root))], **kwargs,
+        ddp = {"strategy": "ddp_spawn", "devices": 2} if devices > 1 else {}
+        trainer = make_trainer(
+            root, [JustTrainTwice(identify_epochs=0), _ErrorDump(str(root))], limit_train_batches=1,
+            limit_val_batches=0, **ddp,
         )  # fmt: skip
         trainer.fit(ShortcutClassifier("test_resnet"), datamodule=_data(n_train=37))
         sets[devices] = {p.name: json.loads(p.read_text()) for p in root.glob("rank*.json")}
