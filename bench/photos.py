@@ -77,6 +77,7 @@ GROUP_INFO = {
     "SCORE (auto)": "none",
     "SCORE (oracle)": "train spurious masks",
     "s-score pruning": "train spurious masks",
+    "AFR": "none",
     "JTT": "none",
     "GroupDRO": "train groups",
     "control: ERM continued": "none",
