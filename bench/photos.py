@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from quality import NotRun, run
-from suite import ROOT, config_with, environment, resolve_precision, write_between
+from suite import GROUP_INFO, ROOT, config_with, environment, resolve_precision, write_between
 
 from shortcut_lightning import ShortcutClassifier
 from shortcut_lightning.data import Waterbirds
@@ -59,7 +59,9 @@ def stage_rows(ckpt: str) -> dict[str, tuple[str, dict, dict, list[str]]]:
         "SCORE (oracle)": ("configs/photos_score.yaml", oracle, epochs, []),
         "s-score pruning": ("configs/photos_sscore.yaml", {}, {"trainer__max_epochs": 0, "model__weights": ckpt}, []),
         "AFR": ("configs/photos_afr.yaml", {}, {"trainer__max_epochs": 0, "model__weights": ckpt}, []),
-        "JTT": ("configs/photos_jtt.yaml", {"JustTrainTwice": {"identify_epochs": 0}}, epochs, []),
+        # JTT identifies with an early-stopped model (its paper): from ImageNet, 1 ERM epoch, then 2 up-weighted
+        # ones, the ERM row's 3 epochs in all (from the ERM checkpoint almost no training sample is misclassified)
+        "JTT": ("configs/photos_jtt.yaml", {}, {}, []),
         "GroupDRO": ("configs/photos_groupdro.yaml", {}, epochs, []),
         "control: ERM continued": ("configs/photos_erm.yaml", {}, epochs, []),
         "control: retrain on val": ("configs/photos_erm.yaml", {}, epochs,
@@ -68,21 +70,6 @@ def stage_rows(ckpt: str) -> dict[str, tuple[str, dict, dict, list[str]]]:
 
 
 QUICK_ROWS = ("DFR", "SCORE (auto)")
-# how much group information each row uses (DPE's README column): to train or refit, and to select a checkpoint
-GROUP_INFO = {
-    "ERM": "none",
-    "DFR": "val groups",
-    "DFR (scikit-learn reference)": "val groups",
-    "PruSC": "none",
-    "SCORE (auto)": "none",
-    "SCORE (oracle)": "train spurious masks",
-    "s-score pruning": "train spurious masks",
-    "AFR": "none",
-    "JTT": "none",
-    "GroupDRO": "train groups",
-    "control: ERM continued": "none",
-    "control: retrain on val": "none",
-}
 DEFINITIONS = (
     "worst-group: the lowest test accuracy over the groups (class x place); mean: the accuracy over all test "
     "samples (the sample mean; the test split is group-balanced, so it is also the mean of the group accuracies), "
@@ -282,6 +269,12 @@ def main() -> None:
         "--finished-only", action="store_true", help="tables of the finished runs; run nothing"
     )
     parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        help="run these rows only (with ERM); writes bench/results/photos_rows.json, no docs",
+    )
+    parser.add_argument(
         "--no-scratch", action="store_true", help="leave out the resnet18-from-scratch contrast"
     )
     args = parser.parse_args()
@@ -297,13 +290,18 @@ def main() -> None:
     runs = Path(args.runs) / f"{image_size}px"
     start = time.perf_counter()
     all_rows = tuple(stage_rows("").keys())
-    models = {"efficientnet_lite0 (ImageNet)": ([], QUICK_ROWS if args.quick else all_rows)}
-    if not args.quick and not args.no_scratch:
+    unknown = sorted(set(args.rows or ()) - set(all_rows))
+    if unknown:
+        parser.error(f"--rows: no row named {unknown}; the rows are {list(all_rows)}")
+    models = {
+        "efficientnet_lite0 (ImageNet)": ([], tuple(args.rows or (QUICK_ROWS if args.quick else all_rows)))
+    }
+    if not args.quick and not args.no_scratch and not args.rows:
         models["resnet18 (from scratch)"] = (
             ["--model.backbone", "resnet18", "--model.weights", "null"], SCRATCH_ROWS)  # fmt: skip
     result = {"seeds": seeds, "image_size": image_size, "quick": args.quick, "environment": environment(),
               "models": {}}  # fmt: skip
-    name = "photos_quick" if args.quick else "photos"
+    name = "photos_rows" if args.rows else "photos_quick" if args.quick else "photos"
     for label, (backbone_args, rows) in models.items():
         result["models"][label] = one_model(label, backbone_args, rows, seeds, root, image_size, runs,
                                             args.resume, precision, args.finished_only)  # fmt: skip
@@ -313,7 +311,7 @@ def main() -> None:
     command = "make bench-photos-quick" if args.quick else "make bench-photos"
     text = markdown(result, command)
     print(text)
-    if not args.no_docs:
+    if not args.no_docs and not args.rows:
         start, end = section(name)
         write_between(DOC, start, end, f"{start}\n\n{text}\n{end}")
         if not args.quick:

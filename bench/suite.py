@@ -65,7 +65,31 @@ METHODS: list[tuple[str, str, dict]] = [
     ("SCORE (oracle)", "configs/synthetic_score.yaml", {"SpuriousPositiveMining": {"selection": "oracle"}}),
     ("PruSC", "configs/synthetic_prusc.yaml", {}),
     ("s-score pruning", "configs/synthetic_sscore.yaml", {}),
+    ("AFR", "configs/synthetic_afr.yaml", {}),
+    ("JTT", "configs/synthetic_jtt.yaml", {}),
+    ("GroupDRO", "configs/synthetic_groupdro.yaml", {}),
 ]
+# how much group information each row uses beyond class labels (DPE's README column), to train, refit or select
+GROUP_INFO = {
+    "ERM": "none",
+    "DFR": "val groups",
+    "DFR (scikit-learn reference)": "val groups",
+    "PruSC": "none",
+    "SCORE (auto)": "none",
+    "SCORE (oracle)": "train spurious masks",
+    "s-score pruning": "train spurious masks",
+    "AFR": "none",
+    "JTT": "none",
+    "GroupDRO": "train groups",
+    "control: ERM continued": "none",
+    "control: retrain on val": "none",
+}
+METRICS = (
+    "worst-group: the lowest test accuracy over the groups (class x spurious attribute). mean: the accuracy over "
+    "all test samples (the sample mean). train-weighted mean: the group accuracies weighted by the groups' shares "
+    'of the training split (the "mean accuracy" of Waterbirds papers; `weighted_mean` in metrics.json). '
+    "worst class: the lowest per-class test accuracy. group labels: what a row uses beyond class labels."
+)
 
 
 def config_with(config: str, name: str, overrides: dict, out: Path, **top: object) -> str:
@@ -97,16 +121,19 @@ def _slug(label: str) -> str:
 
 def quality(
     seeds: list[int], variants: list[str], extra: list[str], runs: Path, resume: bool = False,
-    finished_only: bool = False,
+    finished_only: bool = False, methods: list[str] | None = None,
 ) -> dict:  # fmt: skip
     """Every method on every variant and seed: summaries (mean, std), per-seed reports and wall times.
     ``resume``: runs that finished before (same arguments and config) are read, not rerun;
-    ``finished_only``: only those are read, the others are listed as not run."""
+    ``finished_only``: only those are read, the others are listed as not run; ``methods``: these rows only
+    (the ERM row comes from DFR's runs: without DFR it is left out, and a merge keeps the last one)."""
     out: dict = {}
     for variant in variants:
         rows: dict = {}
         erm: list[dict] = []
         for label, config, overrides in METHODS:
+            if methods and label not in methods:
+                continue
             path = config_with(config, _slug(label), overrides, runs / "configs")
             name = f"{variant}_{_slug(label)}"
             reports, befores, sscores, seconds, failures, not_run = [], [], [], [], {}, []
@@ -143,7 +170,11 @@ def quality(
                 "failed": failures,
                 "not_run": not_run,
             }
-        out[variant] = {"ERM": {"after": summarise(erm), "per_seed_wga": [b["wga"] for b in erm]}, **rows}
+        ran_erm = not methods or "DFR" in methods
+        erm_row = (
+            {"ERM": {"after": summarise(erm), "per_seed_wga": [b["wga"] for b in erm]}} if ran_erm else {}
+        )
+        out[variant] = {**erm_row, **rows}
     return out
 
 
@@ -300,14 +331,21 @@ def speed_rows(speed_results: dict) -> list[tuple[str, str, str, str]]:
                     )
                 )
             elif "refit_s" in r:
-                rows.append(
-                    (
-                        "DFR refit / ERM epoch",
-                        f"{r['refit_s']:.2f} s / {r['erm_epoch_s']:.1f} s",
-                        f"{r['ratio']:.3f}",
-                        r["target"],
-                    )
-                )
+                workers = f", {r['workers']} processes" if "workers" in r else ""
+                rows.append(("DFR refit / ERM epoch" + workers, f"{r['refit_s']:.2f} s / {r['erm_epoch_s']:.1f} s",
+                             f"{r['ratio']:.3f}", r["target"]))  # fmt: skip
+                if "sequential_refit_s" in r:
+                    rows.append(("DFR refit / ERM epoch, one process", f"{r['sequential_refit_s']:.2f} s / "
+                                 f"{r['erm_epoch_s']:.1f} s", f"{r['sequential_ratio']:.3f}", "(baseline)"))  # fmt: skip
+                if "afr_refit_s" in r:
+                    rows.append(("AFR refit (gamma x L2 grid, 2 folds) / ERM epoch", f"{r['afr_refit_s']:.2f} s / "
+                                 f"{r['erm_epoch_s']:.1f} s", f"{r['afr_ratio']:.3f}", r["afr_target"]))  # fmt: skip
+            elif "groupdro_ratio" in r:
+                for label, key in (("GroupDRO", "groupdro"), ("JTT", "jtt")):
+                    rows.append((f"{label} epoch / ERM epoch", f"{r[key + '_epoch_s']:.2f} s / {r['erm_epoch_s']:.2f} s",
+                                 f"{r[key + '_ratio']:.3f}", r["target"]))  # fmt: skip
+                rows.append(("JTT identification pass / ERM epoch", f"{r['jtt_identify_s']:.2f} s / "
+                             f"{r['erm_epoch_s']:.2f} s", f"{r['jtt_identify_ratio']:.2f}", "(once)"))  # fmt: skip
             elif "lightning_s" in r:
                 rows.append(
                     (
@@ -342,7 +380,7 @@ def readme_table(result: dict) -> str:
     methods = list(next(iter(quality_.values())))
     seeds = ", ".join(map(str, result["seeds"]))
     head = " | ".join(f"`{v}` worst-group | mean" for v in variants)
-    lines = [TABLE_START, "", f"| method | {head} |", "|---|" + "---|---|" * len(variants)]
+    lines = [TABLE_START, "", f"| method | group labels | {head} |", "|---|---|" + "---|---|" * len(variants)]
     for label in methods:
         cells = []
         for variant in variants:
@@ -350,13 +388,13 @@ def readme_table(result: dict) -> str:
             gain = _gain(row) if row and label != "ERM" else "n/a"
             wga = _cell(row and row["after"], "wga") + (f" ({gain})" if gain != "n/a" else "")
             cells += [wga, _mean(row and row["after"], "mean")]
-        lines.append(f"| {label} | {' | '.join(cells)} |")
+        lines.append(f"| {label} | {GROUP_INFO.get(label, '?')} | {' | '.join(cells)} |")
     env = result["environment"]
     missing = sum(len(row.get("not_run", [])) + len(row.get("failed", {})) for rows in quality_.values()
                   for row in rows.values())  # fmt: skip
     lines += ["", f"Test split, mean ± std over seeds {seeds}; in brackets the gain over the worst-group accuracy "
               f"of the ERM model the stage started from (same run). `make bench` on {env['date']} ({env['machine']}, "
-              f"GPU {env['gpu']}); the full tables in [docs/results.md](docs/results.md)."]  # fmt: skip
+              f"GPU {env['gpu']}); the full tables in [docs/results.md](docs/results.md).", "", METRICS]  # fmt: skip
     if missing:
         lines.append(f"{missing} run(s) had not finished or failed; they are named in docs/results.md.")
     lines += ["", TABLE_END]
@@ -378,16 +416,18 @@ def markdown(result: dict, command: str) -> str:
     for variant, rows in result.get("quality", {}).items():
         lines += [f"### Quality: `SyntheticShortcuts(spurious=\"{variant}\")`, ResNet-18, seeds {', '.join(map(str, seeds))}"
                   + (f"; `{result['extra']}`" if result.get("extra") else ""), "",
-                  "| method | worst-group | mean | train-weighted mean | worst class | mean s-score | ERM of the same run (WGA) | WGA gain | median wall s / run |",
-                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| method | group labels | worst-group | mean | train-weighted mean | worst class | mean s-score | ERM of the same run (WGA) | WGA gain | median wall s / run |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for label, row in rows.items():
             sscore = f"{statistics.mean(row['sscore']):.3f}" if row.get("sscore") else "n/a"
             before = _cell(row.get("before"), "wga") if label != "ERM" else "n/a"
             wall = f"{statistics.median(row['wall_s']):.0f}" if row.get("wall_s") else "n/a"
             wall = "(in DFR's run)" if label == "ERM" else wall
             cells = " | ".join(_cell(row["after"], k) for k in KEYS)
-            lines.append(f"| {label} | {cells} | {sscore} | {before} | {_gain(row)} | {wall} |")
-        lines.append("")
+            lines.append(
+                f"| {label} | {GROUP_INFO.get(label, '?')} | {cells} | {sscore} | {before} | {_gain(row)} | {wall} |"
+            )
+        lines += ["", METRICS, ""]
         failed = [f"{label} seed {seed}" for label, row in rows.items() for seed in row.get("failed", {})]
         if failed:
             lines += [f"Failed runs (left out of the means; errors in the JSON): {', '.join(failed)}.", ""]
@@ -518,6 +558,9 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--variants", nargs="+")
+    parser.add_argument(
+        "--methods", nargs="+", help="quality: these rows only (merged into the last JSON's rows)"
+    )
     parser.add_argument("--runs", default="runs/suite", help="where the runs' logs go")
     parser.add_argument("--n-train", type=int, help="training images per run (default 3000; --quick 1500)")
     parser.add_argument("--extra", default="", help="more CLI arguments for the quality runs, one string")
@@ -549,16 +592,20 @@ def main() -> None:
         return
     runs = (ROOT / args.runs / name).resolve()
     last = RESULTS / f"{name}.json"
-    partial = parts != set(PARTS) or args.variants
+    unknown = sorted(set(args.methods or ()) - {label for label, _, _ in METHODS})
+    if unknown:
+        parser.error(f"--methods: no method named {unknown}; they are {[label for label, _, _ in METHODS]}")
+    partial = parts != set(PARTS) or args.variants or args.methods
     result: dict = json.loads(last.read_text()) if partial and last.is_file() else {}
     result.update(
         name=name, seeds=seeds, extra=" ".join(extra), precision=precision, environment=environment()
     )
     start = time.perf_counter()
     if "quality" in parts:
-        measured = quality(seeds, variants, extra, runs, args.resume, args.finished_only)
-        # --variants names a subset: the other variants of the last JSON are kept
-        result["quality"] = {**result.get("quality", {}), **measured} if args.variants else measured
+        measured = quality(seeds, variants, extra, runs, args.resume, args.finished_only, args.methods)
+        # --variants / --methods name a subset: the other variants and rows of the last JSON are kept
+        kept = result.get("quality", {}) if args.variants or args.methods else {}
+        result["quality"] = {**kept, **{v: {**kept.get(v, {}), **rows} for v, rows in measured.items()}}
     checkpoint = next(
         iter(sorted(runs.glob(f"{variants[0]}_DFR/*/seed{seeds[0]}/checkpoints/last.ckpt"))), None
     )

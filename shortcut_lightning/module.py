@@ -73,12 +73,13 @@ class ShortcutClassifier(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         features = self.features(batch["image"])
         logits = self.head(features)
-        if loss_weighting(self) is None:  # the plain mean, in one fused kernel
+        weighting = loss_weighting(self)
+        if weighting is None:  # the plain mean, in one fused kernel
             ce = F.cross_entropy(logits, batch["target"])
             fit = ce
         else:  # e.g. GroupDRO: its weights over the per-sample losses
             losses = F.cross_entropy(logits, batch["target"], reduction="none")
-            ce, fit = losses.detach().mean(), weighted_loss(self, batch, losses)
+            ce, fit = losses.detach().mean(), weighted_loss(self, batch, losses, weighting)
         loss = fit + total_penalty(self, batch, {"logits": logits, "features": features})
         n = len(logits)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)

@@ -89,10 +89,13 @@ def loss_weighting(pl_module: L.LightningModule) -> LossWeighting | None:
     return found[0] if found else None
 
 
-def weighted_loss(pl_module: L.LightningModule, batch: Any, losses: Tensor) -> Tensor:
+def weighted_loss(
+    pl_module: L.LightningModule, batch: Any, losses: Tensor, weighting: LossWeighting | None = None
+) -> Tensor:
     """The batch's training loss from its per-sample ``losses`` [N]: the mean, or the weighted sum the
-    trainer's :class:`LossWeighting` callback asks for."""
-    callback = loss_weighting(pl_module)
+    trainer's :class:`LossWeighting` callback asks for. ``weighting``: that callback when the caller has
+    already found it with :func:`loss_weighting` (saves a second scan of the callbacks per step)."""
+    callback = weighting if weighting is not None else loss_weighting(pl_module)
     weights = (
         None if callback is None else callback.sample_weights(pl_module._trainer, pl_module, batch, losses)
     )

@@ -85,6 +85,17 @@ def test_refit_head_predicts_like_the_sklearn_protocol(num_classes, seed):
     np.testing.assert_array_equal(head.predict(x_test), want)
 
 
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_fits_in_worker_processes_give_the_head_of_one_process(num_classes):
+    # liblinear shuffles with the global rand(): threads would interleave its draws, processes must not
+    x, y, g = _embeddings(3, 600, 24, num_classes)
+    one = fit_dfr(x, y, g, x, num_classes, num_refits=6, seed=3, workers=1)
+    two = fit_dfr(x, y, g, x, num_classes, num_refits=6, seed=3, workers=2)
+    assert two.c == one.c and two.tuning == one.tuning
+    np.testing.assert_array_equal(two.weight, one.weight)
+    np.testing.assert_array_equal(two.bias, one.bias)
+
+
 def _fit(dm, model, callbacks, tmp_path, epochs=1):
     trainer = L.Trainer(
         max_epochs=epochs, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
@@ -166,3 +177,5 @@ def test_head_that_cannot_be_found_names_the_argument():
 def test_bad_arguments():
     with pytest.raises(ShortcutError, match="balance"):
         DeepFeatureReweighting(balance="samples")
+    with pytest.raises(ShortcutError, match="DFR workers must be >= 1"):
+        DeepFeatureReweighting(workers=0)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from shortcut_lightning.errors import DataError, ShortcutError
+from shortcut_lightning.methods.dfr.fit_pool import available_cores
 from shortcut_lightning.methods.dfr.last_layer import C_GRID, LinearHead, check_balance_labels, fit_dfr
 from shortcut_lightning.methods.dfr.last_layer_refit import LastLayerRefit
 from shortcut_lightning.probing.embedding_pass import Embeddings
@@ -38,6 +39,9 @@ class DeepFeatureReweighting(LastLayerRefit):
         num_refits: balanced subsamples averaged into the final head.
         c_grid: inverse L1 strengths tried.
         seed: seed of the splits and subsamples.
+        workers: processes for the independent fits (each C, each refit); ``None``: every core this process
+            may use. The head is the same for any number (liblinear's ``rand()`` is per process, see
+            :mod:`~shortcut_lightning.methods.dfr.fit_pool`).
         head: dotted path of the head when it cannot be found (timm ``get_classifier()``, last Linear).
         report_splits: splits whose group accuracy is reported before and after.
 
@@ -64,9 +68,12 @@ class DeepFeatureReweighting(LastLayerRefit):
         num_refits: int = 20,
         c_grid: Sequence[float] = C_GRID,
         seed: int = 0,
+        workers: int | None = None,
         head: str | None = None,
         report_splits: Sequence[str] = ("val", "test"),
     ) -> None:
+        if workers is not None and workers < 1:
+            raise ShortcutError(f"DFR workers must be >= 1 (or null: every core), got {workers}")
         if balance not in BALANCE:
             raise ShortcutError(f"balance {balance!r} is unknown: choose one of {', '.join(BALANCE)}")
         if num_refits < 1 or not c_grid:
@@ -77,6 +84,7 @@ class DeepFeatureReweighting(LastLayerRefit):
         self.num_refits = num_refits
         self.c_grid = tuple(float(c) for c in c_grid)
         self.seed = seed
+        self.workers = workers
 
     def fit_head(self, dm: Any, embeddings: dict[str, Embeddings], head: Any) -> LinearHead:
         refit = embeddings[self.split]
@@ -99,6 +107,7 @@ class DeepFeatureReweighting(LastLayerRefit):
             self.c_grid,
             self.num_refits,
             self.seed,
+            self.workers or available_cores(),
         )
 
     def details(self, fitted: LinearHead) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import numpy as np
 import sklearn
@@ -22,6 +24,7 @@ from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
 
 from shortcut_lightning.errors import DataError
+from shortcut_lightning.methods.dfr.fit_pool import FitPool
 
 C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
 
@@ -33,7 +36,8 @@ class LinearHead:
     weight: np.ndarray
     bias: np.ndarray
     c: float
-    tuning: dict[float, float] = field(default_factory=dict)
+    tuning: dict[Any, float] = field(default_factory=dict)  # setting (C, or AFR's (gamma, l2)) -> its score
+    chosen: dict[str, float] = field(default_factory=dict)  # the tuned settings beside ``c``, by name
     zero_fraction: float = 0.0
     refit_zero_fraction: float = 0.0
 
@@ -75,6 +79,13 @@ def l1_logistic_regression(c: float, seed: int, num_classes: int) -> LogisticReg
     return model if num_classes <= 2 else OneVsRestClassifier(model)
 
 
+def _fit_rows(
+    c: float, seed: int, num_classes: int, rows: np.ndarray, x: np.ndarray, y: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_fit` on ``rows`` of ``x, y`` (module level: a :class:`FitPool` worker unpickles it)."""
+    return _fit(c, seed, num_classes, x[rows], y[rows])
+
+
 def _fit(
     c: float, seed: int, num_classes: int, x: np.ndarray, y: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -105,29 +116,6 @@ def _as_multiclass(
     return coef, intercept
 
 
-def tune_c(
-    x: np.ndarray,
-    y: np.ndarray,
-    balance: np.ndarray,
-    c_grid: Sequence[float],
-    rng: np.random.Generator,
-    seed: int,
-    num_classes: int,
-) -> dict[float, float]:
-    """Worst-``balance``-label accuracy of each C on the held-out half, as in the reference's tuning."""
-    order = rng.permutation(len(x))
-    half = len(x) // 2
-    held, train = order[:half], order[half:]
-    train = train[balanced_indices(balance[train], rng)]
-    scaler = StandardScaler().fit(x[train])
-    x_train, x_held = scaler.transform(x[train]), scaler.transform(x[held])
-    scores = {}
-    for c in c_grid:
-        coef, intercept = _fit(c, seed, num_classes, x_train, y[train])
-        scores[float(c)] = worst_accuracy(_predict(coef, intercept, x_held), y[held], balance[held])
-    return scores
-
-
 def fit_dfr(
     x: np.ndarray,
     y: np.ndarray,
@@ -137,16 +125,34 @@ def fit_dfr(
     c_grid: Sequence[float] = C_GRID,
     num_refits: int = 20,
     seed: int = 0,
+    workers: int = 1,
 ) -> LinearHead:
-    """Tune C, average ``num_refits`` balanced refits, fold the standardisation into the weights."""
+    """Tune C, average ``num_refits`` balanced refits, fold the standardisation into the weights.
+
+    Tuning, as in the reference: split ``x`` 50/50, balance one half by ``balance``, standardise, fit each C
+    and score the worst-``balance``-label accuracy on the other half. The independent fits (each C, then each
+    refit) run in ``workers`` processes (:class:`FitPool`); the head is the same for any ``workers``.
+    """
     rng = np.random.default_rng(seed)
-    tuning = tune_c(x, y, balance, c_grid, rng, seed, num_classes)
-    best = max(tuning, key=lambda c: tuning[c])  # ties go to the first, i.e. largest C of the grid
+    order = rng.permutation(len(x))
+    held, train = order[: len(x) // 2], order[len(x) // 2 :]
+    train = train[balanced_indices(balance[train], rng)]
+    tune_scaler = StandardScaler().fit(x[train])
+    refit_rows = [balanced_indices(balance, rng) for _ in range(num_refits)]  # drawn before any fit
     scaler = StandardScaler().fit(scaler_x)
+    arrays = [(tune_scaler.transform(x[train]), y[train]), (scaler.transform(x), y)]
+    x_held = tune_scaler.transform(x[held])
+    with FitPool(arrays, workers) as pool:
+        every_row = np.arange(len(train))
+        fits = pool.map([(partial(_fit_rows, float(c), seed, num_classes, every_row), 0) for c in c_grid])
+        tuning = {
+            float(c): worst_accuracy(_predict(coef, intercept, x_held), y[held], balance[held])
+            for c, (coef, intercept) in zip(c_grid, fits, strict=True)
+        }
+        best = max(tuning, key=lambda c: tuning[c])  # ties go to the first, i.e. largest C of the grid
+        refits = pool.map([(partial(_fit_rows, best, seed, num_classes, rows), 1) for rows in refit_rows])
     coefs, intercepts, zero = [], [], []
-    for _ in range(num_refits):
-        rows = balanced_indices(balance, rng)
-        raw_coef, raw_intercept = _fit(best, seed, num_classes, scaler.transform(x[rows]), y[rows])
+    for raw_coef, raw_intercept in refits:
         coef, intercept = _as_multiclass(raw_coef, raw_intercept, num_classes)
         coefs.append(coef)
         intercepts.append(intercept)
