@@ -16,8 +16,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/shortcut fit --config configs/synthetic_score.yaml
 
+# one pytest worker per core (pytest-xdist), one torch thread each (tests/conftest.py)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto
 
 # the real-photo benchmark (Debian photos, fetched with apt-get download into ~/.cache): data/photos
 photos: $(STAMP)

@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
-torch.set_num_threads(2)
+# under pytest-xdist (make test: 2 workers) each worker gets one core: two threads each would oversubscribe the
+# cores, and OpenMP's spinning threads then slow every test several times over
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 TINY = {"n_train": 96, "n_val": 37, "n_test": 41, "image_size": 32, "batch_size": 16}
 

@@ -58,7 +58,8 @@ def test_results_table_reports_each_method_gain_and_failures(suite):
     assert text.startswith(suite.START) and text.endswith(suite.END)
     pruning = next(line for line in text.splitlines() if line.startswith("| PruSC") and "0.520" in line)
     assert "+0.020" in pruning  # WGA gain over the run's own ERM
-    assert "| DFR | 0.930 ± 0.010 |" in text and "+0.330" in text
+    assert "| DFR | val groups | 0.930 ± 0.010 |" in text and "+0.330" in text
+    assert "| PruSC | none |" in text and "train-weighted mean: the group accuracies weighted" in text
     assert "Failed runs (left out of the means; errors in the JSON): PruSC seed 2." in text
     assert "precision 32-true" in text
 
@@ -67,9 +68,10 @@ def test_readme_table_has_a_column_pair_per_variant(suite):
     text = suite.readme_table(_result())
     header = next(line for line in text.splitlines() if line.startswith("| method"))
     assert header.count("worst-group") == 2
-    assert "| DFR | 0.930 ± 0.010 (+0.330) | 0.900 | 0.880 ± 0.010 (+0.380) | 0.900 |" in text
+    assert "| DFR | val groups | 0.930 ± 0.010 (+0.330) | 0.900 | 0.880 ± 0.010 (+0.380) | 0.900 |" in text
     assert "1 run(s) had not finished or failed" in text  # PruSC seed 2 of the patch variant
-    assert "| ERM | 0.600 ± 0.000 | n/a | 0.500 ± 0.000 | n/a |" in text
+    assert "| ERM | none | 0.600 ± 0.000 | n/a | 0.500 ± 0.000 | n/a |" in text
+    assert "mean: the accuracy over all test samples (the sample mean)" in text
 
 
 def test_write_between_replaces_only_the_marked_part(suite, tmp_path):
