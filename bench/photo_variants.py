@@ -23,6 +23,7 @@ from quality import run
 from suite import config_with
 
 PRUSC, SCORE, SSCORE = "configs/photos_prusc.yaml", "configs/photos_score.yaml", "configs/photos_sscore.yaml"
+ERM = "configs/photos_erm.yaml"
 START = {"MaskPruning": {"start_epoch": 0}}
 SCORE_START = {"SpuriousPositiveMining": {"start_epoch": 0}, "NeuronRegularization": {"start_epoch": 0}}
 
@@ -48,7 +49,15 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
     "score_strength0": (SCORE, {**SCORE_START, "NeuronRegularization": {"start_epoch": 0, "strength": 0.0}}),
     "score_strength100": (SCORE, {**SCORE_START, "NeuronRegularization": {"start_epoch": 0, "strength": 100.0}}),
     "score_pairs": (SCORE, {**SCORE_START, "NeuronRegularization": {"start_epoch": 0, "regularize_on": "pairs"}}),
+    # the fine-tuning draw class-balanced (the "class-balanced draw of the rest"), and its control:
+    # ERM continued with the same draw, so that a gain of the draw alone is not credited to SCORE
+    "score_class_balanced": (SCORE, SCORE_START),
+    "erm_class_balanced": (ERM, {}),
 }  # fmt: skip
+EXTRA = {  # more CLI arguments of a variant
+    "score_class_balanced": ["--data.sampler", "class_balanced"],
+    "erm_class_balanced": ["--data.sampler", "class_balanced"],
+}
 EPOCHS = {
     "prusc_val_6": 6,
     "prusc_retrain": 4,
@@ -90,7 +99,7 @@ def main() -> None:
                 data_["trainer"]["callbacks"].append({"class_path": "shortcut_lightning.callbacks.SpuriousScore",
                                                       "init_args": {"split": "train", "n_samples": 50}})  # fmt: skip
                 Path(path).write_text(yaml.safe_dump(data_))
-            data = ["--data.root", args.root, "--data.image_size", "128"]
+            data = ["--data.root", args.root, "--data.image_size", "128", *EXTRA.get(name, [])]
             report, _, _, seconds = run(path, seed, Path(args.runs) / name, data, reuse=True, data_seed=False)
             run_dir = next((Path(args.runs) / name).glob(f"*/seed{seed}"))
             val_file = run_dir / "metrics_val.json"  # absent where the stage trains no epoch

@@ -119,6 +119,22 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path):
     assert got == want
 
 
+@pytest.mark.parametrize("monitor", ["val/worst_class", "val/balanced"])
+def test_group_free_checkpoint_monitors_select_the_best_epoch(tmp_path, monitor):
+    """Model selection without group labels: the checkpoint kept is the epoch with the best ``monitor``."""
+    log_dir = run_cli(tmp_path, "--trainer.max_epochs", "3", "--checkpoint.monitor", monitor)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = [e.value for e in EventAccumulator(str(log_dir)).Reload().Scalars(monitor)]
+    assert len(logged) == 3  # one validation per epoch
+    best = list((log_dir / "checkpoints").glob("epoch*.ckpt"))
+    assert len(best) == 1
+    saved = torch.load(best[0], weights_only=False)
+    state = next(v for k, v in saved["callbacks"].items() if "BestAndLastCheckpoint" in k)
+    assert state["monitor"] == monitor and state["best_model_score"].item() == pytest.approx(max(logged))
+    assert saved["epoch"] == logged.index(max(logged))
+
+
 def test_last_checkpoint_follows_every_epoch_when_the_metric_stalls(tmp_path):
     # lr 0: val/mean never improves after epoch 0, so only epoch 0 is a top-k save; last.ckpt must still move
     log_dir = run_cli(tmp_path, "--trainer.max_epochs", "3", "--model.optimizer.init_args.lr", "0.0")
