@@ -172,3 +172,21 @@ def test_a_run_the_cli_refuses_is_an_error_not_the_end_of_the_suite(suite, tmp_p
     monkeypatch.setattr(quality, "cli_main", refusing_cli)
     with pytest.raises(RuntimeError, match="exited with status 2"):
         quality.run(str(config), 0, tmp_path / "runs", [])
+
+
+def test_quality_runs_only_the_methods_named_and_leaves_the_erm_row_to_dfr(suite, tmp_path, monkeypatch):
+    """``--methods AFR``: one row is run per seed, and no ERM row is written (the merge keeps the last one)."""
+    ran = []
+
+    def fake_run(config, seed, save_dir, extra, **kwargs):
+        ran.append((Path(save_dir).name, seed))
+        report = {"wga": 0.5, "mean": 0.9, "weighted_mean": 0.9, "worst_class": 0.8, "balanced": 0.85}
+        return report, {**report, "wga": 0.4}, None, 1.0
+
+    monkeypatch.setattr(suite, "run", fake_run)
+    out = suite.quality([0, 1], ["background"], [], tmp_path, methods=["AFR"])
+    assert ran == [("background_AFR", 0), ("background_AFR", 1)]
+    assert list(out["background"]) == ["AFR"] and out["background"]["AFR"]["per_seed_wga"] == [0.5, 0.5]
+    full = suite.quality([0], ["background"], [], tmp_path, methods=["DFR", "AFR"])
+    assert list(full["background"]) == ["ERM", "DFR", "AFR"]
+    assert full["background"]["ERM"]["per_seed_wga"] == [0.4]  # DFR's "before": the ERM of its run
