@@ -12,6 +12,8 @@ no group labels) through its own config, with the stage starting at epoch 0:
   embeddings (group-balanced logistic regression on val) computed here;
 - PruSC (``photos_prusc.yaml``, masks only), SCORE auto and oracle (``photos_score.yaml``),
   s-score pruning (``photos_sscore.yaml``);
+- the baselines: AFR (``photos_afr.yaml``), GroupDRO (``photos_groupdro.yaml``, train groups) from the ERM
+  checkpoint, and JTT (``photos_jtt.yaml``) from ImageNet, its identification model early-stopped after 1 epoch;
 - controls: ERM continued for the stages' epochs, and retraining on val without pruning
   (``--data.train_split val``, class labels only).
 
@@ -243,7 +245,8 @@ def markdown(result: dict, command: str) -> str:
     return "\n".join([
         f"Real-photo benchmark (`make photos`, {result['image_size']} px), test split, mean ± std over model "
         f"seeds {seeds}; in brackets the gain over ERM's worst-group accuracy (the checkpoint every stage "
-        f"starts from). Stages and controls train {STAGE_EPOCHS} epochs after ERM.",
+        f"starts from). Stages and controls train {STAGE_EPOCHS} epochs after ERM; JTT trains from ImageNet "
+        f"(1 identification epoch, then {STAGE_EPOCHS} up-weighted ones: ERM's 3 in all).",
         f"`{command}` on {env['date']} ({env['machine']}, GPU {env['gpu']}), {result['wall_s'] / 60:.0f} min.",
         "",
         table(result),
