@@ -53,7 +53,11 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
     # ERM continued with the same draw, so that a gain of the draw alone is not credited to SCORE
     "score_class_balanced": (SCORE, SCORE_START),
     "erm_class_balanced": (ERM, {}),
+    # JTT's up-weighting, chosen by validation worst-class accuracy (the suite's row: upweight 20)
+    "jtt_upweight5": ("configs/photos_jtt.yaml", {"JustTrainTwice": {"upweight": 5.0}}),
+    "jtt_upweight50": ("configs/photos_jtt.yaml", {"JustTrainTwice": {"upweight": 50.0}}),
 }  # fmt: skip
+FROM_IMAGENET = {"jtt_upweight5", "jtt_upweight50"}  # the config's own epochs from ImageNet, like the JTT row
 EXTRA = {  # more CLI arguments of a variant
     "score_class_balanced": ["--data.sampler", "class_balanced"],
     "erm_class_balanced": ["--data.sampler", "class_balanced"],
@@ -91,6 +95,8 @@ def main() -> None:
                 "trainer__max_epochs": EPOCHS.get(name, STAGE_EPOCHS),
                 "model__weights": best_checkpoint(erm),
             }
+            if name in FROM_IMAGENET:
+                top = {}
             path = config_with(config, f"{name}_seed{seed}", overrides, Path(args.runs) / "configs", **top)
             if (
                 config == PRUSC
