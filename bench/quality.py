@@ -25,7 +25,8 @@ from shortcut_lightning.metrics import SUMMARY_KEYS
 
 OUT = Path(__file__).resolve().parent / "results"
 SSCORE_KEYS = ("mean", "mean_used_neurons", "head_weighted_mean", "views")
-STAGE_FILES = ("dfr.json", "prusc.json", "mining.json")  # stages that report the model before they ran
+# stages that report the model before they ran
+STAGE_FILES = ("dfr.json", "afr.json", "prusc.json", "mining.json")
 
 
 RUN_RECORD = "bench_run.json"  # written when a run has finished: its arguments and wall time
