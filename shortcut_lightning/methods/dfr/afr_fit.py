@@ -78,7 +78,7 @@ def fit_afr(
     l2_grid: Sequence[float] = L2_GRID,
     folds: int = 2,
     seed: int = 0,
-    workers: int = 1,
+    workers: int | None = 1,
 ) -> LinearHead:
     """Tune ``(gamma, l2)`` by cross-fitting on the refit data (``folds`` folds: fit on the others, worst-class
     accuracy on the fold, mean over folds; class labels only), then refit on all of it with the best pair.

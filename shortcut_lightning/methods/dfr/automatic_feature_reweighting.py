@@ -9,7 +9,6 @@ import torch
 
 from shortcut_lightning.errors import ShortcutError
 from shortcut_lightning.methods.dfr.afr_fit import GAMMA_GRID, L2_GRID, fit_afr
-from shortcut_lightning.methods.dfr.fit_pool import available_cores
 from shortcut_lightning.methods.dfr.last_layer import LinearHead
 from shortcut_lightning.methods.dfr.last_layer_refit import LastLayerRefit
 from shortcut_lightning.probing.embedding_pass import Embeddings
@@ -80,7 +79,7 @@ class AutomaticFeatureReweighting(LastLayerRefit):
         bias = head.bias.detach().cpu() if head.bias is not None else torch.zeros(head.out_features)
         return fit_afr(refit.features, refit.logits, refit.target, head.weight.detach().cpu(), bias,
                        dm.num_classes, self.gamma_grid, self.l2_grid, self.folds, self.seed,
-                       self.workers or available_cores())  # fmt: skip
+                       self.workers)  # fmt: skip
 
     def details(self, fitted: LinearHead) -> dict[str, Any]:
         return {

@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 
 from shortcut_lightning.errors import DataError, ShortcutError
-from shortcut_lightning.methods.dfr.fit_pool import available_cores
 from shortcut_lightning.methods.dfr.last_layer import C_GRID, LinearHead, check_balance_labels, fit_dfr
 from shortcut_lightning.methods.dfr.last_layer_refit import LastLayerRefit
 from shortcut_lightning.probing.embedding_pass import Embeddings
@@ -107,7 +106,7 @@ class DeepFeatureReweighting(LastLayerRefit):
             self.c_grid,
             self.num_refits,
             self.seed,
-            self.workers or available_cores(),
+            self.workers,
         )
 
     def details(self, fitted: LinearHead) -> dict[str, Any]:

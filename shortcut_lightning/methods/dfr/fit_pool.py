@@ -57,9 +57,10 @@ class FitPool:
             fits = pool.map([(partial(fit_rows, rows), 0) for rows in subsamples])
     """
 
-    def __init__(self, arrays: Sequence[tuple[Any, ...]], workers: int) -> None:
+    def __init__(self, arrays: Sequence[tuple[Any, ...]], workers: int | None) -> None:
         self.arrays = list(arrays)
-        self.workers = max(1, workers) if can_fork() else 1
+        wanted = available_cores() if workers is None else workers  # None: every core this process may use
+        self.workers = max(1, wanted) if can_fork() else 1
         self._pool: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> FitPool:

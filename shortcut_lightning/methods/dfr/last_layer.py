@@ -125,13 +125,13 @@ def fit_dfr(
     c_grid: Sequence[float] = C_GRID,
     num_refits: int = 20,
     seed: int = 0,
-    workers: int = 1,
+    workers: int | None = 1,
 ) -> LinearHead:
     """Tune C, average ``num_refits`` balanced refits, fold the standardisation into the weights.
 
     Tuning, as in the reference: split ``x`` 50/50, balance one half by ``balance``, standardise, fit each C
     and score the worst-``balance``-label accuracy on the other half. The independent fits (each C, then each
-    refit) run in ``workers`` processes (:class:`FitPool`); the head is the same for any ``workers``.
+    refit) run in ``workers`` processes (:class:`FitPool`; ``None``: every core); the head is the same for any ``workers``.
     """
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))
