@@ -56,9 +56,16 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
     # JTT's up-weighting, chosen by validation worst-class accuracy (the suite's row: upweight 20)
     "jtt_upweight5": ("configs/photos_jtt.yaml", {"JustTrainTwice": {"upweight": 5.0}}),
     "jtt_upweight50": ("configs/photos_jtt.yaml", {"JustTrainTwice": {"upweight": 50.0}}),
+    # the paper's upsampled epochs (each error-set image upweight times, every other once): longer epochs
+    "jtt_upsample20": ("configs/photos_jtt.yaml", {"JustTrainTwice": {"upweight": 20, "draw": "upsample"}}),
+    "jtt_upsample50": ("configs/photos_jtt.yaml", {"JustTrainTwice": {"upweight": 50, "draw": "upsample"}}),
 }  # fmt: skip
-FROM_IMAGENET = {"jtt_upweight5", "jtt_upweight50"}  # the config's own epochs from ImageNet, like the JTT row
+# the config's own epochs from ImageNet, like the JTT row
+FROM_IMAGENET = {"jtt_upweight5", "jtt_upweight50", "jtt_upsample20", "jtt_upsample50"}
+RELOAD = ["--trainer.reload_dataloaders_every_n_epochs", "1"]  # upsampled epochs change the loader's length
 EXTRA = {  # more CLI arguments of a variant
+    "jtt_upsample20": RELOAD,
+    "jtt_upsample50": RELOAD,
     "score_class_balanced": ["--data.sampler", "class_balanced"],
     "erm_class_balanced": ["--data.sampler", "class_balanced"],
 }

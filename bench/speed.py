@@ -93,6 +93,7 @@ def lightning_epoch(dm: SyntheticShortcuts, backbone: str, device: str, callback
     trainer = L.Trainer(
         max_epochs=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
         enable_model_summary=False, callbacks=[timer, *callbacks], accelerator=device, devices=1,
+        default_root_dir=tempfile.mkdtemp(prefix="epoch_bench_"),  # stage reports (jtt.json) land there
     )  # fmt: skip
     trainer.fit(make_model(backbone), datamodule=dm)
     return timer.seconds

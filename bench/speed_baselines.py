@@ -37,7 +37,9 @@ def bench_baselines(backbone: str, device: str, repeats: int, n: int, size: int)
     for _ in range(repeats):
         runs["erm"].append(lightning_epoch(dm, backbone, device))
         runs["groupdro"].append(lightning_epoch(dm, backbone, device, (GroupDRO(),)))
-        jtt = TimedJTT(identify_epochs=0, upweight=20.0)
+        # equal-length epochs, so the epoch ratio is the step ratio ("upsample" steps cost the same; its
+        # epochs are longer by design)
+        jtt = TimedJTT(identify_epochs=0, upweight=20.0, draw="reweight")
         runs["jtt"].append(lightning_epoch(dm, backbone, device, (jtt,)))
         identify.append(jtt.identify_s)
     erm = min(runs["erm"])

@@ -135,6 +135,33 @@ def test_a_resumed_fit_with_loader_workers_draws_the_batches_of_an_uninterrupted
     assert list(resumed.drawn) == [1] and resumed.drawn[1] == whole.drawn[1]
 
 
+def test_upsampled_epochs_hold_each_sample_its_repeat_count_and_shard_across_ranks(monkeypatch):
+    from collections import Counter
+
+    import shortcut_lightning.data.samplers as samplers
+
+    targets = torch.tensor([0] * 6 + [1] * 4)
+    repeats = torch.tensor([1, 3, 1, 0, 1, 1, 5, 1, 1, 1])  # 15 draws an epoch
+    subset = torch.tensor([1, 3, 6, 8, 9])  # repeats index the whole split; the subset keeps 3+0+5+1+1
+    whole, shards = BalancedSampler(targets, targets, repeats=repeats), []
+    assert len(whole) == 15 and sorted(whole) == sorted(
+        torch.repeat_interleave(torch.arange(10), repeats).tolist()
+    )
+    whole.set_epoch(1)
+    assert list(whole) != (whole.set_epoch(0) or list(whole))  # a new shuffle each epoch
+    assert sorted(BalancedSampler(targets, targets, subset=subset, repeats=repeats)) == [1] * 3 + [6] * 5 + [
+        8,
+        9,
+    ]
+    for rank in range(2):
+        monkeypatch.setattr(samplers, "world", lambda rank=rank: (2, rank))
+        shard = BalancedSampler(targets, targets, repeats=repeats)
+        assert len(shard) == 8 and len(list(shard)) == 8
+        shards += list(shard)
+    extra, missing = Counter(shards) - Counter(whole), Counter(whole) - Counter(shards)
+    assert sum(extra.values()) == 1 and not missing  # both ranks together: the epoch and one pad
+
+
 def test_eval_shards_cover_each_sample_once(monkeypatch):
     import shortcut_lightning.data.samplers as samplers
 

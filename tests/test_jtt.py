@@ -11,7 +11,7 @@ import torch
 from shortcut_lightning import JustTrainTwice, ShortcutClassifier, SyntheticShortcuts
 from shortcut_lightning.errors import ShortcutError
 
-from helpers import make_trainer
+from helpers import BatchIndices, make_trainer
 
 
 def _data(**kwargs) -> SyntheticShortcuts:
@@ -61,6 +61,23 @@ def test_error_set_is_the_misclassified_training_samples_and_is_upweighted(tmp_p
     assert sum(report["error_groups_for_analysis"].values()) == report["n_errors"] == len(jtt.errors)
 
 
+def test_upsample_holds_each_error_sample_upweight_times_in_a_longer_epoch(tmp_path):
+    """The paper's draw: after identification an epoch is the split plus (upweight - 1) copies of the error set."""
+    torch.manual_seed(0)
+    jtt, drawn = JustTrainTwice(identify_epochs=1, upweight=4, draw="upsample"), BatchIndices()
+    trainer = make_trainer(tmp_path, [jtt, drawn], max_epochs=2, reload_dataloaders_every_n_epochs=1)
+    trainer.fit(ShortcutClassifier("test_resnet"), datamodule=_data())
+    counts = torch.bincount(torch.tensor(drawn.drawn[1]), minlength=96)
+    expected = torch.ones(96, dtype=torch.long)
+    expected[jtt.errors] = 4
+    assert len(jtt.errors) > 0 and sorted(drawn.drawn[0]) == list(range(96))  # identification: plain epoch
+    total = 96 + 3 * len(jtt.errors)
+    lone = total % 16 == 1  # a last batch of one sample is dropped (BatchNorm)
+    assert trainer.num_training_batches == total // 16 + (total % 16 > 1)
+    # every sample exactly its count (no draw with replacement), but for a dropped lone one
+    assert (counts <= expected).all() and expected.sum() - counts.sum() == int(lone)
+
+
 def test_identify_epochs_zero_uses_the_loaded_model_and_resume_keeps_the_set(tmp_path):
     torch.manual_seed(0)
     jtt = JustTrainTwice(identify_epochs=0, upweight=3.0)
@@ -81,6 +98,14 @@ def test_bad_input_names_the_field(tmp_path):
         JustTrainTwice(upweight=0)
     with pytest.raises(ShortcutError, match="identify_epochs must be >= 0"):
         JustTrainTwice(identify_epochs=-1)
+    with pytest.raises(ShortcutError, match="draw 'copy' is unknown"):
+        JustTrainTwice(draw="copy")
+    with pytest.raises(ShortcutError, match="upweight must be a whole number"):
+        JustTrainTwice(upweight=2.5, draw="upsample")
+    with pytest.raises(ShortcutError, match="reload_dataloaders_every_n_epochs: 1"):
+        make_trainer(tmp_path, [JustTrainTwice(identify_epochs=1, draw="upsample")], max_epochs=2).fit(
+            ShortcutClassifier("test_resnet"), datamodule=_data()
+        )
     with pytest.raises(ShortcutError, match="identify_epochs=3 leaves no up-weighted epoch in max_epochs=3"):
         make_trainer(tmp_path, [JustTrainTwice(identify_epochs=3)], max_epochs=3).fit(
             ShortcutClassifier("test_resnet"), datamodule=_data()

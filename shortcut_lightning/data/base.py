@@ -85,15 +85,21 @@ class GroupDataModule(L.LightningDataModule):
         self.train_split = train_split
         self._train_groups: list[int] | None = None
         self._train_weights: torch.Tensor | None = None  # per-sample draw weights over train_split
+        self._train_repeats: torch.Tensor | None = None  # per-sample counts of an upsampled epoch
 
     # -- what the trainer trains on ---------------------------------------------------------------
     def train_on(
-        self, split: str, groups: Sequence[int] | None = None, weights: torch.Tensor | None = None
+        self,
+        split: str,
+        groups: Sequence[int] | None = None,
+        weights: torch.Tensor | None = None,
+        repeats: torch.Tensor | None = None,
     ) -> None:
         """The contract through which a stage chooses the training data of the loaders built from now on.
 
         ``split``: ``train`` or ``val``; ``groups``: train on these group ids only (uses annotations);
-        ``weights``: per-sample draw weights over ``split`` (indexed by sample position), e.g. cluster balance.
+        ``weights``: per-sample draw weights over ``split`` (indexed by sample position), e.g. cluster balance;
+        ``repeats``: per-sample counts over ``split`` instead: an epoch holds sample ``i`` ``repeats[i]`` times.
         """
         if split not in TRAIN_SPLITS or split not in self.splits:
             raise DataError(
@@ -106,13 +112,19 @@ class GroupDataModule(L.LightningDataModule):
                     f"groups {bad} do not exist; the groups are "
                     + ", ".join(f"{i}={n}" for i, n in enumerate(self.group_names))
                 )
-        if weights is not None and len(weights) != len(self.dataset(split)):
-            raise DataError(
-                f"{len(weights)} draw weights for the {len(self.dataset(split))} samples of the {split} split"
-            )
+        for what, values in (("draw weights", weights), ("repeat counts", repeats)):
+            if values is not None and len(values) != len(self.dataset(split)):
+                raise DataError(
+                    f"{len(values)} {what} for the {len(self.dataset(split))} samples of the {split} split"
+                )
+        if weights is not None and repeats is not None:
+            raise DataError("train_on takes draw weights or repeat counts, not both")
+        if repeats is not None and (repeats < 0).any():
+            raise DataError("repeat counts must be >= 0")
         self.train_split = split
         self._train_groups = None if groups is None else [int(g) for g in groups]
         self._train_weights = weights
+        self._train_repeats = repeats
 
     def reweight(self, weights: torch.Tensor, who: str) -> None:
         """Per-sample draw weights over :attr:`train_split` for the loaders built from now on and for the live
@@ -129,6 +141,19 @@ class GroupDataModule(L.LightningDataModule):
             )
         sampler.reweight(weights)
 
+    def upsample(self, repeats: torch.Tensor, who: str) -> None:
+        """Epochs that hold each sample of :attr:`train_split` ``repeats[i]`` times (JTT's upsampled set), for
+        the loaders built from now on. An epoch's length changes with it, so a live loader cannot take it:
+        the trainer must rebuild its loaders every epoch (``who`` names the stage in the error)."""
+        trainer = self.trainer
+        live = trainer is not None and trainer.train_dataloader is not None
+        if live and trainer.reload_dataloaders_every_n_epochs != 1:
+            raise DataError(
+                f"{who} upsamples the training data mid-fit, which changes the epoch's length: give "
+                "trainer.reload_dataloaders_every_n_epochs: 1 (or upsample before the fit starts)"
+            )
+        self.train_on(self.train_split, groups=self.train_groups, repeats=repeats)
+
     @property
     def train_groups(self) -> list[int] | None:
         """The group ids the training loader draws from (``None``: all); set by :meth:`train_on`."""
@@ -138,6 +163,11 @@ class GroupDataModule(L.LightningDataModule):
     def train_weights(self) -> torch.Tensor | None:
         """Per-sample draw weights over :attr:`train_split` (``None``: the sampler's own); set by :meth:`train_on`."""
         return self._train_weights
+
+    @property
+    def train_repeats(self) -> torch.Tensor | None:
+        """Per-sample counts of an upsampled epoch over :attr:`train_split` (``None``: none); set by :meth:`train_on`."""
+        return self._train_repeats
 
     # -- what a subclass provides ---------------------------------------------------------------
     @property
@@ -193,7 +223,12 @@ class GroupDataModule(L.LightningDataModule):
 
     # -- loaders --------------------------------------------------------------------------------
     def dataloader(
-        self, split: str, augment: bool = False, shuffle: bool = False, sampler: Sampler | None = None
+        self,
+        split: str,
+        augment: bool = False,
+        shuffle: bool = False,
+        sampler: Sampler | None = None,
+        drop_last: bool = False,
     ) -> DataLoader:
         """A loader over ``split``. Unshuffled loaders shard across DDP ranks without repeats."""
         ds = self.dataset(split, augment)
@@ -210,6 +245,7 @@ class GroupDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            drop_last=drop_last,
         )
 
     def train_positions(self) -> torch.Tensor | None:
@@ -227,17 +263,25 @@ class GroupDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Batches of :attr:`train_split` (``train`` unless a stage chose another through :meth:`train_on`), of
-        :attr:`train_groups` only if set, drawn by :attr:`train_weights` if set."""
+        :attr:`train_groups` only if set, drawn by :attr:`train_weights` or upsampled by :attr:`train_repeats` if set."""
         ds = self.dataset(self.train_split, augment=True)
         sampler = BalancedSampler(
-            ds.targets, ds.groups, self.sampler, self.seed, self.train_positions(), self.train_weights
+            ds.targets,
+            ds.groups,
+            self.sampler,
+            self.seed,
+            self.train_positions(),
+            self.train_weights,
+            self.train_repeats,
         )
         if self.trainer is not None:
             # Lightning sets the epoch (its count of processed epochs) after it starts the loader's iterator,
             # which with worker processes draws the order: a resumed run would replay epoch 0's order
             # (Lightning issue #21938)
             sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
-        return self.dataloader(self.train_split, augment=True, sampler=sampler)
+        # a last batch of one sample breaks BatchNorm in training (upsampled epochs have any length): dropped
+        lone = len(sampler) % self.batch_size == 1 and len(sampler) > 1
+        return self.dataloader(self.train_split, augment=True, sampler=sampler, drop_last=lone)
 
     def val_dataloader(self) -> DataLoader:
         return self.dataloader("val")

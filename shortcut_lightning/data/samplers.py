@@ -35,6 +35,9 @@ class BalancedSampler(DistributedSampler):
         subset: draw only these sample positions (default: all).
         weights: per-sample draw weights over the whole split, in place of ``mode``'s (a stage's, e.g.
             MaskPruning's cluster balance); see :meth:`reweight`.
+        repeats: per-sample counts over the whole split, in place of ``mode``'s: an epoch is a shuffle of
+            the split with sample ``i`` in it ``repeats[i]`` times (JTT's upsampled set), so its length is
+            their sum.
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class BalancedSampler(DistributedSampler):
         seed: int = 0,
         subset: torch.Tensor | None = None,
         weights: torch.Tensor | None = None,
+        repeats: torch.Tensor | None = None,
     ) -> None:
         if mode not in SAMPLERS:
             raise DataError(f"sampler {mode!r} is unknown: choose one of {', '.join(SAMPLERS)}")
@@ -61,6 +65,14 @@ class BalancedSampler(DistributedSampler):
             self.weights = 1.0 / counts[labels]
         if weights is not None:
             self.reweight(weights)
+        self.multiset = None  # sample positions, each as often as its repeat count
+        if repeats is not None:
+            repeats = torch.as_tensor(repeats, dtype=torch.long)
+            if self.positions is not None:
+                repeats = repeats[self.positions]
+            self.multiset = torch.repeat_interleave(torch.arange(len(repeats)), repeats)
+            self.num_samples = -(-len(self.multiset) // self.num_replicas)
+            self.total_size = self.num_samples * self.num_replicas
 
     def reweight(self, weights: torch.Tensor) -> None:
         """Draws with replacement by these per-sample weights over the whole split, from the next epoch's order on.
@@ -76,7 +88,10 @@ class BalancedSampler(DistributedSampler):
         g = torch.Generator()
         g.manual_seed(self.seed + self.epoch)
         n = len(self.dataset)
-        if self.weights is None:
+        if self.multiset is not None:
+            n = len(self.multiset)
+            order = self.multiset[torch.randperm(n, generator=g)]
+        elif self.weights is None:
             order = torch.randperm(n, generator=g)
         else:
             order = torch.multinomial(self.weights, n, replacement=True, generator=g)

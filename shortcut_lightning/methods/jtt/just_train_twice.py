@@ -16,6 +16,8 @@ from shortcut_lightning.probing.embedding_pass import collect_embeddings
 from shortcut_lightning.probing.model_parts import find_head
 from shortcut_lightning.reporting.stage_report import write_stage_report
 
+DRAWS = ("upsample", "reweight")
+
 
 def error_set(logits: Tensor, target: Tensor) -> Tensor:
     """Positions of the misclassified samples (JTT's error set), in the order of ``logits``."""
@@ -25,39 +27,59 @@ def error_set(logits: Tensor, target: Tensor) -> Tensor:
 class JustTrainTwice(Callback):
     """Trains ERM for ``identify_epochs``, then up-weights the training samples it misclassifies by ``upweight``.
 
-    At the end of epoch ``identify_epochs - 1`` the training split is predicted with evaluation transforms
-    (eval mode; under DDP every rank gathers the whole split, so every rank has the same error set); the
-    misclassified samples form the error set. From the next epoch on the training sampler draws an error-set
-    sample ``upweight`` times as often as another (through the datamodule's ``reweight`` contract), for the
-    rest of the fit. No group labels are used: the groups of the error set are written to ``jtt.json`` for
-    analysis only. The error set is part of the callback's state, so a resumed run draws as the killed one did.
+       At the end of epoch ``identify_epochs - 1`` the training split is predicted with evaluation transforms
+       (eval mode; under DDP every rank gathers the whole split, so every rank has the same error set); the
+       misclassified samples form the error set. From the next epoch on an error-set sample is seen ``upweight``
+       times as often as another, for the rest of the fit, in one of two ways (``draw``):
 
-    The paper retrains a second model from scratch on the up-weighted data; in this form the same model
-    continues (give ``identify_epochs: 0`` with ``model.weights: erm.ckpt`` to identify with a trained model
-    and start the up-weighted training from it).
+       - ``upsample`` (the paper's): each epoch is a shuffle of the upsampled set, every error-set sample in it
+         ``upweight`` times and every other sample once, so an epoch grows by ``(upweight - 1) x`` the error
+         set (the datamodule's ``upsample`` contract). Mid-fit this changes the loader's length: give
+         ``trainer.reload_dataloaders_every_n_epochs: 1`` when ``identify_epochs > 0``.
+       - ``reweight``: epochs keep the split's length and draw with replacement by the weights (the
+         datamodule's ``reweight`` contract): the same expected counts per sample, at ERM's cost per epoch.
+    No group labels are used: the groups of the error set are written to ``jtt.json`` for
+       analysis only. The error set is part of the callback's state, so a resumed run draws as the killed one did.
 
-    Example::
+       The paper retrains a second model from scratch on the up-weighted data; in this form the same model
+       continues (give ``identify_epochs: 0`` with ``model.weights: erm.ckpt`` to identify with a trained model
+       and start the up-weighted training from it).
 
-        trainer = L.Trainer(max_epochs=6, callbacks=[JustTrainTwice(identify_epochs=2, upweight=20)])
-        trainer.fit(ShortcutClassifier("resnet18"), datamodule=SyntheticShortcuts())
+       Example::
 
-    Args:
-        identify_epochs: ERM epochs before the error set is built (0: at the start, from the loaded model).
-        upweight: how much more often an error-set sample is drawn (the paper's lambda_up, 5-100).
-        head: dotted name of the classifier head (default: found).
+           trainer = L.Trainer(max_epochs=6, callbacks=[JustTrainTwice(identify_epochs=2, upweight=20)])
+           trainer.fit(ShortcutClassifier("resnet18"), datamodule=SyntheticShortcuts())
+
+       Args:
+           identify_epochs: ERM epochs before the error set is built (0: at the start, from the loaded model).
+           upweight: how much more often an error-set sample is drawn (the paper's lambda_up, 5-100); an integer
+               with ``draw="upsample"``.
+           draw: ``upsample`` (the paper's longer epochs) or ``reweight`` (epochs of the split's length).
+           head: dotted name of the classifier head (default: found).
     """
 
     stage_label = "JTT"
     uses_annotations = False
     changes_model_at_fit_end = False  # a training regime: the CLI tests the checkpoint selected on val
 
-    def __init__(self, identify_epochs: int = 1, upweight: float = 20.0, head: str | None = None) -> None:
+    def __init__(
+        self,
+        identify_epochs: int = 1,
+        upweight: float = 20.0,
+        draw: str = "reweight",
+        head: str | None = None,
+    ) -> None:
         if upweight <= 0:
             raise ShortcutError(f"JTT upweight must be > 0, got {upweight}")
+        if draw not in DRAWS:
+            raise ShortcutError(f"JTT draw {draw!r} is unknown: choose one of {', '.join(DRAWS)}")
+        if draw == "upsample" and upweight != int(upweight):
+            raise ShortcutError(f"JTT upweight must be a whole number with draw='upsample', got {upweight}")
         if identify_epochs < 0:
             raise ShortcutError(f"JTT identify_epochs must be >= 0, got {identify_epochs}")
         self.identify_epochs = identify_epochs
         self.upweight = upweight
+        self.draw = draw
         self.head = head
         self.errors: Tensor | None = None  # dataset positions of the error set
         self.report: dict[str, Any] | None = None
@@ -78,8 +100,17 @@ class JustTrainTwice(Callback):
                 f"JTT identify_epochs={self.identify_epochs} leaves no up-weighted epoch in max_epochs="
                 f"{trainer.max_epochs}: give identify_epochs < max_epochs"
             )
+        if (
+            self.draw == "upsample"
+            and self.identify_epochs > 0
+            and trainer.reload_dataloaders_every_n_epochs != 1
+        ):
+            raise ShortcutError(
+                "JTT draw='upsample' after identify_epochs > 0 lengthens the epochs mid-fit: give "
+                "trainer.reload_dataloaders_every_n_epochs: 1 (or draw='reweight')"
+            )
         if self.errors is not None:  # resumed after identification: the loader is built from these weights
-            dm.reweight(self.weights(len(dm.dataset(dm.train_split))), "JustTrainTwice")
+            self.point_sampler(dm)
         elif self.identify_epochs == 0:
             self.identify(trainer, pl_module)
 
@@ -93,6 +124,14 @@ class JustTrainTwice(Callback):
         w[self.errors] = float(self.upweight)
         return w
 
+    def point_sampler(self, dm: Any) -> None:
+        """Hands the error set's up-weighting to the datamodule, as ``draw`` says."""
+        w = self.weights(len(dm.dataset(dm.train_split)))
+        if self.draw == "upsample":
+            dm.upsample(w.long(), "JustTrainTwice")
+        else:
+            dm.reweight(w, "JustTrainTwice")
+
     def identify(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Tensor:
         """Builds the error set with the current model and points the training sampler at the up-weighting."""
         dm = trainer.datamodule
@@ -102,7 +141,7 @@ class JustTrainTwice(Callback):
         )
         wrong = error_set(found.logits, found.target)
         self.errors = found.index[wrong]
-        dm.reweight(self.weights(len(dm.dataset(split))), "JustTrainTwice")
+        self.point_sampler(dm)
         groups = found.group[wrong]
         make_up = {name: int((groups == g).sum()) for g, name in enumerate(dm.group_names)}
         self.report = {
@@ -110,14 +149,15 @@ class JustTrainTwice(Callback):
             "epoch": trainer.current_epoch,
             "split": split,
             "upweight": self.upweight,
+            "draw": self.draw,
             "n_train": len(found),
             "n_errors": len(self.errors),
             "error_indices": self.errors.tolist(),
             "error_groups_for_analysis": make_up,
         }
         summary = (
-            f"JTT: {len(self.errors)} of {len(found)} {split} samples misclassified, drawn {self.upweight:g}x as "
-            f"often from the next epoch on (groups, for analysis: {make_up})"
+            f"JTT: {len(self.errors)} of {len(found)} {split} samples misclassified, {self.draw}d {self.upweight:g}x "
+            f"from the next epoch on (groups, for analysis: {make_up})"
         )
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
         write_stage_report(log_dir, "jtt.json", self.report, [summary])
