@@ -6,7 +6,8 @@
 Each variant is a stage config of ``bench/photos.py`` with some init arguments of its callbacks changed.
 It starts from the same ERM checkpoint (best by ``val/mean``) as the suite's rows, runs 2 stage epochs, and
 prints one line: validation worst-class accuracy (the group-free selection rule: a variant is chosen by it,
-never by test) beside test worst-group and mean accuracy. Runs land in ``runs/photo_variants`` and a
+never by test) of the last epoch and, where a monitor chose the tested checkpoint, that checkpoint's score,
+beside test worst-group and mean accuracy. Runs land in ``runs/photo_variants`` and a
 finished run is read, not rerun. The figures go into docs/experiments by hand, with this command.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import yaml
 from photos import STAGE_EPOCHS, best_checkpoint
-from quality import run
+from quality import run, selected_by
 from suite import config_with
 
 PRUSC, SCORE, SSCORE = "configs/photos_prusc.yaml", "configs/photos_score.yaml", "configs/photos_sscore.yaml"
@@ -120,8 +121,10 @@ def main() -> None:
             extra = {k: report[k] for k in ("Prune_f", "Prune_h") if k in report}
             if (run_dir / "sscore.json").is_file():
                 extra["sscore_views"] = json.loads((run_dir / "sscore.json").read_text()).get("views")
-            print(f"[variant] {name} seed {seed}: val worst_class {val['worst_class']:.3f} | test wga "
-                  f"{report['wga']:.3f} mean {report['mean']:.3f} {extra} ({seconds:.0f} s)", flush=True)  # fmt: skip
+            monitor, score = selected_by(run_dir)  # the tested checkpoint's score, where a monitor chose it
+            chosen = f" | tested checkpoint's {monitor} {score:.3f}" if monitor else ""
+            print(f"[variant] {name} seed {seed}: val worst_class {val['worst_class']:.3f} (last epoch){chosen} | "
+                  f"test wga {report['wga']:.3f} mean {report['mean']:.3f} {extra} ({seconds:.0f} s)", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

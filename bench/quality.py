@@ -32,6 +32,21 @@ STAGE_FILES = ("dfr.json", "afr.json", "prusc.json", "mining.json")
 RUN_RECORD = "bench_run.json"  # written when a run has finished: its arguments and wall time
 
 
+def selected_by(run_dir: Path) -> tuple[str | None, float | None]:
+    """The checkpoint monitor of a run and the score of the checkpoint it tested (the best one), read from
+    ``last.ckpt``'s checkpoint state; ``metrics_val.json`` holds the last validation instead."""
+    import torch
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return None, None
+    state = torch.load(last, map_location="cpu", weights_only=False).get("callbacks", {})
+    for key, value in state.items():
+        if "Checkpoint" in key and value.get("best_model_score") is not None:
+            return value.get("monitor"), float(value["best_model_score"])
+    return None, None
+
+
 class NotRun(Exception):
     """A run that has not finished, asked for with ``run_missing=False``."""
 

@@ -190,3 +190,24 @@ def test_quality_runs_only_the_methods_named_and_leaves_the_erm_row_to_dfr(suite
     full = suite.quality([0], ["background"], [], tmp_path, methods=["DFR", "AFR"])
     assert list(full["background"]) == ["ERM", "DFR", "AFR"]
     assert full["background"]["ERM"]["per_seed_wga"] == [0.4]  # DFR's "before": the ERM of its run
+
+
+def test_embedded_variants_parse_settings_and_read_the_tested_checkpoints_score(suite, tmp_path):
+    import torch
+
+    variants, quality = importlib.import_module("embedded_variants"), importlib.import_module("quality")
+    assert variants.overrides(["GroupDRO.step_size=0.1", "GroupDRO.adjustment=2"]) == {
+        "GroupDRO": {"step_size": 0.1, "adjustment": 2}
+    }
+    with pytest.raises(SystemExit, match=r"Class\.argument=value"):
+        variants.overrides(["step_size=0.1"])
+    assert quality.selected_by(tmp_path) == (None, None)  # no last.ckpt: no monitor chose
+    (tmp_path / "checkpoints").mkdir()
+    state = {
+        "BestAndLastCheckpoint{'monitor': 'val/worst_class'}": {
+            "monitor": "val/worst_class",
+            "best_model_score": torch.tensor(0.75),
+        }
+    }
+    torch.save({"callbacks": {"GroupDRO": {}, **state}}, tmp_path / "checkpoints" / "last.ckpt")
+    assert quality.selected_by(tmp_path) == ("val/worst_class", 0.75)
