@@ -196,6 +196,7 @@ def test_baseline_configs_run_end_to_end(tmp_path, capsys):
     jtt = run_stage_config(tmp_path, "synthetic_jtt.yaml", [dict(identify_epochs=1)])
     report = json.loads((jtt / "jtt.json").read_text())
     assert report["n_errors"] == len(report["error_indices"]) and report["uses_annotations"] is False
+    assert report["draw"] == "upsample"  # the config's paper draw, with loaders rebuilt every epoch
     assert json.loads((jtt / "metrics.json").read_text())["split"] == "test"
     dro = run_stage_config(tmp_path, "synthetic_groupdro.yaml", [dict(step_size=0.1)])
     assert json.loads((dro / "metrics.json").read_text())["split"] == "test"

@@ -26,11 +26,16 @@ class _Misclassified(L.Callback):
     def __init__(self) -> None:
         self.wrong: dict[int, list[int]] = {}
         self.sampler_weights: dict[int, torch.Tensor] = {}
+        self.sampler_repeats: dict[int, torch.Tensor | None] = {}
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         sampler = trainer.train_dataloader.sampler
         self.sampler_weights[trainer.current_epoch] = (
             None if sampler.weights is None else sampler.weights.clone()
+        )
+        multiset = sampler.multiset
+        self.sampler_repeats[trainer.current_epoch] = (
+            None if multiset is None else torch.bincount(multiset, minlength=len(sampler.dataset))
         )
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -47,7 +52,7 @@ class _Misclassified(L.Callback):
 
 def test_error_set_is_the_misclassified_training_samples_and_is_upweighted(tmp_path):
     torch.manual_seed(0)
-    jtt, spy = JustTrainTwice(identify_epochs=1, upweight=7.0), _Misclassified()
+    jtt, spy = JustTrainTwice(identify_epochs=1, upweight=7.0, draw="reweight"), _Misclassified()
     make_trainer(tmp_path, [jtt, spy], max_epochs=2).fit(
         ShortcutClassifier("test_resnet"), datamodule=_data()
     )
@@ -78,19 +83,24 @@ def test_upsample_holds_each_error_sample_upweight_times_in_a_longer_epoch(tmp_p
     assert (counts <= expected).all() and expected.sum() - counts.sum() == int(lone)
 
 
-def test_identify_epochs_zero_uses_the_loaded_model_and_resume_keeps_the_set(tmp_path):
+@pytest.mark.parametrize("draw", ["reweight", "upsample"])
+def test_identify_epochs_zero_uses_the_loaded_model_and_resume_keeps_the_set(tmp_path, draw):
     torch.manual_seed(0)
-    jtt = JustTrainTwice(identify_epochs=0, upweight=3.0)
+    jtt = JustTrainTwice(identify_epochs=0, upweight=3.0, draw=draw)
     trainer = make_trainer(tmp_path, [jtt], max_epochs=1, enable_checkpointing=True)
     trainer.fit(ShortcutClassifier("test_resnet"), datamodule=_data())
     ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
-    again, spy = JustTrainTwice(identify_epochs=0, upweight=3.0), _Misclassified()
+    again, spy = JustTrainTwice(identify_epochs=0, upweight=3.0, draw=draw), _Misclassified()
     again.identify = lambda *a: pytest.fail("identified again after resume")
     make_trainer(tmp_path / "resumed", [again, spy], max_epochs=2).fit(
         ShortcutClassifier("test_resnet"), datamodule=_data(), ckpt_path=ckpt
     )
     assert torch.equal(again.errors, jtt.errors)
-    assert set(spy.sampler_weights[1][jtt.errors].tolist()) == {3.0}  # the resumed loader draws as before
+    if draw == "reweight":  # the resumed loader draws as before
+        assert set(spy.sampler_weights[1][jtt.errors].tolist()) == {3.0}
+    else:  # the resumed loader is built upsampled
+        repeats = spy.sampler_repeats[1]
+        assert set(repeats[jtt.errors].tolist()) == {3} and repeats.sum() == 96 + 2 * len(jtt.errors)
 
 
 def test_bad_input_names_the_field(tmp_path):
@@ -103,7 +113,9 @@ def test_bad_input_names_the_field(tmp_path):
     with pytest.raises(ShortcutError, match="upweight must be a whole number"):
         JustTrainTwice(upweight=2.5, draw="upsample")
     with pytest.raises(ShortcutError, match="reload_dataloaders_every_n_epochs: 1"):
-        make_trainer(tmp_path, [JustTrainTwice(identify_epochs=1, draw="upsample")], max_epochs=2).fit(
+        make_trainer(
+            tmp_path, [JustTrainTwice(identify_epochs=1)], max_epochs=2
+        ).fit(  # upsample: the default
             ShortcutClassifier("test_resnet"), datamodule=_data()
         )
     with pytest.raises(ShortcutError, match="identify_epochs=3 leaves no up-weighted epoch in max_epochs=3"):

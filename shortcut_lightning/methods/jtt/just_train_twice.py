@@ -47,7 +47,8 @@ class JustTrainTwice(Callback):
 
        Example::
 
-           trainer = L.Trainer(max_epochs=6, callbacks=[JustTrainTwice(identify_epochs=2, upweight=20)])
+           jtt = JustTrainTwice(identify_epochs=2, upweight=20)  # draw="upsample": longer epochs after identifying
+        trainer = L.Trainer(max_epochs=6, reload_dataloaders_every_n_epochs=1, callbacks=[jtt])
            trainer.fit(ShortcutClassifier("resnet18"), datamodule=SyntheticShortcuts())
 
        Args:
@@ -66,7 +67,7 @@ class JustTrainTwice(Callback):
         self,
         identify_epochs: int = 1,
         upweight: float = 20.0,
-        draw: str = "reweight",
+        draw: str = "upsample",
         head: str | None = None,
     ) -> None:
         if upweight <= 0:
