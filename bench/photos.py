@@ -61,8 +61,9 @@ def stage_rows(ckpt: str) -> dict[str, tuple[str, dict, dict, list[str]]]:
         "SCORE (oracle)": ("configs/photos_score.yaml", oracle, epochs, []),
         "s-score pruning": ("configs/photos_sscore.yaml", {}, {"trainer__max_epochs": 0, "model__weights": ckpt}, []),
         "AFR": ("configs/photos_afr.yaml", {}, {"trainer__max_epochs": 0, "model__weights": ckpt}, []),
-        # JTT identifies with an early-stopped model (its paper): from ImageNet, 1 ERM epoch, then 2 up-weighted
-        # ones, the ERM row's 3 epochs in all (from the ERM checkpoint almost no training sample is misclassified)
+        # JTT identifies with an early-stopped model (its paper): from ImageNet, 1 ERM epoch, then 2 upsampled
+        # ones (error set 50x: about 1.9x an epoch each), the ERM row's 3 epochs; from the ERM checkpoint
+        # almost no training sample is misclassified
         "JTT": ("configs/photos_jtt.yaml", {}, {}, []),
         "GroupDRO": ("configs/photos_groupdro.yaml", {}, epochs, []),
         "control: ERM continued": ("configs/photos_erm.yaml", {}, epochs, []),
@@ -246,7 +247,7 @@ def markdown(result: dict, command: str) -> str:
         f"Real-photo benchmark (`make photos`, {result['image_size']} px), test split, mean ± std over model "
         f"seeds {seeds}; in brackets the gain over ERM's worst-group accuracy (the checkpoint every stage "
         f"starts from). Stages and controls train {STAGE_EPOCHS} epochs after ERM; JTT trains from ImageNet "
-        f"(1 identification epoch, then {STAGE_EPOCHS} up-weighted ones: ERM's 3 in all).",
+        f"(1 identification epoch, then {STAGE_EPOCHS} upsampled ones, each longer by the error set's extra copies).",
         f"`{command}` on {env['date']} ({env['machine']}, GPU {env['gpu']}), {result['wall_s'] / 60:.0f} min.",
         "",
         table(result),
