@@ -27,36 +27,37 @@ def error_set(logits: Tensor, target: Tensor) -> Tensor:
 class JustTrainTwice(Callback):
     """Trains ERM for ``identify_epochs``, then up-weights the training samples it misclassifies by ``upweight``.
 
-       At the end of epoch ``identify_epochs - 1`` the training split is predicted with evaluation transforms
-       (eval mode; under DDP every rank gathers the whole split, so every rank has the same error set); the
-       misclassified samples form the error set. From the next epoch on an error-set sample is seen ``upweight``
-       times as often as another, for the rest of the fit, in one of two ways (``draw``):
+    At the end of epoch ``identify_epochs - 1`` the training split is predicted with evaluation transforms
+    (eval mode; under DDP every rank gathers the whole split, so every rank has the same error set); the
+    misclassified samples form the error set. From the next epoch on an error-set sample is seen ``upweight``
+    times as often as another, for the rest of the fit, in one of two ways (``draw``):
 
-       - ``upsample`` (the paper's): each epoch is a shuffle of the upsampled set, every error-set sample in it
-         ``upweight`` times and every other sample once, so an epoch grows by ``(upweight - 1) x`` the error
-         set (the datamodule's ``upsample`` contract). Mid-fit this changes the loader's length: give
-         ``trainer.reload_dataloaders_every_n_epochs: 1`` when ``identify_epochs > 0``.
-       - ``reweight``: epochs keep the split's length and draw with replacement by the weights (the
-         datamodule's ``reweight`` contract): the same expected counts per sample, at ERM's cost per epoch.
-    No group labels are used: the groups of the error set are written to ``jtt.json`` for
-       analysis only. The error set is part of the callback's state, so a resumed run draws as the killed one did.
+    - ``upsample`` (the paper's, the default): each epoch is a shuffle of the upsampled set, every error-set
+      sample in it ``upweight`` times and every other sample once, so an epoch grows by ``upweight - 1``
+      times the error set (the datamodule's ``upsample`` contract). Mid-fit this changes the loader's
+      length: give ``trainer.reload_dataloaders_every_n_epochs: 1`` when ``identify_epochs > 0``.
+    - ``reweight``: epochs keep the split's length and draw with replacement by the weights (the
+      datamodule's ``reweight`` contract): the same expected share per sample, at ERM's cost per epoch.
 
-       The paper retrains a second model from scratch on the up-weighted data; in this form the same model
-       continues (give ``identify_epochs: 0`` with ``model.weights: erm.ckpt`` to identify with a trained model
-       and start the up-weighted training from it).
+    No group labels are used: the groups of the error set are written to ``jtt.json`` for analysis only.
+    The error set is part of the callback's state, so a resumed run draws as the killed one did.
 
-       Example::
+    The paper retrains a second model from scratch on the up-weighted data; in this form the same model
+    continues (give ``identify_epochs: 0`` with ``model.weights: erm.ckpt`` to identify with a trained model
+    and start the up-weighted training from it).
 
-           jtt = JustTrainTwice(identify_epochs=2, upweight=20)  # draw="upsample": longer epochs after identifying
+    Example::
+
+        jtt = JustTrainTwice(identify_epochs=2, upweight=20)  # upsampled, longer epochs after identifying
         trainer = L.Trainer(max_epochs=6, reload_dataloaders_every_n_epochs=1, callbacks=[jtt])
-           trainer.fit(ShortcutClassifier("resnet18"), datamodule=SyntheticShortcuts())
+        trainer.fit(ShortcutClassifier("resnet18"), datamodule=SyntheticShortcuts())
 
-       Args:
-           identify_epochs: ERM epochs before the error set is built (0: at the start, from the loaded model).
-           upweight: how much more often an error-set sample is drawn (the paper's lambda_up, 5-100); an integer
-               with ``draw="upsample"``.
-           draw: ``upsample`` (the paper's longer epochs) or ``reweight`` (epochs of the split's length).
-           head: dotted name of the classifier head (default: found).
+    Args:
+        identify_epochs: ERM epochs before the error set is built (0: at the start, from the loaded model).
+        upweight: how much more often an error-set sample is seen (the paper's lambda_up, 5-100); a whole
+            number with ``draw="upsample"``.
+        draw: ``upsample`` (the paper's longer epochs) or ``reweight`` (epochs of the split's length).
+        head: dotted name of the classifier head (default: found).
     """
 
     stage_label = "JTT"
