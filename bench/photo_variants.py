@@ -54,9 +54,9 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
     # ERM continued with the same draw, so that a gain of the draw alone is not credited to SCORE
     "score_class_balanced": (SCORE, SCORE_START),
     "erm_class_balanced": (ERM, {}),
-    # JTT's up-weighting, chosen by validation worst-class accuracy (the suite's row: upweight 20)
-    "jtt_upweight5": ("configs/photos_jtt.yaml", {"JustTrainTwice": {"upweight": 5.0}}),
-    "jtt_upweight50": ("configs/photos_jtt.yaml", {"JustTrainTwice": {"upweight": 50.0}}),
+    # JTT's up-weighting by reweighted draws in epochs of the split's length (session 33's form)
+    "jtt_upweight5": ("configs/photos_jtt.yaml", {"JustTrainTwice": {"upweight": 5.0, "draw": "reweight"}}),
+    "jtt_upweight50": ("configs/photos_jtt.yaml", {"JustTrainTwice": {"upweight": 50.0, "draw": "reweight"}}),
     # the paper's upsampled epochs (each error-set image upweight times, every other once): longer epochs
     "jtt_upsample20": ("configs/photos_jtt.yaml", {"JustTrainTwice": {"upweight": 20, "draw": "upsample"}}),
     "jtt_upsample50": ("configs/photos_jtt.yaml", {"JustTrainTwice": {"upweight": 50, "draw": "upsample"}}),
@@ -64,7 +64,7 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
 # the config's own epochs from ImageNet, like the JTT row
 FROM_IMAGENET = {"jtt_upweight5", "jtt_upweight50", "jtt_upsample20", "jtt_upsample50"}
 RELOAD = ["--trainer.reload_dataloaders_every_n_epochs", "1"]  # upsampled epochs change the loader's length
-EXTRA = {  # more CLI arguments of a variant
+EXTRA = {  # more CLI arguments of a variant (the reload is photos_jtt.yaml's own now; kept: the runs were made so)
     "jtt_upsample20": RELOAD,
     "jtt_upsample50": RELOAD,
     "score_class_balanced": ["--data.sampler", "class_balanced"],
