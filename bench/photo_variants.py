@@ -32,6 +32,8 @@ SCORE_START = {"SpuriousPositiveMining": {"start_epoch": 0}, "NeuronRegularizati
 VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
     "prusc": (PRUSC, START),
     "prusc_batch_bn": (PRUSC, {"MaskPruning": {"start_epoch": 0, "batchnorm": "batch"}}),
+    # batch statistics gathered under the noisy training masks, re-estimated once the masks are fixed
+    "prusc_batch_bn_recal": (PRUSC, {"MaskPruning": {"start_epoch": 0, "batchnorm": "batch", "recalibrate_bn": True}}),
     "prusc_val": (PRUSC, {"MaskPruning": {"start_epoch": 0, "split": "val"}}),
     "prusc_val_batch_bn": (PRUSC, {"MaskPruning": {"start_epoch": 0, "split": "val", "batchnorm": "batch"}}),
     # val has 600 images (19 steps an epoch): 6 epochs are about the steps of 2 train epochs, and the masks
@@ -39,6 +41,9 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
     "prusc_val_6": (PRUSC, {"MaskPruning": {"start_epoch": 0, "split": "val", "prune_epochs": 6, "monitor": None}}),
     "prusc_logit_sparsity": (
         PRUSC, {"MaskPruning": {"start_epoch": 0, "sparsity": "logit", "mask_lr": 0.01, "init_logit": 1.5}}),
+    # the same with 6 mask epochs: at 0.01 a step a logit needs about 150 steps (2.4 epochs on train) to reach 0
+    "prusc_logit_sparsity_6": (PRUSC, {"MaskPruning": {
+        "start_epoch": 0, "sparsity": "logit", "mask_lr": 0.01, "init_logit": 1.5, "prune_epochs": 6}}),
     # PruSC's masks (2 epochs on train), then 2 epochs retraining the surviving weights on val (released code)
     "prusc_retrain": (PRUSC, {"MaskPruning": {"start_epoch": 0, "finetune_epochs": 2, "finetune_split": "val"}}),
     "sscore_erm": (SSCORE, {}),  # the ERM model's s-score views (no training)
@@ -49,11 +54,13 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
                               "NeuronRegularization": {"start_epoch": 0, "finetune_from": "net.blocks.5"}}),
     "score_strength0": (SCORE, {**SCORE_START, "NeuronRegularization": {"start_epoch": 0, "strength": 0.0}}),
     "score_strength100": (SCORE, {**SCORE_START, "NeuronRegularization": {"start_epoch": 0, "strength": 100.0}}),
+    "score_strength1000": (SCORE, {**SCORE_START, "NeuronRegularization": {"start_epoch": 0, "strength": 1000.0}}),
     "score_pairs": (SCORE, {**SCORE_START, "NeuronRegularization": {"start_epoch": 0, "regularize_on": "pairs"}}),
     # the fine-tuning draw class-balanced (the issue's "class-balanced draw of the rest"), and its control:
     # ERM continued with the same draw, so that a gain of the draw alone is not credited to SCORE
     "score_class_balanced": (SCORE, SCORE_START),
     "erm_class_balanced": (ERM, {}),
+    "erm_continued": (ERM, {}),  # the suite's control, for variants run on other ERM checkpoints than the table's
     # JTT's up-weighting by reweighted draws in epochs of the split's length (session 33's form)
     "jtt_upweight5": ("configs/photos_jtt.yaml", {"JustTrainTwice": {"upweight": 5.0, "draw": "reweight"}}),
     "jtt_upweight50": ("configs/photos_jtt.yaml", {"JustTrainTwice": {"upweight": 50.0, "draw": "reweight"}}),
@@ -72,6 +79,7 @@ EXTRA = {  # more CLI arguments of a variant (the reload is photos_jtt.yaml's ow
 }
 EPOCHS = {
     "prusc_val_6": 6,
+    "prusc_logit_sparsity_6": 6,
     "prusc_retrain": 4,
     "sscore_erm": 0,
 }  # stage epochs where a variant needs other than STAGE_EPOCHS
