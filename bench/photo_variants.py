@@ -34,6 +34,10 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
     "prusc_batch_bn": (PRUSC, {"MaskPruning": {"start_epoch": 0, "batchnorm": "batch"}}),
     # batch statistics gathered under the noisy training masks, re-estimated once the masks are fixed
     "prusc_batch_bn_recal": (PRUSC, {"MaskPruning": {"start_epoch": 0, "batchnorm": "batch", "recalibrate_bn": True}}),
+    "prusc_recal": (PRUSC, {"MaskPruning": {"start_epoch": 0, "recalibrate_bn": True}}),
+    # control: no mask can move (lr 0, logit 50: the Gumbel noise never drops a weight), then the same
+    # re-estimation of BatchNorm's statistics (train split, evaluation transforms): what recalibration alone does
+    "bn_recal_only": (PRUSC, {"MaskPruning": {"start_epoch": 0, "mask_lr": 0.0, "init_logit": 50.0, "recalibrate_bn": True}}),
     "prusc_val": (PRUSC, {"MaskPruning": {"start_epoch": 0, "split": "val"}}),
     "prusc_val_batch_bn": (PRUSC, {"MaskPruning": {"start_epoch": 0, "split": "val", "batchnorm": "batch"}}),
     # val has 600 images (19 steps an epoch): 6 epochs are about the steps of 2 train epochs, and the masks
@@ -127,6 +131,9 @@ def main() -> None:
             val_file = run_dir / "metrics_val.json"  # absent where the stage trains no epoch
             val = json.loads(val_file.read_text()) if val_file.is_file() else {"worst_class": float("nan")}
             extra = {k: report[k] for k in ("Prune_f", "Prune_h") if k in report}
+            if (run_dir / "prusc.json").is_file():  # the kept masks' model (recalibrated where asked) on val
+                after = json.loads((run_dir / "prusc.json").read_text()).get("after", {}).get("val", {})
+                extra["final_val_worst_class"] = after.get("worst_class")
             if (run_dir / "sscore.json").is_file():
                 extra["sscore_views"] = json.loads((run_dir / "sscore.json").read_text()).get("views")
             monitor, score = selected_by(run_dir)  # the tested checkpoint's score, where a monitor chose it
