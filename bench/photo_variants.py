@@ -126,16 +126,15 @@ def main() -> None:
                                                       "init_args": {"split": "train", "n_samples": 50}})  # fmt: skip
                 Path(path).write_text(yaml.safe_dump(data_))
             data = ["--data.root", args.root, "--data.image_size", "128", *EXTRA.get(name, [])]
-            report, _, _, seconds = run(path, seed, Path(args.runs) / name, data, reuse=True, data_seed=False)
+            report, _, sscore, seconds = run(
+                path, seed, Path(args.runs) / name, data, reuse=True, data_seed=False
+            )
             run_dir = next((Path(args.runs) / name).glob(f"*/seed{seed}"))
             val_file = run_dir / "metrics_val.json"  # absent where the stage trains no epoch
             val = json.loads(val_file.read_text()) if val_file.is_file() else {"worst_class": float("nan")}
-            extra = {k: report[k] for k in ("Prune_f", "Prune_h") if k in report}
-            if (run_dir / "prusc.json").is_file():  # the kept masks' model (recalibrated where asked) on val
-                after = json.loads((run_dir / "prusc.json").read_text()).get("after", {}).get("val", {})
-                extra["final_val_worst_class"] = after.get("worst_class")
-            if (run_dir / "sscore.json").is_file():
-                extra["sscore_views"] = json.loads((run_dir / "sscore.json").read_text()).get("views")
+            extra = {k: report[k] for k in ("Prune_f", "Prune_h", "final_val_worst_class") if k in report}
+            if sscore is not None:
+                extra["sscore_views"] = sscore["views"]
             monitor, score = selected_by(run_dir)  # the tested checkpoint's score, where a monitor chose it
             chosen = f" | tested checkpoint's {monitor} {score:.3f}" if monitor else ""
             print(f"[variant] {name} seed {seed}: val worst_class {val['worst_class']:.3f} (last epoch){chosen} | "

@@ -93,6 +93,8 @@ def run(
             before = stage["before"].get("test")
             if "densities" in stage:  # how much of the model PruSC removed
                 report.update(Prune_f=stage["densities"]["Prune_f"], Prune_h=stage["densities"]["Prune_h"])
+                # the kept masks' model on val (recalibrated where asked): what a PruSC variant is chosen by
+                report["final_val_worst_class"] = stage.get("after", {}).get("val", {}).get("worst_class")
             if stage_file == "mining.json":  # how well SCORE's selection found the shortcut's samples
                 report["mining"] = mining_quality(stage)
     if (run_dir / "sscore.json").is_file():
