@@ -2,6 +2,7 @@
 
 from shortcut_lightning.callbacks import (
     AutomaticFeatureReweighting,
+    BatchNormRecalibration,
     DeepFeatureReweighting,
     EmbeddingProjector,
     GroupDRO,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ISIC",
     "AutomaticFeatureReweighting",
+    "BatchNormRecalibration",
     "CelebA",
     "DataError",
     "DeepFeatureReweighting",

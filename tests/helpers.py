@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, default_collate
 
-from shortcut_lightning.callbacks import DeepFeatureReweighting
+from shortcut_lightning.callbacks import BatchNormRecalibration, DeepFeatureReweighting
 from shortcut_lightning.data import SyntheticShortcuts
 
 
@@ -205,3 +205,22 @@ def make_trainer(root, callbacks=(), max_epochs: int = 1, **overrides) -> L.Trai
         "enable_progress_bar": False, "enable_checkpointing": False, "callbacks": list(callbacks),
     }  # fmt: skip
     return L.Trainer(**{**settings, **overrides})
+
+
+class StatisticsSavingBN(BatchNormRecalibration):
+    """BatchNorm re-estimation that saves the model's running statistics (rank 0) to ``path`` after it ran."""
+
+    def __init__(self, path: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.path = path
+
+    def run(self, trainer, pl_module):
+        result = super().run(trainer, pl_module)
+        if trainer.is_global_zero:
+            buffers = {
+                k: v.clone()
+                for k, v in pl_module.state_dict().items()
+                if k.endswith(("running_mean", "running_var"))
+            }
+            torch.save(buffers, self.path)
+        return result

@@ -1,5 +1,6 @@
 """Stages as Lightning callbacks: each attaches to ``ShortcutClassifier`` or to a module of yours."""
 
+from shortcut_lightning.callbacks.batchnorm_recalibration import BatchNormRecalibration
 from shortcut_lightning.callbacks.checkpoint import BestAndLastCheckpoint
 from shortcut_lightning.callbacks.embedding_projector import EmbeddingProjector
 from shortcut_lightning.callbacks.group_metrics import GroupMetrics
@@ -16,6 +17,7 @@ from shortcut_lightning.methods.sscore.spurious_score import SpuriousScore
 
 __all__ = [
     "AutomaticFeatureReweighting",
+    "BatchNormRecalibration",
     "BestAndLastCheckpoint",
     "DeepFeatureReweighting",
     "EmbeddingProjector",

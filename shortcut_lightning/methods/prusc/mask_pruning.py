@@ -12,10 +12,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from shortcut_lightning.backbones import PLAIN_WEIGHTS
+from shortcut_lightning.batchnorm import hold_batchnorm, recalibrate_batchnorm, whole_split
 from shortcut_lightning.data.base import require_group_datamodule
 from shortcut_lightning.errors import ShortcutError
 from shortcut_lightning.methods.prusc.arguments import check_arguments, check_strategy
-from shortcut_lightning.methods.prusc.batchnorm import hold_batchnorm, recalibrate_batchnorm
 from shortcut_lightning.methods.prusc.best_masks import BestMasks
 from shortcut_lightning.methods.prusc.clusters import cluster_balance_weights, cluster_by_index, cluster_table
 from shortcut_lightning.methods.prusc.conv_reach import reachable_weights
@@ -291,9 +291,11 @@ class MaskPruning(Callback):
                 self._optimizer_state = None
         self.phase = phase
         if phase == "fixed" and not resumed and self.recalibrate_bn:
-            loader = trainer.datamodule.dataloader(self.split)
             recalibrate_batchnorm(
-                trainer, pl_module, loader, "PruSC: BatchNorm statistics of the pruned model"
+                pl_module,
+                whole_split(trainer.datamodule, self.split),
+                "PruSC: BatchNorm statistics of the pruned model",
+                trainer.is_global_zero,
             )
         if phase == "fixed" and not resumed and self.finetune_epochs > 0:
             # what the masks alone do, before the fine-tuning changes the weights
