@@ -73,7 +73,9 @@ class BatchNormRecalibration(ModelStage):
                 f"BatchNormRecalibration split {self.split!r} is not in the data; it has {', '.join(dm.splits)}"
             )
         if not batchnorm_layers(pl_module):
-            rank_zero_warn("BatchNormRecalibration: the model has no BatchNorm layer; nothing is re-estimated")
+            rank_zero_warn(
+                "BatchNormRecalibration: the model has no BatchNorm layer; nothing is re-estimated"
+            )
         before = self.reports(trainer, pl_module, "before")
         images = recalibrate_batchnorm(
             pl_module, whole_split(dm, self.split), f"BN: statistics of {self.split}", trainer.is_global_zero
