@@ -329,11 +329,11 @@ def test_finetune_split_val_trains_on_the_validation_split_and_resumes_there(tmp
 class _ScriptedMetric(L.Callback):
     """Logs ``val/scripted`` from a script, one value per epoch, and keeps the mask logits each epoch was validated with."""
 
-    def __init__(self, values):
-        self.values, self.seen, self.state = values, {}, None
+    def __init__(self, values, name="val/scripted"):
+        self.values, self.name, self.seen, self.state = values, name, {}, None
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        pl_module.log("val/scripted", self.values[trainer.current_epoch])
+        pl_module.log(self.name, self.values[trainer.current_epoch])
         self.seen[trainer.current_epoch] = {
             n: m.logits.detach().clone() for n, m in model_masks(pl_module).items()
         }
@@ -375,6 +375,43 @@ def test_monitor_keeps_the_masks_of_the_best_validated_epoch(tmp_path, tiny_synt
         _trainer(tmp_path, [_ScriptedMetric([0.0]), missing], 1, limit_val_batches=1).fit(
             ShortcutClassifier("test_resnet"), datamodule=tiny_synthetic()
         )
+
+
+@pytest.mark.parametrize("keep_dense", [True, False])
+def test_keep_dense_keeps_the_unpruned_model_when_no_mask_epoch_validates_better(
+    tmp_path, tiny_synthetic, keep_dense
+):
+    torch.manual_seed(0)
+    model = ShortcutClassifier("test_resnet")
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith("weight")}
+    script = _ScriptedMetric([-1.0, -0.5], name="val/worst_class")  # below any accuracy of the dense model
+    pruning = MaskPruning(
+        prune_epochs=2, num_clusters=4, mask_lr=0.5, init_logit=0.5, monitor="val/worst_class",
+        keep_dense=keep_dense, report_splits=("val",),
+    )  # fmt: skip
+    _trainer(tmp_path, [script, pruning], 2, limit_val_batches=1, enable_checkpointing=False).fit(
+        model, datamodule=tiny_synthetic()
+    )
+    if not keep_dense:  # the mask epochs alone compete: the better of the two is kept, pruned
+        assert pruning.report.best["epoch"] == 1 and pruning.report.densities["Prune_f"] > 0
+        return
+    dense = pruning.report.before["val"]["worst_class"]
+    assert pruning.report.best == {"monitor": "val/worst_class", "epoch": None, "score": pytest.approx(dense)}
+    assert pruning.report.densities["Prune_f"] == 0.0
+    exported = model.state_dict()
+    assert all(torch.equal(exported[k], w) for k, w in weights.items()), "the exported model is the dense one"
+    assert pruning.report.after["val"]["worst_class"] == pytest.approx(dense)
+
+
+def test_keep_dense_with_a_monitor_the_reports_lack_warns(tmp_path, tiny_synthetic):
+    pruning = MaskPruning(
+        prune_epochs=1, num_clusters=4, monitor="val/scripted", report_splits=("val",), export=False
+    )
+    with pytest.warns(UserWarning, match="keep_dense: val/scripted is not a summary of the before report"):
+        _trainer(tmp_path, [_ScriptedMetric([0.5]), pruning], 1, limit_val_batches=1).fit(
+            ShortcutClassifier("test_resnet"), datamodule=tiny_synthetic()
+        )
+    assert pruning.report.best["epoch"] == 0
 
 
 def test_monitor_with_batch_statistics_restores_the_best_epochs_batchnorm(tmp_path, tiny_synthetic):

@@ -6,11 +6,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from shortcut_lightning.errors import ShortcutError
 from shortcut_lightning.methods.prusc.masks import GumbelSigmoidMask
+from shortcut_lightning.metrics import SUMMARY_KEYS
 
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm's buffers
 
@@ -39,7 +40,35 @@ class BestMasks:
                 f"MaskPruning monitor {self.monitor!r} was not logged in validation (logged: {found}); "
                 "set monitor to one of them, e.g. val/worst_class"
             )
-        score = float(value)
+        self.consider(trainer.current_epoch, float(value), masks, model)
+
+    def consider_dense(
+        self,
+        reports: dict[str, dict[str, Any]],
+        masks: dict[str, GumbelSigmoidMask],
+        model: nn.Module | None = None,
+    ) -> None:
+        """The dense model as a candidate, scored by ``monitor``'s value in its group reports by split
+        (``val/worst_class``: ``reports["val"]["worst_class"]``); warns where they lack it."""
+        split, _, key = self.monitor.partition("/")
+        value = reports.get(split, {}).get(key)
+        if value is None:
+            rank_zero_warn(
+                f"PruSC keep_dense: {self.monitor} is not a summary of the before report (report_splits with "
+                f"{split!r}, a key of {', '.join(SUMMARY_KEYS)}); only mask epochs are candidates"
+            )
+            return
+        self.consider(None, float(value), masks, model)
+
+    def consider(
+        self,
+        epoch: int | None,
+        score: float,
+        masks: dict[str, GumbelSigmoidMask],
+        model: nn.Module | None = None,
+    ) -> None:
+        """Keeps these logits (and ``model``'s BatchNorm statistics) if ``score`` beats the best so far;
+        ``epoch`` ``None`` is the dense model, before any mask epoch."""
         if self.best is not None:
             better = score > self.best["score"] if self.mode == "max" else score < self.best["score"]
             if not better:
@@ -48,12 +77,7 @@ class BestMasks:
         statistics = None if model is None else {
             k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k.endswith(STATISTICS)
         }  # fmt: skip
-        self.best = {
-            "epoch": trainer.current_epoch,
-            "score": score,
-            "logits": logits,
-            "statistics": statistics,
-        }
+        self.best = {"epoch": epoch, "score": score, "logits": logits, "statistics": statistics}
 
     def restore(
         self, masks: dict[str, GumbelSigmoidMask], model: nn.Module | None = None
@@ -70,7 +94,8 @@ class BestMasks:
         if model is not None and self.best.get("statistics"):
             model.load_state_dict(self.best["statistics"], strict=False)
         self.best["logits"] = self.best["statistics"] = None
-        rank_zero_info(
-            f"PruSC: the masks of epoch {self.best['epoch']} are kept ({self.monitor} {self.best['score']:.4f})"
+        which = (
+            "the dense model" if self.best["epoch"] is None else f"the masks of epoch {self.best['epoch']}"
         )
+        rank_zero_info(f"PruSC: {which} is kept ({self.monitor} {self.best['score']:.4f})")
         return {"monitor": self.monitor, "epoch": self.best["epoch"], "score": self.best["score"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,9 @@ class MaskPruning(Callback):
     Logs ``prune/density/<layer>``, ``prune/Prune_f`` (pruned share of all conv and linear weights),
     ``prune/Prune_h`` (of the head), ``prune/Prune_f_reachable`` (of the weights that can read an image
     pixel at the training image size; on small images many convolution taps read only padding),
-    ``train/prusc/supcon`` and ``train/prusc/sparsity``. Writes
-    ``prusc.json`` (clusters, densities, group tables before and after). The masks live in the model's
-    state and the phase in this callback's, so a killed run resumes mask learning where it stopped.
+    ``train/prusc/supcon`` and ``train/prusc/sparsity``. Writes ``prusc.json`` (clusters, densities,
+    group tables before and after). The masks live in the model's state and the phase in this
+    callback's, so a killed run resumes mask learning where it stopped.
 
     ``groups`` (uses group annotations, and says so) and ``split="val"`` change what the trainer trains on
     for the whole fit: use them from a loaded ERM model with ``start_epoch=0``. Under DDP the frozen weights
@@ -87,11 +88,12 @@ class MaskPruning(Callback):
             an image pixel at the training image size; those that read only padding are pruned.
         monitor: a validation metric (e.g. ``val/worst_class``, class labels only); the masks of the
             mask-learning epoch where it was best are the ones fixed, instead of the last epoch's.
+        keep_dense: with ``monitor``, the dense model (scored in the "before" report) is a candidate too:
+            masks that validate worse than no pruning at all are not kept (our addition; docs/methods.md).
         mode: ``max`` or ``min``: which ``monitor`` value is best.
         split: split to cluster and learn the masks on (``train`` or ``val``).
-        cluster_balanced: draw the stage's batches so that every cluster is equally likely (no labels
-            needed; the small clusters an ERM model forms around its minority samples are seen as
-            often as the large ones).
+        cluster_balanced: draw batches with every cluster equally likely (no labels; the small clusters
+            an ERM model forms around its minority samples are seen as often as the large ones).
         recalibrate_bn: re-estimate the BatchNorm statistics of the pruned network once the masks are fixed.
         batchnorm: BatchNorm while the masks learn: ``held`` at the dense model's statistics (eval mode),
             or ``batch`` statistics in train mode, its running statistics updated (the released code).
@@ -123,6 +125,7 @@ class MaskPruning(Callback):
         mask_lr: float = 0.05,
         target_density: float | None = None,
         monitor: str | None = None,
+        keep_dense: bool = True,
         mode: str = "max",
         split: str = "train",
         cluster_balanced: bool = True,
@@ -153,6 +156,7 @@ class MaskPruning(Callback):
         self.mask_lr = mask_lr
         self.target_density = target_density
         self.monitor = monitor
+        self.keep_dense = keep_dense
         self.mode = mode
         self.split = split
         self.cluster_balanced = cluster_balanced
@@ -245,6 +249,8 @@ class MaskPruning(Callback):
         self._cluster(trainer, pl_module)
         self.started_epoch = trainer.current_epoch
         self._enter(trainer, pl_module, "learning")
+        if self._best is not None and self.keep_dense:  # the dense model competes with every mask epoch
+            self._best.consider_dense(self.report.before, self._masks, self._statistics_of(pl_module))
 
     def _point_data(self, trainer: L.Trainer, split: str) -> None:
         """Trains on ``split`` from the next loader on, cluster-balanced if it is the split that was clustered."""
@@ -291,16 +297,11 @@ class MaskPruning(Callback):
                 self._optimizer_state = None
         self.phase = phase
         if phase == "fixed" and not resumed and self.recalibrate_bn:
-            recalibrate_batchnorm(
-                pl_module,
-                whole_split(trainer.datamodule, self.split),
-                "PruSC: BatchNorm statistics of the pruned model",
-                trainer.is_global_zero,
-            )
+            recalibrate_batchnorm(pl_module, whole_split(trainer.datamodule, self.split),
+                                  "PruSC: BatchNorm statistics of the pruned model", trainer.is_global_zero)  # fmt: skip
         if phase == "fixed" and not resumed and self.finetune_epochs > 0:
             # what the masks alone do, before the fine-tuning changes the weights
-            dm = trainer.datamodule
-            self.report.fixed = self._reports(pl_module, dm, find_head(pl_module), "masks fixed")
+            self.report.fixed = self._reports(pl_module, "masks fixed")
 
     # -- clustering -----------------------------------------------------------------------------
     def _cluster(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -319,12 +320,13 @@ class MaskPruning(Callback):
             uses_annotations=self.uses_annotations,
             clusters=cluster_table(found.labels, embedded.target, embedded.group, dm),
             kmeans_inertia=found.inertia,
-            before=self._reports(pl_module, dm, head, "before"),
+            before=self._reports(pl_module, "before"),
             parameters=self._parameters(),
         )
         rank_zero_info(f"PruSC{tag}: {self.num_clusters} clusters of the {self.split} split (cosine k-means)")
 
-    def _reports(self, pl_module: L.LightningModule, dm: Any, head: Any, when: str) -> dict[str, Any]:
+    def _reports(self, pl_module: L.LightningModule, when: str) -> dict[str, Any]:
+        dm, head = pl_module.trainer.datamodule, find_head(pl_module)
         return group_reports(dm, embed_splits(pl_module, dm, head, self.report_splits, f"PruSC ({when}):"))
 
     # -- the loss -------------------------------------------------------------------------------
@@ -334,10 +336,8 @@ class MaskPruning(Callback):
         if self.phase != "learning":
             return None
         if "features" not in outputs:
-            raise ShortcutError(
-                "MaskPruning needs the penultimate features of the training forward: pass "
-                "{'features': features, 'logits': logits} to total_penalty in training_step"
-            )
+            raise ShortcutError("MaskPruning needs the penultimate features of the training forward: pass "
+                                "{'features': features, 'logits': logits} to total_penalty in training_step")  # fmt: skip
         sparsity = sparsity_term(self._masks, self.sparsity)
         if self._cluster_device is None or self._cluster_device.device != outputs["features"].device:
             self._cluster_device = self.clusters.to(outputs["features"].device)
@@ -403,9 +403,8 @@ class MaskPruning(Callback):
             return
         if self.phase == "learning":
             self._enter(trainer, pl_module, "fixed")
-        dm = trainer.datamodule
         self.report.densities = densities(pl_module, self._reachable_weights(trainer, pl_module))
-        self.report.after = self._reports(pl_module, dm, find_head(pl_module), "after")
+        self.report.after = self._reports(pl_module, "after")
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
         if self.export:
             bake_masks(pl_module)
@@ -416,10 +415,8 @@ class MaskPruning(Callback):
         self.report.write(log_dir)
 
     def _parameters(self) -> dict[str, Any]:
-        keys = ("start_epoch", "prune_epochs", "finetune_epochs", "finetune_split", "num_clusters", "modules", "lambda_sparse", "beta",
-                "temperature", "gumbel_temperature", "init_logit", "mask_lr", "target_density", "monitor", "mode", "split", "cluster_balanced", "recalibrate_bn", "batchnorm", "sparsity", "groups",
-                "seed", "export")  # fmt: skip
-        return {k: getattr(self, k) for k in keys}
+        names = inspect.signature(MaskPruning.__init__).parameters
+        return {k: getattr(self, k) for k in names if k not in ("self", "report_splits")}
 
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
