@@ -14,8 +14,9 @@ no group labels) through its own config, with the stage starting at epoch 0:
   s-score pruning (``photos_sscore.yaml``);
 - the baselines: AFR (``photos_afr.yaml``), GroupDRO (``photos_groupdro.yaml``, train groups) from the ERM
   checkpoint, and JTT (``photos_jtt.yaml``) from ImageNet, its identification model early-stopped after 1 epoch;
-- controls: ERM continued for the stages' epochs, and retraining on val without pruning
-  (``--data.train_split val``, class labels only).
+- controls: ERM continued for the stages' epochs, ERM with its BatchNorm statistics re-estimated on the
+  unaugmented train images (``photos_bn_recalibration.yaml``, no training), and retraining on val without
+  pruning (``--data.train_split val``, class labels only).
 
 resnet18 from scratch gets ERM and DFR on the same data. Writes bench/results/photos[_quick].json and the
 ``<!-- photos -->`` section of docs/results.md (and, full run only, the README's photo table).
@@ -67,6 +68,9 @@ def stage_rows(ckpt: str) -> dict[str, tuple[str, dict, dict, list[str]]]:
         "JTT": ("configs/photos_jtt.yaml", {}, {}, []),
         "GroupDRO": ("configs/photos_groupdro.yaml", {}, epochs, []),
         "control: ERM continued": ("configs/photos_erm.yaml", {}, epochs, []),
+        # no training: ERM's BatchNorm statistics re-estimated on the train images without augmentation
+        "control: BatchNorm re-estimated": ("configs/photos_bn_recalibration.yaml", {},
+                                            {"trainer__max_epochs": 0, "model__weights": ckpt}, []),
         "control: retrain on val": ("configs/photos_erm.yaml", {}, epochs,
                                     ["--data.train_split", "val", "--checkpoint.monitor", "null"]),
     }  # fmt: skip

@@ -82,6 +82,7 @@ GROUP_INFO = {
     "JTT": "none",
     "GroupDRO": "train groups",
     "control: ERM continued": "none",
+    "control: BatchNorm re-estimated": "none",
     "control: retrain on val": "none",
 }
 METRICS = (
