@@ -74,6 +74,7 @@ def test_top_level_holds_only_the_shared_core() -> None:
         "__init__",
         "__main__",
         "backbones",
+        "batchnorm",
         "cli",
         "errors",
         "imagenet_weights",
