@@ -10,7 +10,8 @@ no group labels) through its own config, with the stage starting at epoch 0:
 
 - DFR (``photos_dfr.yaml``, group labels on val), and a plain scikit-learn reference refit on the same
   embeddings (group-balanced logistic regression on val) computed here;
-- PruSC (``photos_prusc.yaml``, masks only), SCORE auto and oracle (``photos_score.yaml``),
+- PruSC (``photos_prusc.yaml``, masks only; the dense model is a candidate of its validation rule,
+  ``keep_dense``), and the same with the mask epochs only (``keep_dense: false``), SCORE auto and oracle (``photos_score.yaml``),
   s-score pruning (``photos_sscore.yaml``);
 - the baselines: AFR (``photos_afr.yaml``), GroupDRO (``photos_groupdro.yaml``, train groups) from the ERM
   checkpoint, and JTT (``photos_jtt.yaml``) from ImageNet, its identification model early-stopped after 1 epoch;
@@ -58,6 +59,9 @@ def stage_rows(ckpt: str) -> dict[str, tuple[str, dict, dict, list[str]]]:
     return {
         "DFR": ("configs/photos_dfr.yaml", {}, {"trainer__max_epochs": 0, "model__weights": ckpt}, []),
         "PruSC": ("configs/photos_prusc.yaml", {"MaskPruning": {"start_epoch": 0}}, epochs, []),
+        # the best mask epoch even where the dense model validates better: what the masks do
+        "PruSC (mask epochs only)": ("configs/photos_prusc.yaml", {"MaskPruning": {"start_epoch": 0, "keep_dense": False}},
+                                     epochs, []),
         "SCORE (auto)": ("configs/photos_score.yaml", score, epochs, []),
         "SCORE (oracle)": ("configs/photos_score.yaml", oracle, epochs, []),
         "s-score pruning": ("configs/photos_sscore.yaml", {}, {"trainer__max_epochs": 0, "model__weights": ckpt}, []),

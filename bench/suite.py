@@ -75,6 +75,7 @@ GROUP_INFO = {
     "DFR": "val groups",
     "DFR (scikit-learn reference)": "val groups",
     "PruSC": "none",
+    "PruSC (mask epochs only)": "none",
     "SCORE (auto)": "none",
     "SCORE (oracle)": "train spurious masks",
     "s-score pruning": "train spurious masks",
