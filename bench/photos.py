@@ -86,7 +86,8 @@ DEFINITIONS = (
     "samples (the sample mean; the test split is group-balanced, so it is also the mean of the group accuracies), "
     "not the train-weighted mean of Waterbirds papers (group accuracies weighted by the groups' train shares; "
     "`weighted_mean` in metrics.json). group labels: what the row uses beyond class labels; every row selects its "
-    "checkpoint without group labels (ERM and the controls by val/mean, JTT and GroupDRO by val/worst_class)."
+    "checkpoint without group labels (ERM and the controls by val/mean, JTT and GroupDRO by val/worst_class; PruSC "
+    "keeps the masks, or with keep_dense the unpruned model, of the best val/worst_class)."
 )
 SCRATCH_ROWS = ("DFR",)
 
