@@ -8,6 +8,7 @@ stages that act once on a trained model.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import lightning as L
@@ -46,8 +47,11 @@ class ModelStage(Callback):
     (``trainer.ckpt_path``); on the in-memory model it runs once, so the test pass right after ``fit``
     evaluates the model the stage already changed instead of changing it twice.
 
-    Subclasses implement :meth:`run` and the :class:`Stage` members.
+    Subclasses implement :meth:`run` and the :class:`Stage` members. With ``checkpoint_name`` set, the
+    model the stage changed at the end of ``fit`` is saved as ``checkpoints/<checkpoint_name>.ckpt``.
     """
+
+    checkpoint_name: str | None = None
 
     def __init__(self) -> None:
         self._ran_in_memory = False
@@ -62,6 +66,11 @@ class ModelStage(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._run(trainer, pl_module)
+        if self.checkpoint_name is not None:  # trainer.log_dir is a collective under DDP: every rank asks
+            log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+            trainer.save_checkpoint(
+                log_dir / "checkpoints" / f"{self.checkpoint_name}.ckpt", weights_only=False
+            )
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "validate":

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from shortcut_lightning.batchnorm import batchnorm_layers, recalibrate_batchnorm, whole_split
 from shortcut_lightning.data.base import require_group_datamodule
 from shortcut_lightning.errors import DataError
-from shortcut_lightning.probing.embedding_pass import embed_splits, group_reports
+from shortcut_lightning.probing.embedding_pass import split_reports
 from shortcut_lightning.probing.model_parts import find_head
 from shortcut_lightning.reporting.stage_report import stage_tables, write_stage_report
 from shortcut_lightning.stages import ModelStage
@@ -45,7 +45,7 @@ class BatchNormRecalibration(ModelStage):
     """
 
     stage_label = "BN re-estimated"
-    name = "bn_recalibration"
+    name = checkpoint_name = "bn_recalibration"
     uses_annotations = False
     changes_model_at_fit_end = True
 
@@ -62,8 +62,7 @@ class BatchNormRecalibration(ModelStage):
     def reports(self, trainer: L.Trainer, pl_module: L.LightningModule, when: str) -> dict[str, Any]:
         """Group reports of ``report_splits`` for the model as it is now (``when``: its progress label)."""
         dm = trainer.datamodule
-        splits = embed_splits(pl_module, dm, find_head(pl_module), self.report_splits, f"BN ({when}):")
-        return group_reports(dm, splits)
+        return split_reports(pl_module, dm, find_head(pl_module), self.report_splits, f"BN ({when}):")
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """Re-estimates the statistics of ``pl_module`` in place; returns (and keeps) the report."""
@@ -94,11 +93,6 @@ class BatchNormRecalibration(ModelStage):
         ]
         write_stage_report(log_dir, f"{self.name}.json", self.result, summary=summary, tables=tables)
         return self.result
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_fit_end(trainer, pl_module)
-        path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / f"{self.name}.ckpt"
-        trainer.save_checkpoint(path, weights_only=False)
 
     # -- resumable state ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

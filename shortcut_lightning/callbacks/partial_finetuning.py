@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import lightning as L
 from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from shortcut_lightning.batchnorm import hold_batchnorm
 from shortcut_lightning.probing.model_parts import freeze_before, modules_before
 
 
@@ -54,10 +52,5 @@ class PartialFinetuning(BaseFinetuning):
     ) -> None:
         """The frozen BatchNorm layers in eval mode for every step (Lightning sets train mode after validation)."""
         if not self.train_bn:
-            _eval_batchnorm(self.frozen_modules(pl_module))
-
-
-def _eval_batchnorm(modules: Iterable[nn.Module]) -> None:
-    for module in modules:
-        if isinstance(module, _BatchNorm):
-            module.eval()
+            for module in self.frozen_modules(pl_module):
+                hold_batchnorm(module)

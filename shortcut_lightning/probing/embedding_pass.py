@@ -135,3 +135,10 @@ def embed_splits(
         for s in splits
         if s in dm.splits
     }
+
+
+def split_reports(
+    pl_module: L.LightningModule, dm: Any, head: nn.Module, splits: Iterable[str], desc: str
+) -> dict[str, dict[str, Any]]:
+    """Group report of each of ``splits`` for the model as it is now: :func:`embed_splits`, then :func:`group_reports`."""
+    return group_reports(dm, embed_splits(pl_module, dm, head, splits, desc))

@@ -30,6 +30,10 @@ class LastLayerRefit(ModelStage):
     name = "refit"
     changes_model_at_fit_end = True
 
+    @property
+    def checkpoint_name(self) -> str:
+        return self.name  # checkpoints/dfr.ckpt, afr.ckpt
+
     def __init__(
         self, split: str, report_splits: Sequence[str], head: str | None, extra_splits: Sequence[str] = ()
     ):
@@ -58,11 +62,6 @@ class LastLayerRefit(ModelStage):
         return {}
 
     # -- the shared body ------------------------------------------------------------------------
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_fit_end(trainer, pl_module)
-        path = Path(self._log_dir(trainer)) / "checkpoints" / f"{self.name}.ckpt"
-        trainer.save_checkpoint(path, weights_only=False)
-
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """Refit the head of ``pl_module`` in place; returns (and keeps) the report."""
         dm = require_group_datamodule(getattr(trainer, "datamodule", None), type(self).__name__)

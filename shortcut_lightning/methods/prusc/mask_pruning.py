@@ -34,7 +34,7 @@ from shortcut_lightning.methods.prusc.masks import (
 from shortcut_lightning.methods.prusc.prusc_report import PruSCReport
 from shortcut_lightning.methods.prusc.supcon import cluster_supcon
 from shortcut_lightning.methods.prusc.training_data import TrainingData
-from shortcut_lightning.probing.embedding_pass import collect_embeddings, embed_splits, group_reports
+from shortcut_lightning.probing.embedding_pass import collect_embeddings, split_reports
 from shortcut_lightning.probing.model_parts import find_head
 from shortcut_lightning.stages import decide_on_rank_zero
 
@@ -327,7 +327,7 @@ class MaskPruning(Callback):
 
     def _reports(self, pl_module: L.LightningModule, when: str) -> dict[str, Any]:
         dm, head = pl_module.trainer.datamodule, find_head(pl_module)
-        return group_reports(dm, embed_splits(pl_module, dm, head, self.report_splits, f"PruSC ({when}):"))
+        return split_reports(pl_module, dm, head, self.report_splits, f"PruSC ({when}):")
 
     # -- the loss -------------------------------------------------------------------------------
     def training_penalty(

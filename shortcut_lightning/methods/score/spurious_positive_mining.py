@@ -32,8 +32,7 @@ from shortcut_lightning.methods.score.spurious_positives import (
 from shortcut_lightning.probing.embedding_pass import (
     Embeddings,
     collect_embeddings,
-    embed_splits,
-    group_reports,
+    split_reports,
 )
 from shortcut_lightning.probing.layers import find_feature_layer
 from shortcut_lightning.probing.model_parts import find_head, find_module
@@ -399,7 +398,7 @@ class SpuriousPositiveMining(Callback):
         return scores, order[: self.num_selected], other
 
     def _reports(self, pl_module: L.LightningModule, dm: Any, head: nn.Linear) -> dict[str, Any]:
-        return group_reports(dm, embed_splits(pl_module, dm, head, self.report_splits, "SCORE (before):"))
+        return split_reports(pl_module, dm, head, self.report_splits, "SCORE (before):")
 
     def _parameters(self) -> dict[str, Any]:
         keys = ("start_epoch", "selection", "layer", "top_m", "top_q", "dilation", "fill", "num_selected",
