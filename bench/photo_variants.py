@@ -20,11 +20,13 @@ from pathlib import Path
 
 import yaml
 from photos import STAGE_EPOCHS, best_checkpoint
-from quality import run, selected_by
+from quality import run, selected_by, tested_checkpoint
 from suite import config_with
 
 PRUSC, SCORE, SSCORE = "configs/photos_prusc.yaml", "configs/photos_score.yaml", "configs/photos_sscore.yaml"
 ERM = "configs/photos_erm.yaml"
+GROUPDRO = "configs/photos_groupdro.yaml"
+BN = "configs/photos_bn_recalibration.yaml"
 START = {"MaskPruning": {"start_epoch": 0}}
 SCORE_START = {"SpuriousPositiveMining": {"start_epoch": 0}, "NeuronRegularization": {"start_epoch": 0}}
 
@@ -71,7 +73,19 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
     # the paper's upsampled epochs (each error-set image upweight times, every other once): longer epochs
     "jtt_upsample20": ("configs/photos_jtt.yaml", {"JustTrainTwice": {"upweight": 20, "draw": "upsample"}}),
     "jtt_upsample50": ("configs/photos_jtt.yaml", {"JustTrainTwice": {"upweight": 50, "draw": "upsample"}}),
+    # GroupDRO by the paper's protocol (train and val groups): the checkpoint and (step_size, C) chosen by
+    # val worst-group accuracy; C / sqrt(n_g) is the group adjustment
+    **{f"groupdro_step{step:g}_c{c:g}": (GROUPDRO, {"GroupDRO": {"step_size": step, "adjustment": c}})
+       for step in (0.01, 0.1, 1.0) for c in (0.0, 2.0)},
+    # BatchNorm re-estimated (no training) after another row of the suite: does the control's gain stack?
+    **{f"bn_after_{key}": (BN, {}) for key in ("SCORE_auto", "JTT", "GroupDRO", "control_ERM_continued")},
 }  # fmt: skip
+# bn_after_<row>: from the checkpoint that row of bench/photos.py was tested on, not from ERM
+BN_AFTER = {
+    name: f"efficientnet_lite0_{name.removeprefix('bn_after_')}"
+    for name in VARIANTS
+    if name.startswith("bn_after_")
+}
 # the config's own epochs from ImageNet, like the JTT row
 FROM_IMAGENET = {"jtt_upweight5", "jtt_upweight50", "jtt_upsample20", "jtt_upsample50"}
 RELOAD = ["--trainer.reload_dataloaders_every_n_epochs", "1"]  # upsampled epochs change the loader's length
@@ -80,8 +94,10 @@ EXTRA = {  # more CLI arguments of a variant (the reload is photos_jtt.yaml's ow
     "jtt_upsample50": RELOAD,
     "score_class_balanced": ["--data.sampler", "class_balanced"],
     "erm_class_balanced": ["--data.sampler", "class_balanced"],
+    **{name: ["--checkpoint.monitor", "val/wga"] for name in VARIANTS if name.startswith("groupdro_")},
 }
 EPOCHS = {
+    **dict.fromkeys(BN_AFTER, 0),
     "prusc_val_6": 6,
     "prusc_logit_sparsity_6": 6,
     "prusc_retrain": 4,
@@ -117,6 +133,11 @@ def main() -> None:
             }
             if name in FROM_IMAGENET:
                 top = {}
+            if name in BN_AFTER:
+                row = next(Path(args.erm_runs).parent.joinpath(BN_AFTER[name]).glob(f"*/seed{seed}"), None)
+                if row is None:
+                    sys.exit(f"no run of {BN_AFTER[name]} seed {seed}: run make bench-photos first")
+                top["model__weights"] = str(tested_checkpoint(row))
             path = config_with(config, f"{name}_seed{seed}", overrides, Path(args.runs) / "configs", **top)
             if (
                 config == PRUSC
@@ -133,6 +154,9 @@ def main() -> None:
             val_file = run_dir / "metrics_val.json"  # absent where the stage trains no epoch
             val = json.loads(val_file.read_text()) if val_file.is_file() else {"worst_class": float("nan")}
             extra = {k: report[k] for k in ("Prune_f", "Prune_h", "final_val_worst_class") if k in report}
+            if (run_dir / "bn_recalibration.json").is_file():  # the re-estimated model on val
+                bn = json.loads((run_dir / "bn_recalibration.json").read_text())
+                extra["final_val_worst_class"] = bn["after"]["val"]["worst_class"]
             if sscore is not None:
                 extra["sscore_views"] = sscore["views"]
             monitor, score = selected_by(run_dir)  # the tested checkpoint's score, where a monitor chose it

@@ -32,19 +32,34 @@ STAGE_FILES = ("dfr.json", "afr.json", "prusc.json", "mining.json")
 RUN_RECORD = "bench_run.json"  # written when a run has finished: its arguments and wall time
 
 
-def selected_by(run_dir: Path) -> tuple[str | None, float | None]:
-    """The checkpoint monitor of a run and the score of the checkpoint it tested (the best one), read from
-    ``last.ckpt``'s checkpoint state; ``metrics_val.json`` holds the last validation instead."""
+def _checkpoint_state(run_dir: Path) -> dict:
+    """The checkpoint callback's state in the run's ``last.ckpt`` (empty without one)."""
     import torch
 
     last = run_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
-        return None, None
+        return {}
     state = torch.load(last, map_location="cpu", weights_only=False).get("callbacks", {})
-    for key, value in state.items():
-        if "Checkpoint" in key and value.get("best_model_score") is not None:
-            return value.get("monitor"), float(value["best_model_score"])
-    return None, None
+    return next((v for k, v in state.items() if "Checkpoint" in k and v.get("best_model_path")), {})
+
+
+def selected_by(run_dir: Path) -> tuple[str | None, float | None]:
+    """The checkpoint monitor of a run and the score of the checkpoint it tested (the best one), read from
+    ``last.ckpt``'s checkpoint state; ``metrics_val.json`` holds the last validation instead."""
+    state = _checkpoint_state(run_dir)
+    if state.get("best_model_score") is None:
+        return None, None
+    return state.get("monitor"), float(state["best_model_score"])
+
+
+def tested_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint a finished run was tested on: the monitor's best, else ``last.ckpt``."""
+    best = _checkpoint_state(run_dir).get("best_model_path")
+    if best and (run_dir / "checkpoints" / Path(best).name).is_file():
+        return run_dir / "checkpoints" / Path(best).name
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        return run_dir / "checkpoints" / "last.ckpt"
+    raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
 
 
 class NotRun(Exception):

@@ -102,3 +102,27 @@ def test_ddp_gives_the_statistics_of_one_process(tmp_path):
     assert single.keys() == double.keys()
     for key in single:  # every rank passes the whole split: the one-process statistics, to float noise
         torch.testing.assert_close(double[key], single[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bn_first", [True, False])
+def test_two_stages_change_the_model_in_the_order_they_are_listed(tmp_path, bn_first):
+    """BatchNorm re-estimation beside DFR (two ModelStages at the end of one fit) runs in list order:
+    listed first, DFR refits the head on the re-estimated embedding; listed second, it re-estimates the
+    statistics under DFR's refit head. Each stage's "before" report is the other's "after"."""
+    from shortcut_lightning import DeepFeatureReweighting
+
+    torch.manual_seed(0)
+    dm = SyntheticShortcuts(n_train=48, n_val=32, n_test=24, image_size=32, batch_size=16)
+    bn, dfr = BatchNormRecalibration(), DeepFeatureReweighting(num_refits=2, c_grid=[1.0], workers=1)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, default_root_dir=tmp_path, logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False,
+                        callbacks=[bn, dfr] if bn_first else [dfr, bn])  # fmt: skip
+    trainer.fit(ShortcutClassifier("test_resnet"), datamodule=dm)
+    bn_report = json.loads((tmp_path / "bn_recalibration.json").read_text())
+    dfr_report = json.loads((tmp_path / "dfr.json").read_text())
+    first, second = (bn_report, dfr_report) if bn_first else (dfr_report, bn_report)
+    for split in ("val", "test"):
+        assert second["before"][split]["groups"] == first["after"][split]["groups"]
+    moved = bn_report["before"]["test"]["groups"] != bn_report["after"]["test"]["groups"]
+    refit = dfr_report["before"]["test"]["groups"] != dfr_report["after"]["test"]["groups"]
+    assert moved and refit, "a stage that changes nothing would not show the order"

@@ -32,6 +32,7 @@ class BatchNormRecalibration(ModelStage):
     Writes ``bn_recalibration.json``: the layers and images counted, group reports before and after on
     ``report_splits``. Under DDP every rank passes the whole split, so each holds exactly the statistics
     one process computes (one forward pass over ``split`` per rank: no collective, no batch-order noise).
+    Beside another stage that changes the model at fit end (DFR), the two run in callback-list order.
 
     Args:
         split: the split whose images (evaluation transforms) give the statistics; ``train`` by default.
