@@ -76,7 +76,7 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
     # GroupDRO by the paper's protocol (train and val groups): the checkpoint and (step_size, C) chosen by
     # val worst-group accuracy; C / sqrt(n_g) is the group adjustment
     **{f"groupdro_step{step:g}_c{c:g}": (GROUPDRO, {"GroupDRO": {"step_size": step, "adjustment": c}})
-       for step in (0.01, 0.1, 1.0) for c in (0.0, 2.0)},
+       for step, c in [(s, c) for s in (0.01, 0.1, 1.0) for c in (0.0, 2.0)] + [(3.0, 2.0), (1.0, 4.0)]},
     # BatchNorm re-estimated (no training) after another row of the suite: does the control's gain stack?
     **{f"bn_after_{key}": (BN, {}) for key in ("SCORE_auto", "JTT", "GroupDRO", "control_ERM_continued")},
 }  # fmt: skip

@@ -53,13 +53,29 @@ def selected_by(run_dir: Path) -> tuple[str | None, float | None]:
 
 
 def tested_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint a finished run was tested on: the monitor's best, else ``last.ckpt``."""
+    """The checkpoint holding the model a finished run was tested on, as the CLI chose it: where a callback
+    changes the model at the end of fit, the model it left (``<checkpoint_name>.ckpt`` of a ModelStage that
+    saves one, else ``last.ckpt``: SCORE's fine-tuned model); otherwise the monitor's best, else ``last.ckpt``."""
+    import importlib
+
+    folder = run_dir / "checkpoints"
+    callbacks = (
+        yaml.safe_load((run_dir / "config.yaml").read_text()).get("trainer", {}).get("callbacks") or []
+    )
+    for callback in callbacks:
+        module, _, name = callback["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        if getattr(cls, "changes_model_at_fit_end", False):
+            name = getattr(cls, "checkpoint_name", None)
+            name = cls.name if isinstance(name, property) else name  # LastLayerRefit: its stage name
+            saved = folder / f"{name}.ckpt"
+            return saved if saved.is_file() else folder / "last.ckpt"
     best = _checkpoint_state(run_dir).get("best_model_path")
-    if best and (run_dir / "checkpoints" / Path(best).name).is_file():
-        return run_dir / "checkpoints" / Path(best).name
-    if (run_dir / "checkpoints" / "last.ckpt").is_file():
-        return run_dir / "checkpoints" / "last.ckpt"
-    raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
+    if best and (folder / Path(best).name).is_file():
+        return folder / Path(best).name
+    if (folder / "last.ckpt").is_file():
+        return folder / "last.ckpt"
+    raise FileNotFoundError(f"no checkpoint in {folder}")
 
 
 class NotRun(Exception):
