@@ -40,7 +40,7 @@ def _checkpoint_state(run_dir: Path) -> dict:
     if not last.is_file():
         return {}
     state = torch.load(last, map_location="cpu", weights_only=False).get("callbacks", {})
-    return next((v for k, v in state.items() if "Checkpoint" in k and v.get("best_model_path")), {})
+    return next((v for k, v in state.items() if "Checkpoint" in k and isinstance(v, dict)), {})
 
 
 def selected_by(run_dir: Path) -> tuple[str | None, float | None]:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -211,3 +212,18 @@ def test_embedded_variants_parse_settings_and_read_the_tested_checkpoints_score(
     }
     torch.save({"callbacks": {"GroupDRO": {}, **state}}, tmp_path / "checkpoints" / "last.ckpt")
     assert quality.selected_by(tmp_path) == ("val/worst_class", 0.75)
+    # the model the CLI tested: the monitor's best; a stage that changes the model at fit end, what it left
+    best = tmp_path / "checkpoints" / "epoch001.ckpt"
+    state[next(iter(state))]["best_model_path"] = str(best)
+    torch.save({"callbacks": state}, tmp_path / "checkpoints" / "last.ckpt")
+    best.write_bytes(b"")
+    config = {"trainer": {"callbacks": [{"class_path": "shortcut_lightning.callbacks.GroupDRO"}]}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert quality.tested_checkpoint(tmp_path) == best
+    config["trainer"]["callbacks"][0]["class_path"] = "shortcut_lightning.callbacks.NeuronRegularization"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert quality.tested_checkpoint(tmp_path).name == "last.ckpt"  # SCORE tests its fine-tuned model
+    config["trainer"]["callbacks"][0]["class_path"] = "shortcut_lightning.callbacks.DeepFeatureReweighting"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "checkpoints" / "dfr.ckpt").write_bytes(b"")
+    assert quality.tested_checkpoint(tmp_path).name == "dfr.ckpt"
