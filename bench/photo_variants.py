@@ -77,6 +77,9 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
     # val worst-group accuracy; C / sqrt(n_g) is the group adjustment
     **{f"groupdro_step{step:g}_c{c:g}": (GROUPDRO, {"GroupDRO": {"step_size": step, "adjustment": c}})
        for step, c in [(s, c) for s in (0.01, 0.1, 1.0) for c in (0.0, 2.0)] + [(3.0, 2.0), (1.0, 4.0)]},
+    # photos_groupdro.yaml as a user runs it: 3 epochs from ImageNet, the paper's settings against the preset's
+    "groupdro_imagenet_step0.01_c0": (GROUPDRO, {"GroupDRO": {"step_size": 0.01, "adjustment": 0.0}}),
+    "groupdro_imagenet_step1_c2": (GROUPDRO, {"GroupDRO": {"step_size": 1.0, "adjustment": 2.0}}),
     # BatchNorm re-estimated (no training) after another row of the suite: does the control's gain stack?
     **{f"bn_after_{key}": (BN, {}) for key in ("SCORE_auto", "JTT", "GroupDRO", "control_ERM_continued")},
 }  # fmt: skip
@@ -87,14 +90,15 @@ BN_AFTER = {
     if name.startswith("bn_after_")
 }
 # the config's own epochs from ImageNet, like the JTT row
-FROM_IMAGENET = {"jtt_upweight5", "jtt_upweight50", "jtt_upsample20", "jtt_upsample50"}
+FROM_IMAGENET = {"jtt_upweight5", "jtt_upweight50", "jtt_upsample20", "jtt_upsample50",
+                 "groupdro_imagenet_step0.01_c0", "groupdro_imagenet_step1_c2"}  # fmt: skip
 RELOAD = ["--trainer.reload_dataloaders_every_n_epochs", "1"]  # upsampled epochs change the loader's length
 EXTRA = {  # more CLI arguments of a variant (the reload is photos_jtt.yaml's own now; kept: the runs were made so)
     "jtt_upsample20": RELOAD,
     "jtt_upsample50": RELOAD,
     "score_class_balanced": ["--data.sampler", "class_balanced"],
     "erm_class_balanced": ["--data.sampler", "class_balanced"],
-    **{name: ["--checkpoint.monitor", "val/wga"] for name in VARIANTS if name.startswith("groupdro_")},
+    **{name: ["--checkpoint.monitor", "val/wga"] for name in VARIANTS if name.startswith("groupdro_step")},
 }
 EPOCHS = {
     **dict.fromkeys(BN_AFTER, 0),
