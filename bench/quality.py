@@ -67,7 +67,8 @@ def tested_checkpoint(run_dir: Path) -> Path:
         cls = getattr(importlib.import_module(module), name)
         if getattr(cls, "changes_model_at_fit_end", False):
             name = getattr(cls, "checkpoint_name", None)
-            name = cls.name if isinstance(name, property) else name  # LastLayerRefit: its stage name
+            if isinstance(name, property):  # derived from class attributes (LastLayerRefit: its stage name)
+                name = name.fget(cls)
             saved = folder / f"{name}.ckpt"
             return saved if saved.is_file() else folder / "last.ckpt"
     best = _checkpoint_state(run_dir).get("best_model_path")
