@@ -49,12 +49,15 @@ class ModelStage(Callback):
 
     Subclasses implement :meth:`run` and the :class:`Stage` members. With ``checkpoint_name`` set, the
     model the stage changed at the end of ``fit`` is saved as ``checkpoints/<checkpoint_name>.ckpt``.
+    :attr:`result` (what :meth:`run` reported) is the resumable state: a resumed run keeps its "before"
+    reports.
     """
 
     checkpoint_name: str | None = None
 
     def __init__(self) -> None:
         self._ran_in_memory = False
+        self.result: dict[str, Any] = {}
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         raise NotImplementedError
@@ -82,6 +85,13 @@ class ModelStage(Callback):
     def _before_evaluation(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.ckpt_path is not None or not self._ran_in_memory:
             self._run(trainer, pl_module)
+
+    # -- resumable state ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"result": self.result}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.result = state_dict.get("result", {})
 
 
 T = TypeVar("T")

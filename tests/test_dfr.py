@@ -116,6 +116,10 @@ def test_callback_rewrites_the_head_and_reports(tiny_synthetic, tmp_path):
     head = torch.load(tmp_path / "dfr_head.pt")
     torch.testing.assert_close(model.head.weight.detach(), head["weight"].float())
     assert (tmp_path / "checkpoints" / "dfr.ckpt").is_file()
+    saved = torch.load(tmp_path / "checkpoints" / "dfr.ckpt", weights_only=False)["callbacks"]
+    resumed = DeepFeatureReweighting(num_refits=3)  # a resumed run's stage keeps its "before" reports
+    resumed.load_state_dict(next(v for k, v in saved.items() if k.startswith("DeepFeatureReweighting")))
+    assert resumed.before_reports == dfr.before_reports and set(resumed.before_reports) == {"val", "test"}
     trainer.test(model, datamodule=dm)  # the in-memory refit model is not refit twice
     tested = json.loads((tmp_path / "metrics.json").read_text())
     assert tested["groups"] == report["after"]["test"]["groups"]

@@ -54,7 +54,6 @@ class BatchNormRecalibration(ModelStage):
         super().__init__()
         self.split = split
         self.report_splits = tuple(report_splits)
-        self.result: dict[str, Any] = {}
 
     @property
     def before_reports(self) -> dict[str, dict[str, Any]]:
@@ -94,10 +93,3 @@ class BatchNormRecalibration(ModelStage):
         ]
         write_stage_report(log_dir, f"{self.name}.json", self.result, summary=summary, tables=tables)
         return self.result
-
-    # -- resumable state ------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"result": self.result}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.result = state_dict.get("result", {})

@@ -42,7 +42,6 @@ class LastLayerRefit(ModelStage):
         self.head_path = head
         self.report_splits = tuple(report_splits)
         self.extra_splits = tuple(extra_splits)
-        self.result: dict[str, Any] = {}
 
     @property
     def before_reports(self) -> dict[str, dict[str, Any]]:
@@ -108,10 +107,3 @@ class LastLayerRefit(ModelStage):
                         scalars[f"{self.name}/{split}/{name}_{key}"] = r[name]
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step)
-
-    # -- resumable state ------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {"result": self.result}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.result = state_dict.get("result", {})

@@ -114,7 +114,6 @@ class SpuriousScore(ModelStage):
         self.interpolation = interpolation
         self.report_splits = tuple(report_splits)
         self.scaling = scaling
-        self.result: dict[str, Any] = {}
 
     stage_label = "s-score"
     uses_annotations = True  # spurious-region masks
