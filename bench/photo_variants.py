@@ -52,6 +52,12 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
         "start_epoch": 0, "sparsity": "logit", "mask_lr": 0.01, "init_logit": 1.5, "prune_epochs": 6}}),
     # PruSC's masks (2 epochs on train), then 2 epochs retraining the surviving weights on val (released code)
     "prusc_retrain": (PRUSC, {"MaskPruning": {"start_epoch": 0, "finetune_epochs": 2, "finetune_split": "val"}}),
+    # clusters that can find the minority groups: k-means within each class, on an intermediate stage's pooled
+    # output (the penultimate embedding of the pretrained ERM model clusters by animal, not by place)
+    **{f"prusc_{at}_class{k}": (PRUSC, {"MaskPruning": {
+        "start_epoch": 0, "cluster_within": "class", "num_clusters": k,
+        **({} if at == "head" else {"cluster_layer": f"net.blocks.{at[-1]}"})}})
+       for at in ("head", "blocks4", "blocks3") for k in (4, 8)},
     "sscore_erm": (SSCORE, {}),  # the ERM model's s-score views (no training)
     "score": (SCORE, SCORE_START),
     "score_blocks3": (SCORE, {"SpuriousPositiveMining": {"start_epoch": 0, "layer": "net.blocks.3"},

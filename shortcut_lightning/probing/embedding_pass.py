@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -13,7 +14,8 @@ from tqdm.auto import tqdm
 
 from shortcut_lightning.errors import ShortcutError
 from shortcut_lightning.metrics import GroupAccuracy, group_report
-from shortcut_lightning.probing.hooks import InputCapture
+from shortcut_lightning.probing.activations import reduce_channels
+from shortcut_lightning.probing.hooks import InputCapture, OutputCapture
 from shortcut_lightning.probing.model_parts import evaluating
 
 LABELS = ("target", "group", "spurious", "index")
@@ -39,16 +41,24 @@ class Embeddings:
 
 @torch.no_grad()
 def collect_embeddings(
-    pl_module: L.LightningModule, loader: Iterable[dict[str, Tensor]], head: nn.Module, desc: str
+    pl_module: L.LightningModule,
+    loader: Iterable[dict[str, Tensor]],
+    head: nn.Module,
+    desc: str,
+    layer: nn.Module | None = None,
 ) -> Embeddings:
     """Embeds every batch of ``loader`` with ``pl_module`` in eval mode (each module's mode restored afterwards).
 
-    ``pl_module(images)`` must return logits computed through ``head``. Under DDP each rank embeds
-    its shard; the shards are gathered and de-duplicated by ``index`` so every rank returns the
-    whole split, identically.
+    ``pl_module(images)`` must return logits computed through ``head``. ``features`` are the head's input,
+    or with ``layer`` that layer's output averaged over its positions (pixels or tokens). Under DDP each
+    rank embeds its shard; the shards are gathered and de-duplicated by ``index`` so every rank returns
+    the whole split, identically.
     """
     parts: dict[str, list[Tensor]] = {k: [] for k in ("features", "logits", *LABELS)}
-    with InputCapture(head) as capture, evaluating(pl_module):
+    with ExitStack() as stack:
+        capture = stack.enter_context(InputCapture(head))
+        at_layer = None if layer is None else stack.enter_context(OutputCapture(layer))
+        stack.enter_context(evaluating(pl_module))
         show = getattr(getattr(pl_module, "_trainer", None), "is_global_zero", True)
         for batch in tqdm(loader, desc=desc, leave=False, disable=not show):
             logits = pl_module(batch["image"].to(pl_module.device))
@@ -56,7 +66,8 @@ def collect_embeddings(
                 raise ShortcutError(
                     f"the model's forward did not call its head {type(head).__name__}: name the head"
                 )
-            parts["features"].append(capture.value.flatten(1).float().cpu())
+            features = capture.value.flatten(1) if at_layer is None else reduce_channels(at_layer.value)
+            parts["features"].append(features.float().cpu())
             parts["logits"].append(logits.float().cpu())
             for key in LABELS:  # a label the data lacks (e.g. no group annotations) is -1
                 value = batch.get(key) if isinstance(batch, dict) else None

@@ -6,6 +6,7 @@ from typing import Any
 
 from shortcut_lightning.data.base import TRAIN_SPLITS
 from shortcut_lightning.errors import ShortcutError
+from shortcut_lightning.methods.prusc.clusters import CLUSTER_WITHIN
 from shortcut_lightning.methods.prusc.masks import SPARSITY_FORMS
 
 BATCHNORM_MODES = ("held", "batch")
@@ -24,6 +25,7 @@ def check_arguments(
     beta: float,
     batchnorm: str = "held",
     sparsity: str = "probability",
+    cluster_within: str = "split",
 ) -> None:
     """Raises :class:`ShortcutError` for the first argument of ``MaskPruning`` that cannot work."""
     if prune_epochs < 1:
@@ -50,12 +52,29 @@ def check_arguments(
     for name, value, allowed in (
         ("batchnorm", batchnorm, BATCHNORM_MODES),
         ("sparsity", sparsity, SPARSITY_FORMS),
+        ("cluster_within", cluster_within, CLUSTER_WITHIN),
     ):
         if value not in allowed:
             raise ShortcutError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
     for name, value in (("lambda_sparse", lambda_sparse), ("beta", beta)):
         if value < 0:
             raise ShortcutError(f"{name} must be >= 0, got {value}")
+
+
+def check_data(dm: Any, split: str, finetune_split: str, groups: list[int] | None, num_clusters: int) -> None:
+    """The splits and groups must exist in the data, and the split must hold ``num_clusters`` samples."""
+    for name, value in (("split", split), ("finetune_split", finetune_split)):
+        if value not in dm.splits:
+            raise ShortcutError(f"MaskPruning {name} {value!r} is not in the data ({', '.join(dm.splits)})")
+    bad = [g for g in groups or [] if not 0 <= g < dm.num_groups]
+    if bad:
+        raise ShortcutError(
+            f"MaskPruning groups {bad} do not exist; the groups are "
+            + ", ".join(f"{i}={n}" for i, n in enumerate(dm.group_names))
+        )
+    n = len(dm.dataset(split))
+    if num_clusters > n:
+        raise ShortcutError(f"num_clusters={num_clusters} is more than the {n} samples of the {split} split")
 
 
 def check_strategy(strategy: Any, world_size: int) -> None:

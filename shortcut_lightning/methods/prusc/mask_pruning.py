@@ -16,7 +16,7 @@ from shortcut_lightning.backbones import PLAIN_WEIGHTS
 from shortcut_lightning.batchnorm import hold_batchnorm, recalibrate_batchnorm, whole_split
 from shortcut_lightning.data.base import require_group_datamodule
 from shortcut_lightning.errors import ShortcutError
-from shortcut_lightning.methods.prusc.arguments import check_arguments, check_strategy
+from shortcut_lightning.methods.prusc.arguments import check_arguments, check_data, check_strategy
 from shortcut_lightning.methods.prusc.best_masks import BestMasks
 from shortcut_lightning.methods.prusc.clusters import cluster_balance_weights, cluster_by_index, cluster_table
 from shortcut_lightning.methods.prusc.conv_reach import reachable_weights
@@ -35,7 +35,7 @@ from shortcut_lightning.methods.prusc.prusc_report import PruSCReport
 from shortcut_lightning.methods.prusc.supcon import cluster_supcon
 from shortcut_lightning.methods.prusc.training_data import TrainingData
 from shortcut_lightning.probing.embedding_pass import collect_embeddings, split_reports
-from shortcut_lightning.probing.model_parts import find_head
+from shortcut_lightning.probing.model_parts import find_head, find_module
 from shortcut_lightning.stages import decide_on_rank_zero
 
 
@@ -76,7 +76,10 @@ class MaskPruning(Callback):
         prune_epochs: epochs of mask learning.
         finetune_epochs: epochs of fine-tuning the surviving weights after the masks are fixed.
         finetune_split: split of those epochs (``train`` or ``val``; default: ``split``).
-        num_clusters: k of the k-means.
+        num_clusters: k of the k-means (with ``cluster_within="class"``: in each class).
+        cluster_layer: the layer whose output, averaged over positions, is clustered (default: the head's
+            input, the paper); e.g. ``net.blocks.4``, an intermediate stage (ours; docs/methods.md).
+        cluster_within: ``split`` (one k-means over all samples, the paper) or ``class`` (one per class).
         modules: shell-style name patterns of the layers to mask (default: every conv and linear).
         lambda_sparse: weight of the sum of mask probabilities (a per-weight pull towards pruning).
         beta: weight of the contrastive term.
@@ -116,6 +119,8 @@ class MaskPruning(Callback):
         finetune_epochs: int = 0,
         finetune_split: str | None = None,
         num_clusters: int = 16,
+        cluster_layer: str | None = None,
+        cluster_within: str = "split",
         modules: list[str] | None = None,
         lambda_sparse: float = 1e-6,
         beta: float = 1.0,
@@ -141,12 +146,15 @@ class MaskPruning(Callback):
             start_epoch=start_epoch, prune_epochs=prune_epochs, finetune_epochs=finetune_epochs,
             finetune_split=finetune_split, num_clusters=num_clusters, target_density=target_density, mode=mode,
             split=split, lambda_sparse=lambda_sparse, beta=beta, batchnorm=batchnorm, sparsity=sparsity,
+            cluster_within=cluster_within,
         )  # fmt: skip
         self.start_epoch = start_epoch
         self.prune_epochs = prune_epochs
         self.finetune_epochs = finetune_epochs
         self.finetune_split = finetune_split or split
         self.num_clusters = num_clusters
+        self.cluster_layer = cluster_layer
+        self.cluster_within = cluster_within
         self.modules = modules
         self.lambda_sparse = lambda_sparse
         self.beta = beta
@@ -198,24 +206,8 @@ class MaskPruning(Callback):
     def _prepare_fit(self, trainer: L.Trainer) -> None:
         """Checks the data and the strategy; points the datamodule at the split and groups to train on."""
         dm = require_group_datamodule(getattr(trainer, "datamodule", None), "MaskPruning")
-        for name in ("split", "finetune_split"):
-            if getattr(self, name) not in dm.splits:
-                raise ShortcutError(
-                    f"MaskPruning {name} {getattr(self, name)!r} is not in the data ({', '.join(dm.splits)})"
-                )
-        if self.groups is not None:
-            bad = [g for g in self.groups if not 0 <= g < dm.num_groups]
-            if bad:
-                raise ShortcutError(
-                    f"MaskPruning groups {bad} do not exist; the groups are "
-                    + ", ".join(f"{i}={n}" for i, n in enumerate(dm.group_names))
-                )
+        check_data(dm, self.split, self.finetune_split, self.groups, self.num_clusters)
         dm.train_on(self.split, groups=self.groups)
-        n = len(dm.dataset(self.split))
-        if self.num_clusters > n:
-            raise ShortcutError(
-                f"num_clusters={self.num_clusters} is more than the {n} samples of the {self.split} split"
-            )
         check_strategy(trainer.strategy, trainer.world_size)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -256,11 +248,7 @@ class MaskPruning(Callback):
         """Trains on ``split`` from the next loader on, cluster-balanced if it is the split that was clustered."""
         dm = trainer.datamodule
         balance = split == self.split and self.cluster_balanced
-        weights = (
-            (lambda: cluster_balance_weights(self.clusters, dm.train_positions(), self.num_clusters))
-            if balance
-            else None
-        )
+        weights = (lambda: cluster_balance_weights(self.clusters, dm.train_positions())) if balance else None
         self._data.point(trainer, split, weights)
 
     def _split_of(self, epoch: int) -> str:
@@ -308,12 +296,17 @@ class MaskPruning(Callback):
         dm = trainer.datamodule
         head = find_head(pl_module)
         tag = " [uses group annotations: groups]" if self.uses_annotations else ""
+        layer = (
+            None
+            if self.cluster_layer is None
+            else find_module(pl_module, self.cluster_layer, "cluster_layer")
+        )
         embedded = collect_embeddings(
-            pl_module, dm.dataloader(self.split), head, desc=f"PruSC: embedding {self.split}"
+            pl_module, dm.dataloader(self.split), head, desc=f"PruSC: embedding {self.split}", layer=layer
         )
         # one k-means on rank 0, its clusters broadcast: the same clusters on every rank by construction
         self.clusters, found = decide_on_rank_zero(
-            trainer, lambda: cluster_by_index(embedded, self.num_clusters, self.seed)
+            trainer, lambda: cluster_by_index(embedded, self.num_clusters, self.seed, self.cluster_within)
         )
         self._cluster_device = None
         self.report = PruSCReport(
@@ -323,7 +316,11 @@ class MaskPruning(Callback):
             before=self._reports(pl_module, "before"),
             parameters=self._parameters(),
         )
-        rank_zero_info(f"PruSC{tag}: {self.num_clusters} clusters of the {self.split} split (cosine k-means)")
+        where = "" if self.cluster_within == "split" else " in each class"
+        at = "" if self.cluster_layer is None else f" at {self.cluster_layer}"
+        rank_zero_info(
+            f"PruSC{tag}: {self.num_clusters} clusters{where} of the {self.split} split{at} (cosine k-means)"
+        )
 
     def _reports(self, pl_module: L.LightningModule, when: str) -> dict[str, Any]:
         dm, head = pl_module.trainer.datamodule, find_head(pl_module)
