@@ -58,6 +58,14 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
         "start_epoch": 0, "cluster_within": "class", "num_clusters": k,
         **({} if at == "head" else {"cluster_layer": f"net.blocks.{at[-1]}"})}})
        for at in ("head", "blocks4", "blocks3") for k in (4, 8)},
+    # PruSC's step 4 on those clusters: 1 mask epoch, then 2 epochs fine-tuning the surviving weights on train,
+    # cluster-balanced; and its control, the same fine-tuning with no mask that can move (lr 0, logit 50)
+    "prusc_blocks4_class8_ft2": (PRUSC, {"MaskPruning": {
+        "start_epoch": 0, "cluster_within": "class", "num_clusters": 8, "cluster_layer": "net.blocks.4",
+        "prune_epochs": 1, "finetune_epochs": 2}}),
+    "clusters_blocks4_class8_ft2": (PRUSC, {"MaskPruning": {
+        "start_epoch": 0, "cluster_within": "class", "num_clusters": 8, "cluster_layer": "net.blocks.4",
+        "prune_epochs": 1, "finetune_epochs": 2, "mask_lr": 0.0, "init_logit": 50.0}}),
     "sscore_erm": (SSCORE, {}),  # the ERM model's s-score views (no training)
     "score": (SCORE, SCORE_START),
     "score_blocks3": (SCORE, {"SpuriousPositiveMining": {"start_epoch": 0, "layer": "net.blocks.3"},
@@ -111,6 +119,8 @@ EPOCHS = {
     "prusc_val_6": 6,
     "prusc_logit_sparsity_6": 6,
     "prusc_retrain": 4,
+    "prusc_blocks4_class8_ft2": 3,
+    "clusters_blocks4_class8_ft2": 3,
     "sscore_erm": 0,
 }  # stage epochs where a variant needs other than STAGE_EPOCHS
 

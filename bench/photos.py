@@ -11,7 +11,8 @@ no group labels) through its own config, with the stage starting at epoch 0:
 - DFR (``photos_dfr.yaml``, group labels on val), and a plain scikit-learn reference refit on the same
   embeddings (group-balanced logistic regression on val) computed here;
 - PruSC (``photos_prusc.yaml``, masks only; the dense model is a candidate of its validation rule,
-  ``keep_dense``), and the same with the mask epochs only (``keep_dense: false``), SCORE auto and oracle (``photos_score.yaml``),
+  ``keep_dense``), and the same with the mask epochs only (``keep_dense: false``); PruSC with its fine-tuning
+  step on clusters found in each class at ``net.blocks.4`` (``photos_prusc_finetune.yaml``); SCORE auto and oracle (``photos_score.yaml``),
   s-score pruning (``photos_sscore.yaml``);
 - the baselines: AFR (``photos_afr.yaml``) from the ERM checkpoint, GroupDRO (``photos_groupdro.yaml``, train
   groups, 3 epochs) and JTT (``photos_jtt.yaml``) from ImageNet, JTT's identification model early-stopped after 1 epoch;
@@ -62,6 +63,10 @@ def stage_rows(ckpt: str) -> dict[str, tuple[str, dict, dict, list[str]]]:
         # the best mask epoch even where the dense model validates better: what the masks do
         "PruSC (mask epochs only)": ("configs/photos_prusc.yaml", {"MaskPruning": {"start_epoch": 0, "keep_dense": False}},
                                      epochs, []),
+        # PruSC's fine-tuning step on clusters that isolate the minority groups (k-means in each class at
+        # net.blocks.4): 1 mask epoch, 2 cluster-balanced epochs on train, the stage epochs of the rows above + 1
+        "PruSC + fine-tuning": ("configs/photos_prusc_finetune.yaml", {"MaskPruning": {"start_epoch": 0}},
+                                {**epochs, "trainer__max_epochs": STAGE_EPOCHS + 1}, []),
         "SCORE (auto)": ("configs/photos_score.yaml", score, epochs, []),
         "SCORE (oracle)": ("configs/photos_score.yaml", oracle, epochs, []),
         "s-score pruning": ("configs/photos_sscore.yaml", {}, {"trainer__max_epochs": 0, "model__weights": ckpt}, []),

@@ -167,9 +167,10 @@ def _prune(tmp_path, devices: int, max_epochs: int = 1, **stage) -> list[dict]:
     return [torch.load(tmp_path / f"masks_rank{r}.pt") for r in range(devices)]
 
 
-def test_mask_pruning_ddp_has_one_set_of_clusters_and_masks(tmp_path):
-    (single,) = _prune(tmp_path / "one", devices=1)
-    first, second = _prune(tmp_path / "two", devices=2)
+@pytest.mark.parametrize("clusters", [{}, {"cluster_within": "class", "cluster_layer": "net.layer2"}])
+def test_mask_pruning_ddp_has_one_set_of_clusters_and_masks(tmp_path, clusters):
+    (single,) = _prune(tmp_path / "one", devices=1, **clusters)
+    first, second = _prune(tmp_path / "two", devices=2, **clusters)
     assert torch.equal(first["clusters"], single["clusters"])  # the gathered embedding, clustered alike
     assert torch.equal(second["clusters"], first["clusters"])
     assert first["masks"].keys() == second["masks"].keys()
