@@ -60,9 +60,12 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
        for at in ("head", "blocks4", "blocks3") for k in (4, 8)},
     # PruSC's step 4 on those clusters: 1 mask epoch, then 2 epochs fine-tuning the surviving weights on train,
     # cluster-balanced; and its control, the same fine-tuning with no mask that can move (lr 0, logit 50)
-    "prusc_blocks4_class8_ft2": (PRUSC, {"MaskPruning": {
-        "start_epoch": 0, "cluster_within": "class", "num_clusters": 8, "cluster_layer": "net.blocks.4",
-        "prune_epochs": 1, "finetune_epochs": 2}}),
+    # the same fine-tuning on the paper's clusters (12 over the split, the penultimate embedding)
+    "prusc_ft2": (PRUSC, {"MaskPruning": {"start_epoch": 0, "prune_epochs": 1, "finetune_epochs": 2}}),
+    **{f"prusc_{at}_class{k}_ft2": (PRUSC, {"MaskPruning": {
+        "start_epoch": 0, "cluster_within": "class", "num_clusters": k, "prune_epochs": 1, "finetune_epochs": 2,
+        **({} if at == "head" else {"cluster_layer": f"net.blocks.{at[-1]}"})}})
+       for at in ("head", "blocks4", "blocks3") for k in (4, 8)},
     "clusters_blocks4_class8_ft2": (PRUSC, {"MaskPruning": {
         "start_epoch": 0, "cluster_within": "class", "num_clusters": 8, "cluster_layer": "net.blocks.4",
         "prune_epochs": 1, "finetune_epochs": 2, "mask_lr": 0.0, "init_logit": 50.0}}),
@@ -119,7 +122,8 @@ EPOCHS = {
     "prusc_val_6": 6,
     "prusc_logit_sparsity_6": 6,
     "prusc_retrain": 4,
-    "prusc_blocks4_class8_ft2": 3,
+    "prusc_ft2": 3,
+    **{f"prusc_{at}_class{k}_ft2": 3 for at in ("head", "blocks4", "blocks3") for k in (4, 8)},
     "clusters_blocks4_class8_ft2": 3,
     "sscore_erm": 0,
 }  # stage epochs where a variant needs other than STAGE_EPOCHS

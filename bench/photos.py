@@ -82,6 +82,11 @@ def stage_rows(ckpt: str) -> dict[str, tuple[str, dict, dict, list[str]]]:
         # no training: ERM's BatchNorm statistics re-estimated on the train images without augmentation
         "control: BatchNorm re-estimated": ("configs/photos_bn_recalibration.yaml", {},
                                             {"trainer__max_epochs": 0, "model__weights": ckpt}, []),
+        # PruSC + fine-tuning's clusters and cluster-balanced epochs with no mask that can move (lr 0, logit 50)
+        "control: fine-tuning on the same clusters": (
+            "configs/photos_prusc_finetune.yaml",
+            {"MaskPruning": {"start_epoch": 0, "mask_lr": 0.0, "init_logit": 50.0}},
+            {**epochs, "trainer__max_epochs": STAGE_EPOCHS + 1}, []),
         "control: retrain on val": ("configs/photos_erm.yaml", {}, epochs,
                                     ["--data.train_split", "val", "--checkpoint.monitor", "null"]),
     }  # fmt: skip
@@ -94,7 +99,8 @@ DEFINITIONS = (
     "not the train-weighted mean of Waterbirds papers (group accuracies weighted by the groups' train shares; "
     "`weighted_mean` in metrics.json). group labels: what the row uses beyond class labels; every row selects its "
     "checkpoint without group labels (ERM and the controls by val/mean, JTT and GroupDRO by val/worst_class; PruSC "
-    "keeps the masks, or with keep_dense the unpruned model, of the best val/worst_class)."
+    "keeps the masks, or with keep_dense the unpruned model, of the best val/worst_class; PruSC + fine-tuning and its "
+    "control test their last epoch)."
 )
 SCRATCH_ROWS = ("DFR",)
 
