@@ -15,7 +15,7 @@ from shortcut_lightning.methods.prusc.kmeans import cosine_kmeans
 from shortcut_lightning.probing.embedding_pass import Embeddings, collect_embeddings
 from shortcut_lightning.probing.model_parts import find_head
 
-from helpers import make_trainer
+from helpers import MaskDump, make_trainer
 
 
 def _embeddings(features: torch.Tensor, target: torch.Tensor) -> Embeddings:
@@ -91,3 +91,37 @@ def test_bad_cluster_arguments_name_the_field(tmp_path, tiny_synthetic):
         make_trainer(tmp_path, [MaskPruning(cluster_layer="net.layer9")], 1).fit(
             ShortcutClassifier("test_resnet"), datamodule=tiny_synthetic()
         )
+
+
+@pytest.mark.parametrize("finetune_split", ["train", "val"])
+def test_no_mask_epoch_fine_tunes_on_the_clusters_alone(tmp_path, tiny_synthetic, finetune_split):
+    """``prune_epochs=0``: the clusters' fine-tuning from the first epoch, cluster-balanced on the clustered split,
+    no weight pruned; the stage stops after its fine-tuning epochs."""
+    torch.manual_seed(0)
+    model = ShortcutClassifier("test_resnet")
+    before = {k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith("weight")}
+    pruning = MaskPruning(
+        prune_epochs=0,
+        finetune_epochs=2,
+        finetune_split=finetune_split,
+        num_clusters=3,
+        report_splits=("val",),
+    )
+    trainer = make_trainer(tmp_path, [MaskDump(str(tmp_path)), pruning], 5, limit_val_batches=0)
+    trainer.fit(model, datamodule=tiny_synthetic())
+    dumped = torch.load(tmp_path / "masks_rank0.pt")
+    assert sorted(dumped["drawn"]) == [0, 1]  # 2 epochs of the 5, both fine-tuning
+    assert all(bool(mask.all()) for mask in dumped["masks"].values())  # nothing pruned
+    after = model.state_dict()  # exported: the masks (all kept) multiplied in, a plain network again
+    assert after.keys() >= before.keys()
+    assert any(not torch.equal(v, after[k]) for k, v in before.items())  # the weights were trained
+    n_val = len(tiny_synthetic().dataset("val")) if finetune_split == "val" else None
+    drawn = dumped["drawn"][0]
+    if n_val is None:  # cluster-balanced draws over train: every cluster carries the same weight
+        weights = trainer.train_dataloader.sampler.weights
+        per_cluster = torch.zeros(3, dtype=torch.float64).index_add_(0, pruning.clusters, weights)
+        torch.testing.assert_close(per_cluster, torch.ones(3, dtype=torch.float64))
+    else:  # the validation split from the first epoch on
+        assert max(drawn) < n_val and len(set(drawn)) == n_val
+    with pytest.raises(ShortcutError, match="prune_epochs must be >= 1, or 0 with finetune_epochs >= 1"):
+        MaskPruning(prune_epochs=0)

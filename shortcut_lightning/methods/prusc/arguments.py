@@ -28,8 +28,11 @@ def check_arguments(
     cluster_within: str = "split",
 ) -> None:
     """Raises :class:`ShortcutError` for the first argument of ``MaskPruning`` that cannot work."""
-    if prune_epochs < 1:
-        raise ShortcutError(f"prune_epochs must be >= 1, got {prune_epochs}")
+    if prune_epochs < 1 and not (prune_epochs == 0 and finetune_epochs > 0):
+        raise ShortcutError(
+            f"prune_epochs must be >= 1, or 0 with finetune_epochs >= 1 (fine-tuning on the clusters alone), "
+            f"got prune_epochs={prune_epochs}, finetune_epochs={finetune_epochs}"
+        )
     for name, value in (("finetune_epochs", finetune_epochs), ("start_epoch", start_epoch)):
         if value < 0:
             raise ShortcutError(f"{name} must be >= 0, got {value}")

@@ -73,7 +73,7 @@ class MaskPruning(Callback):
 
     Args:
         start_epoch: the epoch before which clustering runs and mask learning starts.
-        prune_epochs: epochs of mask learning.
+        prune_epochs: epochs of mask learning (0 with ``finetune_epochs``: fine-tuning on the clusters alone).
         finetune_epochs: epochs of fine-tuning the surviving weights after the masks are fixed.
         finetune_split: split of those epochs (``train`` or ``val``; default: ``split``).
         num_clusters: k of the k-means (with ``cluster_within="class"``: in each class).
@@ -219,7 +219,7 @@ class MaskPruning(Callback):
             self._start(trainer, pl_module)
         if self.phase != "waiting":
             # a resumed run's epoch is restored after this hook: the split saved with the stage's state
-            self._point_data(trainer, self._data.split or self.split)
+            self._point_data(trainer, self._data.split or self._split_of(trainer.current_epoch))
 
     # -- phases ---------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -243,6 +243,8 @@ class MaskPruning(Callback):
         self._enter(trainer, pl_module, "learning")
         if self._best is not None and self.keep_dense:  # the dense model competes with every mask epoch
             self._best.consider_dense(self.report.before, self._masks, self._statistics_of(pl_module))
+        if self.prune_epochs == 0:  # no mask learning: the fine-tuning on the clusters alone
+            self._enter(trainer, pl_module, "fixed")
 
     def _point_data(self, trainer: L.Trainer, split: str) -> None:
         """Trains on ``split`` from the next loader on, cluster-balanced if it is the split that was clustered."""
