@@ -76,7 +76,9 @@ def main() -> None:
                     found = best_cluster(clusters[embedded.index], embedded.group == g)
                     rows.setdefault((layer, setting, dm.group_names[g]), []).append(found)
     base = dm.group_counts("train").double()
-    print(f"ERM seeds {args.seeds}; train split; precision / recall of the best cluster, mean over seeds")
+    print(
+        f"ERM seeds {args.seeds}; train split; precision / recall of the best cluster, mean over seeds (each seed)"
+    )
     print("| layer | clusters | " + " | ".join(dm.group_names[g] for g in minority) + " |")
     print("|---|---|" + "---|" * len(minority))
     for layer in args.layers:
@@ -85,7 +87,8 @@ def main() -> None:
             for g in minority:
                 found = rows[(layer, setting, dm.group_names[g])]
                 p, r = statistics.mean(f[0] for f in found), statistics.mean(f[1] for f in found)
-                cells.append(f"{p:.2f} / {r:.2f}")
+                each = ", ".join(f"{f[0]:.2f}/{f[1]:.2f}" for f in found)
+                cells.append(f"{p:.2f} / {r:.2f} ({each})")
             print(f"| {layer} | {setting} | " + " | ".join(cells) + " |")
     shares = ", ".join(
         f"{dm.group_names[g]} {float(base[g] / base.view(dm.num_classes, -1)[g // dm.n_spurious].sum()):.3f}"
