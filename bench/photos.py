@@ -272,8 +272,10 @@ def markdown(result: dict, command: str) -> str:
     return "\n".join([
         f"Real-photo benchmark (`make photos`, {result['image_size']} px), test split, mean ± std over model "
         f"seeds {seeds}; in brackets the gain over ERM's worst-group accuracy (the checkpoint every stage "
-        f"starts from). Stages and controls train {STAGE_EPOCHS} epochs after ERM; JTT trains from ImageNet "
-        f"(1 identification epoch, then {STAGE_EPOCHS} upsampled ones, each longer by the error set's extra copies).",
+        f"starts from). Stages and controls train {STAGE_EPOCHS} epochs after ERM (PruSC + fine-tuning and its "
+        f"control: 1 mask epoch, then {STAGE_EPOCHS} fine-tuning epochs); JTT and GroupDRO train from ImageNet for "
+        f"ERM's 3 epochs (JTT: 1 identification epoch, then {STAGE_EPOCHS} upsampled ones, each longer by the error "
+        "set's extra copies).",
         f"`{command}` on {env['date']} ({env['machine']}, GPU {env['gpu']}), {result['wall_s'] / 60:.0f} min.",
         "",
         table(result),

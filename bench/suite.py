@@ -76,6 +76,7 @@ GROUP_INFO = {
     "DFR (scikit-learn reference)": "val groups",
     "PruSC": "none",
     "PruSC (mask epochs only)": "none",
+    "PruSC + fine-tuning": "none",
     "SCORE (auto)": "none",
     "SCORE (oracle)": "train spurious masks",
     "s-score pruning": "train spurious masks",
@@ -84,6 +85,7 @@ GROUP_INFO = {
     "GroupDRO": "train groups",
     "control: ERM continued": "none",
     "control: BatchNorm re-estimated": "none",
+    "control: fine-tuning on the same clusters": "none",
     "control: retrain on val": "none",
 }
 METRICS = (

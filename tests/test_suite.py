@@ -227,3 +227,9 @@ def test_embedded_variants_parse_settings_and_read_the_tested_checkpoints_score(
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "checkpoints" / "dfr.ckpt").write_bytes(b"")
     assert quality.tested_checkpoint(tmp_path).name == "dfr.ckpt"
+
+
+def test_every_photo_row_says_how_much_group_information_it_uses(suite):
+    photos = importlib.import_module("photos")
+    rows = [*photos.stage_rows("erm.ckpt"), "ERM", "DFR (scikit-learn reference)"]
+    assert [row for row in rows if row not in suite.GROUP_INFO] == []
