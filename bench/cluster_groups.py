@@ -56,14 +56,14 @@ def main() -> None:
         root=args.root, image_size=128, batch_size=64, num_workers=2, class_names=["hoofed", "clawed"]
     )
     dm.setup("fit")
+    counts = dm.group_counts("train").view(dm.num_classes, dm.n_spurious).double()
+    minority = [c * dm.n_spurious + int(counts[c].argmin()) for c in range(dm.num_classes)]
     rows: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
     for seed in args.seeds:
         erm = next(Path(args.erm_runs).glob(f"*/seed{seed}"), None)
         if erm is None:
             raise SystemExit(f"no ERM run of seed {seed} in {args.erm_runs}: run make bench-photos first")
         model = ShortcutClassifier.load_from_checkpoint(best_checkpoint(erm), map_location="cpu")
-        counts = dm.group_counts("train").view(dm.num_classes, dm.n_spurious)
-        minority = [c * dm.n_spurious + int(counts[c].argmin()) for c in range(dm.num_classes)]
         for layer in args.layers:
             at = None if layer == "head" else find_module(model, layer, "--layers")
             embedded = collect_embeddings(
@@ -75,7 +75,6 @@ def main() -> None:
                 for g in minority:
                     found = best_cluster(clusters[embedded.index], embedded.group == g)
                     rows.setdefault((layer, setting, dm.group_names[g]), []).append(found)
-    base = dm.group_counts("train").double()
     print(
         f"ERM seeds {args.seeds}; train split; precision / recall of the best cluster, mean over seeds (each seed)"
     )
@@ -91,7 +90,7 @@ def main() -> None:
                 cells.append(f"{p:.2f} / {r:.2f} ({each})")
             print(f"| {layer} | {setting} | " + " | ".join(cells) + " |")
     shares = ", ".join(
-        f"{dm.group_names[g]} {float(base[g] / base.view(dm.num_classes, -1)[g // dm.n_spurious].sum()):.3f}"
+        f"{dm.group_names[g]} {float(counts.flatten()[g] / counts[g // dm.n_spurious].sum()):.3f}"
         for g in minority
     )
     print(f"base rate (the group's share of its class in train): {shares}")

@@ -29,6 +29,14 @@ GROUPDRO = "configs/photos_groupdro.yaml"
 BN = "configs/photos_bn_recalibration.yaml"
 START = {"MaskPruning": {"start_epoch": 0}}
 SCORE_START = {"SpuriousPositiveMining": {"start_epoch": 0}, "NeuronRegularization": {"start_epoch": 0}}
+FT2 = {"prune_epochs": 1, "finetune_epochs": 2}  # a variant named *_ft2: 1 mask epoch, 2 fine-tuning epochs
+
+
+def _per_class(at: str, k: int) -> dict:
+    """PruSC's clusters: ``k`` in each class, at the head's input (``head``) or at ``net.blocks.<n>`` (``blocks<n>``)."""
+    return {"cluster_within": "class", "num_clusters": k,
+            **({} if at == "head" else {"cluster_layer": f"net.blocks.{at.removeprefix('blocks')}"})}  # fmt: skip
+
 
 # name -> (config, callback init_args by class name); start_epoch 0 everywhere (the stage starts from ERM)
 VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
@@ -54,21 +62,16 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
     "prusc_retrain": (PRUSC, {"MaskPruning": {"start_epoch": 0, "finetune_epochs": 2, "finetune_split": "val"}}),
     # clusters that can find the minority groups: k-means within each class, on an intermediate stage's pooled
     # output (the penultimate embedding of the pretrained ERM model clusters by animal, not by place)
-    **{f"prusc_{at}_class{k}": (PRUSC, {"MaskPruning": {
-        "start_epoch": 0, "cluster_within": "class", "num_clusters": k,
-        **({} if at == "head" else {"cluster_layer": f"net.blocks.{at[-1]}"})}})
+    **{f"prusc_{at}_class{k}": (PRUSC, {"MaskPruning": {"start_epoch": 0, **_per_class(at, k)}})
        for at in ("head", "blocks4", "blocks3") for k in (4, 8)},
-    # PruSC's step 4 on those clusters: 1 mask epoch, then 2 epochs fine-tuning the surviving weights on train,
-    # cluster-balanced; and its control, the same fine-tuning with no mask that can move (lr 0, logit 50)
-    # the same fine-tuning on the paper's clusters (12 over the split, the penultimate embedding)
-    "prusc_ft2": (PRUSC, {"MaskPruning": {"start_epoch": 0, "prune_epochs": 1, "finetune_epochs": 2}}),
-    **{f"prusc_{at}_class{k}_ft2": (PRUSC, {"MaskPruning": {
-        "start_epoch": 0, "cluster_within": "class", "num_clusters": k, "prune_epochs": 1, "finetune_epochs": 2,
-        **({} if at == "head" else {"cluster_layer": f"net.blocks.{at[-1]}"})}})
+    # PruSC's step 4: 1 mask epoch, then 2 epochs fine-tuning the surviving weights on train, cluster-balanced;
+    # on the paper's clusters (12 over the split, the penultimate embedding) and on the per-class ones
+    "prusc_ft2": (PRUSC, {"MaskPruning": {"start_epoch": 0, **FT2}}),
+    **{f"prusc_{at}_class{k}_ft2": (PRUSC, {"MaskPruning": {"start_epoch": 0, **_per_class(at, k), **FT2}})
        for at in ("head", "blocks4", "blocks3") for k in (4, 8)},
+    # and its control: the same fine-tuning with no mask that can move (lr 0, logit 50)
     "clusters_blocks4_class8_ft2": (PRUSC, {"MaskPruning": {
-        "start_epoch": 0, "cluster_within": "class", "num_clusters": 8, "cluster_layer": "net.blocks.4",
-        "prune_epochs": 1, "finetune_epochs": 2, "mask_lr": 0.0, "init_logit": 50.0}}),
+        "start_epoch": 0, **_per_class("blocks4", 8), **FT2, "mask_lr": 0.0, "init_logit": 50.0}}),
     "sscore_erm": (SSCORE, {}),  # the ERM model's s-score views (no training)
     "score": (SCORE, SCORE_START),
     "score_blocks3": (SCORE, {"SpuriousPositiveMining": {"start_epoch": 0, "layer": "net.blocks.3"},
@@ -122,9 +125,7 @@ EPOCHS = {
     "prusc_val_6": 6,
     "prusc_logit_sparsity_6": 6,
     "prusc_retrain": 4,
-    "prusc_ft2": 3,
-    **{f"prusc_{at}_class{k}_ft2": 3 for at in ("head", "blocks4", "blocks3") for k in (4, 8)},
-    "clusters_blocks4_class8_ft2": 3,
+    **{name: sum(FT2.values()) for name in VARIANTS if name.endswith("_ft2")},
     "sscore_erm": 0,
 }  # stage epochs where a variant needs other than STAGE_EPOCHS
 

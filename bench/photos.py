@@ -55,6 +55,10 @@ def section(name: str) -> tuple[str, str]:
 # label -> (config, callback overrides by class name, top-level overrides, extra CLI args)
 def stage_rows(ckpt: str) -> dict[str, tuple[str, dict, dict, list[str]]]:
     epochs = {"trainer__max_epochs": STAGE_EPOCHS, "model__weights": ckpt}
+    mask_epoch_more = {
+        **epochs,
+        "trainer__max_epochs": STAGE_EPOCHS + 1,
+    }  # 1 mask epoch, then the stage epochs
     score = {"SpuriousPositiveMining": {"start_epoch": 0}, "NeuronRegularization": {"start_epoch": 0}}
     oracle = {**score, "SpuriousPositiveMining": {"start_epoch": 0, "selection": "oracle"}}
     return {
@@ -66,7 +70,7 @@ def stage_rows(ckpt: str) -> dict[str, tuple[str, dict, dict, list[str]]]:
         # PruSC's fine-tuning step on clusters that isolate the minority groups (k-means in each class at
         # net.blocks.4): 1 mask epoch, 2 cluster-balanced epochs on train, the stage epochs of the rows above + 1
         "PruSC + fine-tuning": ("configs/photos_prusc_finetune.yaml", {"MaskPruning": {"start_epoch": 0}},
-                                {**epochs, "trainer__max_epochs": STAGE_EPOCHS + 1}, []),
+                                mask_epoch_more, []),
         "SCORE (auto)": ("configs/photos_score.yaml", score, epochs, []),
         "SCORE (oracle)": ("configs/photos_score.yaml", oracle, epochs, []),
         "s-score pruning": ("configs/photos_sscore.yaml", {}, {"trainer__max_epochs": 0, "model__weights": ckpt}, []),
@@ -86,7 +90,7 @@ def stage_rows(ckpt: str) -> dict[str, tuple[str, dict, dict, list[str]]]:
         "control: fine-tuning on the same clusters": (
             "configs/photos_prusc_finetune.yaml",
             {"MaskPruning": {"start_epoch": 0, "mask_lr": 0.0, "init_logit": 50.0}},
-            {**epochs, "trainer__max_epochs": STAGE_EPOCHS + 1}, []),
+            mask_epoch_more, []),
         "control: retrain on val": ("configs/photos_erm.yaml", {}, epochs,
                                     ["--data.train_split", "val", "--checkpoint.monitor", "null"]),
     }  # fmt: skip
