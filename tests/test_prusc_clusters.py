@@ -87,10 +87,10 @@ def test_mask_learning_on_clusters_within_class_at_a_layer(tmp_path, tiny_synthe
 def test_bad_cluster_arguments_name_the_field(tmp_path, tiny_synthetic):
     with pytest.raises(ShortcutError, match="cluster_within must be one of 'split', 'class', got 'group'"):
         MaskPruning(cluster_within="group")
+    trainer = make_trainer(tmp_path, [MaskPruning(start_epoch=2, cluster_layer="net.layer9")], 3)
     with pytest.raises(ModelError, match=r"cluster_layer 'net\.layer9' is not a module"):
-        make_trainer(tmp_path, [MaskPruning(cluster_layer="net.layer9")], 1).fit(
-            ShortcutClassifier("test_resnet"), datamodule=tiny_synthetic()
-        )
+        trainer.fit(ShortcutClassifier("test_resnet"), datamodule=tiny_synthetic())
+    assert trainer.global_step == 0  # refused before the ERM epochs that precede the stage
 
 
 @pytest.mark.parametrize("finetune_split", ["train", "val"])
@@ -115,13 +115,12 @@ def test_no_mask_epoch_fine_tunes_on_the_clusters_alone(tmp_path, tiny_synthetic
     after = model.state_dict()  # exported: the masks (all kept) multiplied in, a plain network again
     assert after.keys() >= before.keys()
     assert any(not torch.equal(v, after[k]) for k, v in before.items())  # the weights were trained
-    n_val = len(tiny_synthetic().dataset("val")) if finetune_split == "val" else None
-    drawn = dumped["drawn"][0]
-    if n_val is None:  # cluster-balanced draws over train: every cluster carries the same weight
+    if finetune_split == "train":  # cluster-balanced draws over train: every cluster carries the same weight
         weights = trainer.train_dataloader.sampler.weights
         per_cluster = torch.zeros(3, dtype=torch.float64).index_add_(0, pruning.clusters, weights)
         torch.testing.assert_close(per_cluster, torch.ones(3, dtype=torch.float64))
     else:  # the validation split from the first epoch on
+        n_val, drawn = len(tiny_synthetic().dataset("val")), dumped["drawn"][0]
         assert max(drawn) < n_val and len(set(drawn)) == n_val
     with pytest.raises(ShortcutError, match="prune_epochs must be >= 1, or 0 with finetune_epochs >= 1"):
         MaskPruning(prune_epochs=0)

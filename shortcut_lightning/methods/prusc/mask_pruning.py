@@ -199,6 +199,8 @@ class MaskPruning(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._prepare_fit(trainer)
+            if self.cluster_layer is not None:  # refused now, not after the epochs before start_epoch
+                find_module(pl_module, self.cluster_layer, "cluster_layer")
         # masks exist (mode off) before any checkpoint is restored or DDP wraps the model; a checkpoint
         # of this stage that is validated or tested loads its masks (and their mode) into them
         attach_masks(pl_module, self.modules, self.init_logit, self.gumbel_temperature)
