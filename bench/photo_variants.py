@@ -69,6 +69,8 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
     "prusc_ft2": (PRUSC, {"MaskPruning": {"start_epoch": 0, **FT2}}),
     **{f"prusc_{at}_class{k}_ft2": (PRUSC, {"MaskPruning": {"start_epoch": 0, **_per_class(at, k), **FT2}})
        for at in ("head", "blocks4", "blocks3") for k in (4, 8)},
+    # the paper's clusters with the config's selection rule (finetune_keep best): does the rule alone rescue them?
+    "prusc_keep_best_ft2": (PRUSC, {"MaskPruning": {"start_epoch": 0, **FT2, "finetune_keep": "best"}}),
     # and its control: the same fine-tuning with no mask that can move (lr 0, logit 50)
     "clusters_blocks4_class8_ft2": (PRUSC, {"MaskPruning": {
         "start_epoch": 0, **_per_class("blocks4", 8), **FT2, "mask_lr": 0.0, "init_logit": 50.0}}),

@@ -104,7 +104,8 @@ DEFINITIONS = (
     "`weighted_mean` in metrics.json). group labels: what the row uses beyond class labels; every row selects its "
     "checkpoint without group labels (ERM and the controls by val/mean, JTT and GroupDRO by val/worst_class; PruSC "
     "keeps the masks, or with keep_dense the unpruned model, of the best val/worst_class; PruSC + fine-tuning and its "
-    "control test their last epoch)."
+    "control keep the best val/worst_class of their fine-tuning epochs, the masks fixed before them and the model "
+    "before the stage, finetune_keep: best)."
 )
 SCRATCH_ROWS = ("DFR",)
 

@@ -98,7 +98,8 @@ class NoGroupSynthetic(SyntheticShortcuts):
 
 class MaskDump(Callback):
     """Saves every rank's hard masks, MaskPruning clusters, weights and drawn sample indices (by epoch) at the
-    end of fit (list it before MaskPruning)."""
+    end of fit (listed before MaskPruning: the state before its end; after it: the masks exported and the
+    state ``finetune_keep`` kept, named in ``finetune_best``)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -121,6 +122,7 @@ class MaskDump(Callback):
                 "logits": logits,
                 "clusters": pruning.clusters,
                 "drawn": self.drawn,
+                "finetune_best": pruning.report.finetune_best if pruning.report else None,
                 "weights": {
                     k: v.detach().clone() for k, v in pl_module.state_dict().items() if "logits" not in k
                 },

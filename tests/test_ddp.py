@@ -146,8 +146,8 @@ def test_regularizing_the_pairs_under_ddp_keeps_every_rank_in_step(tmp_path):
         torch.testing.assert_close(rank_1["state"][key], value, rtol=0, atol=0, msg=key)
 
 
-def _prune(tmp_path, devices: int, max_epochs: int = 1, **stage) -> list[dict]:
-    from shortcut_lightning.callbacks import MaskPruning
+def _prune(tmp_path, devices: int, max_epochs: int = 1, validate: bool = False, **stage) -> list[dict]:
+    from shortcut_lightning.callbacks import GroupMetrics, MaskPruning
 
     from helpers import MaskDump
 
@@ -159,9 +159,11 @@ def _prune(tmp_path, devices: int, max_epochs: int = 1, **stage) -> list[dict]:
     )
     kwargs = {"strategy": "ddp_spawn_find_unused_parameters_true"} if devices > 1 else {}
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, max_epochs=max_epochs, limit_train_batches=3, limit_val_batches=0,
-        default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-        callbacks=[MaskDump(str(tmp_path)), pruning], **kwargs,
+        accelerator="cpu", devices=devices, max_epochs=max_epochs, limit_train_batches=3,
+        limit_val_batches=2 if validate else 0, default_root_dir=tmp_path, logger=False,
+        enable_progress_bar=False, enable_checkpointing=False,
+        callbacks=[GroupMetrics(), pruning, MaskDump(str(tmp_path))] if validate
+        else [MaskDump(str(tmp_path)), pruning], **kwargs,
     )  # fmt: skip
     trainer.fit(model, datamodule=dm)
     return [torch.load(tmp_path / f"masks_rank{r}.pt") for r in range(devices)]
@@ -192,6 +194,16 @@ def test_mask_pruning_ddp_fine_tunes_on_val_alike_on_every_rank(tmp_path):
     assert len(val) == 10 and set(val) == set(range(9))
     assert first["weights"].keys() == second["weights"].keys()
     for name, weight in first["weights"].items():  # gradients all-reduced on the new split's batches too
+        torch.testing.assert_close(second["weights"][name], weight, rtol=0, atol=0)
+
+
+def test_mask_pruning_ddp_keeps_the_same_best_fine_tuning_state_on_every_rank(tmp_path):
+    """finetune_keep="best": the ranks choose by the same all-reduced val/worst_class, so they restore the same
+    state and end with the same weights (the dump is taken after the stage's end)."""
+    stage = {"finetune_epochs": 2, "monitor": "val/worst_class", "finetune_keep": "best"}
+    first, second = _prune(tmp_path, devices=2, max_epochs=3, validate=True, **stage)
+    assert first["finetune_best"]["when"] and second["finetune_best"] == first["finetune_best"]
+    for name, weight in first["weights"].items():
         torch.testing.assert_close(second["weights"][name], weight, rtol=0, atol=0)
 
 

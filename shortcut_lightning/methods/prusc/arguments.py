@@ -10,6 +10,7 @@ from shortcut_lightning.methods.prusc.clusters import CLUSTER_WITHIN
 from shortcut_lightning.methods.prusc.masks import SPARSITY_FORMS
 
 BATCHNORM_MODES = ("held", "batch")
+FINETUNE_KEEP = ("last", "best")  # the model a fine-tuning ends with: its last epoch, or the best validated
 
 
 def check_arguments(
@@ -26,6 +27,8 @@ def check_arguments(
     batchnorm: str = "held",
     sparsity: str = "probability",
     cluster_within: str = "split",
+    finetune_keep: str = "last",
+    monitor: str | None = None,
 ) -> None:
     """Raises :class:`ShortcutError` for the first argument of ``MaskPruning`` that cannot work."""
     if prune_epochs < 1 and not (prune_epochs == 0 and finetune_epochs > 0):
@@ -56,9 +59,15 @@ def check_arguments(
         ("batchnorm", batchnorm, BATCHNORM_MODES),
         ("sparsity", sparsity, SPARSITY_FORMS),
         ("cluster_within", cluster_within, CLUSTER_WITHIN),
+        ("finetune_keep", finetune_keep, FINETUNE_KEEP),
     ):
         if value not in allowed:
             raise ShortcutError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    if finetune_keep == "best" and (monitor is None or finetune_epochs == 0):
+        raise ShortcutError(
+            "finetune_keep 'best' needs a monitor (e.g. val/worst_class) and finetune_epochs >= 1, got "
+            f"monitor={monitor!r}, finetune_epochs={finetune_epochs}"
+        )
     for name, value in (("lambda_sparse", lambda_sparse), ("beta", beta)):
         if value < 0:
             raise ShortcutError(f"{name} must be >= 0, got {value}")

@@ -16,6 +16,32 @@ from shortcut_lightning.metrics import SUMMARY_KEYS
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm's buffers
 
 
+def logged_score(trainer: L.Trainer, monitor: str) -> float:
+    """``monitor``'s value in the validation just ended; a metric that was not logged is named, with those that were."""
+    value = trainer.callback_metrics.get(monitor)
+    if value is None:
+        found = ", ".join(sorted(k for k in trainer.callback_metrics if k.startswith("val/"))) or "none"
+        raise ShortcutError(
+            f"MaskPruning monitor {monitor!r} was not logged in validation (logged: {found}); "
+            "set monitor to one of them, e.g. val/worst_class"
+        )
+    return float(value)
+
+
+def report_score(reports: dict[str, dict[str, Any]], monitor: str) -> float | None:
+    """``monitor``'s value in group reports by split (``val/worst_class``: ``reports["val"]["worst_class"]``)."""
+    split, _, key = monitor.partition("/")
+    value = reports.get(split, {}).get(key)
+    return None if value is None else float(value)
+
+
+def beats(score: float, best: dict[str, Any] | None, mode: str) -> bool:
+    """Whether ``score`` is better than the best candidate so far (``{"score": ...}``; ``None``: none yet)."""
+    if best is None:
+        return True
+    return score > best["score"] if mode == "max" else score < best["score"]
+
+
 class BestMasks:
     """Keeps a CPU copy of the mask logits whenever ``monitor`` improves; puts the best back once.
 
@@ -33,14 +59,7 @@ class BestMasks:
     ) -> None:
         """After a validation: keeps the logits if ``monitor`` is the best so far, and with ``model`` its BatchNorm
         statistics (``batchnorm="batch"`` moves them while the masks learn: the best masks need theirs)."""
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
-            found = ", ".join(sorted(k for k in trainer.callback_metrics if k.startswith("val/"))) or "none"
-            raise ShortcutError(
-                f"MaskPruning monitor {self.monitor!r} was not logged in validation (logged: {found}); "
-                "set monitor to one of them, e.g. val/worst_class"
-            )
-        self.consider(trainer.current_epoch, float(value), masks, model)
+        self.consider(trainer.current_epoch, logged_score(trainer, self.monitor), masks, model)
 
     def consider_dense(
         self,
@@ -50,15 +69,15 @@ class BestMasks:
     ) -> None:
         """The dense model as a candidate, scored by ``monitor``'s value in its group reports by split
         (``val/worst_class``: ``reports["val"]["worst_class"]``); warns where they lack it."""
-        split, _, key = self.monitor.partition("/")
-        value = reports.get(split, {}).get(key)
+        value = report_score(reports, self.monitor)
         if value is None:
             rank_zero_warn(
                 f"PruSC keep_dense: {self.monitor} is not a summary of the before report (report_splits with "
-                f"{split!r}, a key of {', '.join(SUMMARY_KEYS)}); only mask epochs are candidates"
+                f"{self.monitor.partition('/')[0]!r}, a key of {', '.join(SUMMARY_KEYS)}); only mask epochs "
+                "are candidates"
             )
             return
-        self.consider(None, float(value), masks, model)
+        self.consider(None, value, masks, model)
 
     def consider(
         self,
@@ -69,10 +88,8 @@ class BestMasks:
     ) -> None:
         """Keeps these logits (and ``model``'s BatchNorm statistics) if ``score`` beats the best so far;
         ``epoch`` ``None`` is the dense model, before any mask epoch."""
-        if self.best is not None:
-            better = score > self.best["score"] if self.mode == "max" else score < self.best["score"]
-            if not better:
-                return
+        if not beats(score, self.best, self.mode):
+            return
         logits = {name: m.logits.detach().to("cpu", copy=True) for name, m in masks.items()}
         statistics = None if model is None else {
             k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k.endswith(STATISTICS)

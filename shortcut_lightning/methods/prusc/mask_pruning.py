@@ -18,7 +18,9 @@ from shortcut_lightning.data.base import require_group_datamodule
 from shortcut_lightning.errors import ShortcutError
 from shortcut_lightning.methods.prusc.arguments import check_arguments, check_data, check_strategy
 from shortcut_lightning.methods.prusc.best_masks import BestMasks
-from shortcut_lightning.methods.prusc.clusters import cluster_balance_weights, cluster_by_index, cluster_table
+from shortcut_lightning.methods.prusc.best_weights import BestWeights
+from shortcut_lightning.methods.prusc.cluster_pass import cluster_split
+from shortcut_lightning.methods.prusc.clusters import cluster_balance_weights, cluster_table
 from shortcut_lightning.methods.prusc.conv_reach import reachable_weights
 from shortcut_lightning.methods.prusc.masks import (
     attach_masks,
@@ -34,9 +36,8 @@ from shortcut_lightning.methods.prusc.masks import (
 from shortcut_lightning.methods.prusc.prusc_report import PruSCReport
 from shortcut_lightning.methods.prusc.supcon import cluster_supcon
 from shortcut_lightning.methods.prusc.training_data import TrainingData
-from shortcut_lightning.probing.embedding_pass import collect_embeddings, split_reports
+from shortcut_lightning.probing.embedding_pass import split_reports
 from shortcut_lightning.probing.model_parts import find_head, find_module
-from shortcut_lightning.stages import decide_on_rank_zero
 
 
 class MaskPruning(Callback):
@@ -93,6 +94,8 @@ class MaskPruning(Callback):
             mask-learning epoch where it was best are the ones fixed, instead of the last epoch's.
         keep_dense: with ``monitor``, the dense model (scored in the "before" report) is a candidate too:
             masks that validate worse than no pruning at all are not kept (our addition; docs/methods.md).
+        finetune_keep: ``last`` (the released code) or ``best`` (with ``monitor``; ours): the best validated of the
+            fine-tuning epochs, the masks fixed before them and (``keep_dense``) the model before the stage.
         mode: ``max`` or ``min``: which ``monitor`` value is best.
         split: split to cluster and learn the masks on (``train`` or ``val``).
         cluster_balanced: draw batches with every cluster equally likely (no labels; the small clusters
@@ -131,6 +134,7 @@ class MaskPruning(Callback):
         target_density: float | None = None,
         monitor: str | None = None,
         keep_dense: bool = True,
+        finetune_keep: str = "last",
         mode: str = "max",
         split: str = "train",
         cluster_balanced: bool = True,
@@ -146,7 +150,7 @@ class MaskPruning(Callback):
             start_epoch=start_epoch, prune_epochs=prune_epochs, finetune_epochs=finetune_epochs,
             finetune_split=finetune_split, num_clusters=num_clusters, target_density=target_density, mode=mode,
             split=split, lambda_sparse=lambda_sparse, beta=beta, batchnorm=batchnorm, sparsity=sparsity,
-            cluster_within=cluster_within,
+            cluster_within=cluster_within, finetune_keep=finetune_keep, monitor=monitor,
         )  # fmt: skip
         self.start_epoch = start_epoch
         self.prune_epochs = prune_epochs
@@ -165,6 +169,7 @@ class MaskPruning(Callback):
         self.target_density = target_density
         self.monitor = monitor
         self.keep_dense = keep_dense
+        self.finetune_keep = finetune_keep
         self.mode = mode
         self.split = split
         self.cluster_balanced = cluster_balanced
@@ -180,6 +185,7 @@ class MaskPruning(Callback):
         self.clusters: Tensor | None = None  # cluster of every sample of ``split``, by its index
         self.report: PruSCReport | None = None
         self._best = None if monitor is None else BestMasks(monitor, mode)
+        self._best_weights = BestWeights(monitor if finetune_keep == "best" else None, mode)
         self._cluster_device: Tensor | None = None
         self._masks: dict[str, Any] = {}
         self._optimizer: torch.optim.Optimizer | None = None
@@ -245,6 +251,7 @@ class MaskPruning(Callback):
         self._enter(trainer, pl_module, "learning")
         if self._best is not None and self.keep_dense:  # the dense model competes with every mask epoch
             self._best.consider_dense(self.report.before, self._masks, self._statistics_of(pl_module))
+            self._best_weights.consider_report("before the stage", self.report.before, pl_module)
         if self.prune_epochs == 0:  # no mask learning: the fine-tuning on the clusters alone
             self._enter(trainer, pl_module, "fixed")
 
@@ -294,36 +301,21 @@ class MaskPruning(Callback):
         if phase == "fixed" and not resumed and self.finetune_epochs > 0:
             # what the masks alone do, before the fine-tuning changes the weights
             self.report.fixed = self._reports(pl_module, "masks fixed")
+            self._best_weights.consider_report("with the masks fixed", self.report.fixed, pl_module)
 
     # -- clustering -----------------------------------------------------------------------------
     def _cluster(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dm = trainer.datamodule
-        head = find_head(pl_module)
-        tag = " [uses group annotations: groups]" if self.uses_annotations else ""
-        layer = (
-            None
-            if self.cluster_layer is None
-            else find_module(pl_module, self.cluster_layer, "cluster_layer")
-        )
-        embedded = collect_embeddings(
-            pl_module, dm.dataloader(self.split), head, desc=f"PruSC: embedding {self.split}", layer=layer
-        )
-        # one k-means on rank 0, its clusters broadcast: the same clusters on every rank by construction
-        self.clusters, found = decide_on_rank_zero(
-            trainer, lambda: cluster_by_index(embedded, self.num_clusters, self.seed, self.cluster_within)
-        )
+        self.clusters, found, embedded = cluster_split(
+            trainer, pl_module, self.split, self.num_clusters, self.seed, self.cluster_within, self.cluster_layer,
+            " [uses group annotations: groups]" if self.uses_annotations else "",
+        )  # fmt: skip
         self._cluster_device = None
         self.report = PruSCReport(
             uses_annotations=self.uses_annotations,
-            clusters=cluster_table(found.labels, embedded.target, embedded.group, dm),
+            clusters=cluster_table(found.labels, embedded.target, embedded.group, trainer.datamodule),
             kmeans_inertia=found.inertia,
             before=self._reports(pl_module, "before"),
             parameters=self._parameters(),
-        )
-        where = "" if self.cluster_within == "split" else " in each class"
-        at = "" if self.cluster_layer is None else f" at {self.cluster_layer}"
-        rank_zero_info(
-            f"PruSC{tag}: {self.num_clusters} clusters{where} of the {self.split} split{at} (cosine k-means)"
         )
 
     def _reports(self, pl_module: L.LightningModule, when: str) -> dict[str, Any]:
@@ -385,9 +377,13 @@ class MaskPruning(Callback):
 
     # -- the best epoch -------------------------------------------------------------------------
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """With ``monitor``: keeps the mask logits of the best mask-learning epoch so far."""
-        if self._best is not None and self.phase == "learning" and not trainer.sanity_checking:
+        """With ``monitor``: keeps the best mask epoch's logits (``finetune_keep="best"``: the best tuned model)."""
+        if trainer.sanity_checking:
+            return
+        if self._best is not None and self.phase == "learning":
             self._best.update(trainer, self._masks, self._statistics_of(pl_module))
+        elif self.phase == "fixed":
+            self._best_weights.update(trainer, pl_module)
 
     def _statistics_of(self, pl_module: L.LightningModule) -> L.LightningModule | None:
         return pl_module if self.batchnorm == "batch" else None  # BatchNorm moved with the masks
@@ -404,6 +400,7 @@ class MaskPruning(Callback):
             return
         if self.phase == "learning":
             self._enter(trainer, pl_module, "fixed")
+        self.report.finetune_best = self._best_weights.restore(pl_module)
         self.report.densities = densities(pl_module, self._reachable_weights(trainer, pl_module))
         self.report.after = self._reports(pl_module, "after")
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
@@ -435,6 +432,7 @@ class MaskPruning(Callback):
             "report": None if self.report is None else self.report.to_dict(),
             "optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
             "best": self.best,
+            "best_weights": self._best_weights.best,
             "data_split": self._data.split,
         }
 
@@ -447,4 +445,5 @@ class MaskPruning(Callback):
         self._optimizer_state = state_dict.get("optimizer")
         if self._best is not None:
             self._best.best = state_dict.get("best")
+        self._best_weights.best = state_dict.get("best_weights")
         self._data.split = state_dict.get("data_split")

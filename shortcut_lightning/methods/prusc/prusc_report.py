@@ -15,7 +15,8 @@ class PruSCReport:
     """Filled as the stage goes: the clusters and the model before, then the masks' effect, then the end.
 
     ``before``/``fixed``/``after``: group reports per split of the model before the stage, with the masks
-    fixed (only with fine-tuning), and at the end. ``best``: the mask-learning epoch kept by ``monitor``.
+    fixed (only with fine-tuning), and at the end. ``best``: the mask-learning epoch kept by ``monitor``;
+    ``finetune_best``: the state kept with ``finetune_keep="best"``.
     ``densities``: the kept shares per layer and ``Prune_f``/``Prune_h``. ``None`` fields are left out of
     the JSON.
     """
@@ -29,6 +30,7 @@ class PruSCReport:
     fixed: dict[str, dict[str, Any]] | None = None
     densities: dict[str, float] | None = None
     after: dict[str, dict[str, Any]] | None = None
+    finetune_best: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready content of ``prusc.json`` (and of the callback's checkpointed state)."""
