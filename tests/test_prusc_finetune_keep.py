@@ -71,6 +71,42 @@ def test_best_keeps_the_fine_tuning_epoch_that_validated_best(tmp_path, tiny_syn
     assert pruning.state_dict()["best_weights"]["state"] is None
 
 
+def test_a_run_killed_while_fine_tuning_resumes_with_its_best_state(tmp_path, tiny_synthetic):
+    """The best state found before the kill (epoch 1) is in last.ckpt, and it is the state restored at the end."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(script, max_epochs, ckpt_path=None):
+        torch.manual_seed(0)
+        model = ShortcutClassifier("test_resnet")
+        pruning = MaskPruning(
+            prune_epochs=1, finetune_epochs=2, num_clusters=4, mask_lr=0.5, init_logit=0.5, export=False,
+            monitor="val/scripted", finetune_keep="best", report_splits=(),
+        )  # fmt: skip
+        callbacks = [script, pruning, ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)]
+        trainer = make_trainer(
+            tmp_path,
+            callbacks,
+            max_epochs,
+            limit_val_batches=1,
+            limit_train_batches=3,
+            enable_checkpointing=True,
+        )
+        trainer.fit(model, datamodule=tiny_synthetic(), ckpt_path=ckpt_path)
+        return model, pruning
+
+    killed = _Scripted([0.3, 0.9, 0.5], "val/scripted")
+    fit(killed, max_epochs=2)  # stops after fine-tuning epoch 1, its checkpoint written
+    # Lightning validates epoch 1 again after the resume: scored low there, so only the checkpointed best
+    # (0.9, from before the kill) can make epoch 1's state win over epoch 2's 0.5
+    again = _Scripted([0.3, 0.1, 0.5], "val/scripted")
+    model, pruning = fit(again, max_epochs=3, ckpt_path=tmp_path / "ck" / "last.ckpt")
+    assert list(again.states) == [2]  # only the last epoch trained after the resume
+    assert pruning.report.finetune_best["when"] == "after fine-tuning epoch 1"
+    now = _weights(model)
+    assert any(not torch.equal(now[k], again.weights[2][k]) for k in now), "epoch 2 trained"
+    assert all(torch.equal(now[k], killed.weights[1][k]) for k in now)
+
+
 @pytest.mark.parametrize("finetune_keep", ["best", "last"])
 def test_best_falls_back_to_the_model_before_the_stage(tmp_path, tiny_synthetic, finetune_keep):
     # every epoch of the stage scores below any accuracy: the dense model before it validated better
