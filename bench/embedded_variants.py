@@ -7,7 +7,7 @@ The method's suite config (``bench/suite.py``'s METHODS) with callback init argu
 Class.arg=value``, repeatable) and more CLI arguments (``--extra``). Prints one line per variant and seed:
 the tested checkpoint's monitored validation score (the group-free selection rule: a setting is chosen by
 its mean over variants, never by test) beside test worst-group and mean accuracy. Runs land in
-``runs/embedded_variants/<tag>``; a finished run is read, not rerun. Nothing is merged into the suite's
+``runs/embedded_variants/<tag>`` (``--tag``, or the settings); a finished run is read, not rerun. Nothing is merged into the suite's
 JSON or docs: the figures go into docs/experiments by hand, with this command.
 """
 
@@ -45,11 +45,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="+", default=["background", "patch", "both"])
     parser.add_argument("--runs", default="runs/embedded_variants")
+    parser.add_argument("--tag", help="the run folder's name (default: the settings; too long for many)")
     args = parser.parse_args()
     label, config, base = next(m for m in METHODS if m[0] == args.method)
     changed = {**base, **overrides(args.set)}
     words = [_slug(label), *args.set, *shlex.split(args.extra)]  # the run folder's name: its settings
-    tag = "".join(c if c.isalnum() or c in "_-." else "_" for c in "_".join(words))
+    tag = args.tag or "".join(c if c.isalnum() or c in "_-." else "_" for c in "_".join(words))
     out = Path(args.runs) / tag
     path = config_with(config, tag, changed, out / "configs")
     scores = []
