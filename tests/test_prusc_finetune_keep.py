@@ -35,15 +35,30 @@ def _weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith("weight")}
 
 
-def _fit(tmp_path, tiny_synthetic, script, **kwargs):
+def _fit(tmp_path, tiny_synthetic, script, max_epochs=3, ckpt_path=None, checkpoint=False, **kwargs):
+    """1 mask epoch, then 2 fine-tuning epochs; with ``checkpoint`` a ``last.ckpt`` in ``tmp_path / "ck"``."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     torch.manual_seed(0)
     model = ShortcutClassifier("test_resnet")
     start = _weights(model)
     pruning = MaskPruning(
         prune_epochs=1, finetune_epochs=2, num_clusters=4, mask_lr=0.5, init_logit=0.5, export=False, **kwargs
     )
-    trainer = make_trainer(tmp_path, [script, pruning], 3, limit_val_batches=1, limit_train_batches=3)
-    trainer.fit(model, datamodule=tiny_synthetic())
+    callbacks = [
+        script,
+        pruning,
+        *([ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)] if checkpoint else []),
+    ]
+    trainer = make_trainer(
+        tmp_path,
+        callbacks,
+        max_epochs,
+        limit_val_batches=1,
+        limit_train_batches=3,
+        enable_checkpointing=checkpoint,
+    )
+    trainer.fit(model, datamodule=tiny_synthetic(), ckpt_path=ckpt_path)
     return model, pruning, start
 
 
@@ -73,33 +88,16 @@ def test_best_keeps_the_fine_tuning_epoch_that_validated_best(tmp_path, tiny_syn
 
 def test_a_run_killed_while_fine_tuning_resumes_with_its_best_state(tmp_path, tiny_synthetic):
     """The best state found before the kill (epoch 1) is in last.ckpt, and it is the state restored at the end."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    def fit(script, max_epochs, ckpt_path=None):
-        torch.manual_seed(0)
-        model = ShortcutClassifier("test_resnet")
-        pruning = MaskPruning(
-            prune_epochs=1, finetune_epochs=2, num_clusters=4, mask_lr=0.5, init_logit=0.5, export=False,
-            monitor="val/scripted", finetune_keep="best", report_splits=(),
-        )  # fmt: skip
-        callbacks = [script, pruning, ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)]
-        trainer = make_trainer(
-            tmp_path,
-            callbacks,
-            max_epochs,
-            limit_val_batches=1,
-            limit_train_batches=3,
-            enable_checkpointing=True,
-        )
-        trainer.fit(model, datamodule=tiny_synthetic(), ckpt_path=ckpt_path)
-        return model, pruning
-
+    stage = {"monitor": "val/scripted", "finetune_keep": "best", "report_splits": (), "checkpoint": True}
     killed = _Scripted([0.3, 0.9, 0.5], "val/scripted")
-    fit(killed, max_epochs=2)  # stops after fine-tuning epoch 1, its checkpoint written
+    # stops after fine-tuning epoch 1, its checkpoint written
+    _fit(tmp_path, tiny_synthetic, killed, max_epochs=2, **stage)
     # Lightning validates epoch 1 again after the resume: scored low there, so only the checkpointed best
     # (0.9, from before the kill) can make epoch 1's state win over epoch 2's 0.5
     again = _Scripted([0.3, 0.1, 0.5], "val/scripted")
-    model, pruning = fit(again, max_epochs=3, ckpt_path=tmp_path / "ck" / "last.ckpt")
+    model, pruning, _ = _fit(
+        tmp_path, tiny_synthetic, again, ckpt_path=tmp_path / "ck" / "last.ckpt", **stage
+    )
     assert list(again.states) == [2]  # only the last epoch trained after the resume
     assert pruning.report.finetune_best["when"] == "after fine-tuning epoch 1"
     now = _weights(model)

@@ -55,15 +55,13 @@ class BestWeights:
 
     def restore(self, model: nn.Module) -> dict[str, Any] | None:
         """Puts the best state back; returns ``{"monitor", "when", "score"}``, or ``None`` if none was seen."""
-        if self.best is None or self.best["state"] is None:
-            return None if self.best is None else self._summary()
-        with torch.no_grad():
-            model.load_state_dict(self.best["state"])
-        self.best["state"] = None
-        rank_zero_info(
-            f"PruSC: the model {self.best['when']} is kept ({self.monitor} {self.best['score']:.4f})"
-        )
-        return self._summary()
-
-    def _summary(self) -> dict[str, Any]:
+        if self.best is None:
+            return None
+        if self.best["state"] is not None:  # not yet restored
+            with torch.no_grad():
+                model.load_state_dict(self.best["state"])
+            self.best["state"] = None
+            rank_zero_info(
+                f"PruSC: the model {self.best['when']} is kept ({self.monitor} {self.best['score']:.4f})"
+            )
         return {"monitor": self.monitor, "when": self.best["when"], "score": self.best["score"]}
