@@ -71,6 +71,8 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
        for at in ("head", "blocks4", "blocks3") for k in (4, 8)},
     # the paper's clusters with the config's selection rule (finetune_keep best): does the rule alone rescue them?
     "prusc_keep_best_ft2": (PRUSC, {"MaskPruning": {"start_epoch": 0, **FT2, "finetune_keep": "best"}}),
+    # the suite's PruSC + fine-tuning with 4 fine-tuning epochs instead of 2 (finetune_keep best chooses among them)
+    "prusc_finetune_ft4": ("configs/photos_prusc_finetune.yaml", {"MaskPruning": {"start_epoch": 0, "finetune_epochs": 4}}),
     # and its control: the same fine-tuning with no mask that can move (lr 0, logit 50)
     "clusters_blocks4_class8_ft2": (PRUSC, {"MaskPruning": {
         "start_epoch": 0, **_per_class("blocks4", 8), **FT2, "mask_lr": 0.0, "init_logit": 50.0}}),
@@ -102,6 +104,8 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
     # photos_groupdro.yaml as a user runs it: 3 epochs from ImageNet, the paper's settings against the preset's
     "groupdro_imagenet_step0.01_c0": (GROUPDRO, {"GroupDRO": {"step_size": 0.01, "adjustment": 0.0}}),
     "groupdro_imagenet_step1_c2": (GROUPDRO, {"GroupDRO": {"step_size": 1.0, "adjustment": 2.0}}),
+    # the paper's code samples the groups uniformly as well (--reweight_groups --robust): the preset with that draw
+    "groupdro_imagenet_group_balanced": (GROUPDRO, {}),
     # BatchNorm re-estimated (no training) after another row of the suite: does the control's gain stack?
     **{f"bn_after_{key}": (BN, {}) for key in ("SCORE_auto", "JTT", "GroupDRO", "control_ERM_continued")},
 }  # fmt: skip
@@ -113,13 +117,14 @@ BN_AFTER = {
 }
 # the config's own epochs from ImageNet, like the JTT row
 FROM_IMAGENET = {"jtt_upweight5", "jtt_upweight50", "jtt_upsample20", "jtt_upsample50",
-                 "groupdro_imagenet_step0.01_c0", "groupdro_imagenet_step1_c2"}  # fmt: skip
+                 "groupdro_imagenet_step0.01_c0", "groupdro_imagenet_step1_c2", "groupdro_imagenet_group_balanced"}  # fmt: skip
 RELOAD = ["--trainer.reload_dataloaders_every_n_epochs", "1"]  # upsampled epochs change the loader's length
 EXTRA = {  # more CLI arguments of a variant (the reload is photos_jtt.yaml's own now; kept: the runs were made so)
     "jtt_upsample20": RELOAD,
     "jtt_upsample50": RELOAD,
     "score_class_balanced": ["--data.sampler", "class_balanced"],
     "erm_class_balanced": ["--data.sampler", "class_balanced"],
+    "groupdro_imagenet_group_balanced": ["--data.sampler", "group_balanced"],
     **{name: ["--checkpoint.monitor", "val/wga"] for name in VARIANTS if name.startswith("groupdro_step")},
 }
 EPOCHS = {
@@ -127,6 +132,7 @@ EPOCHS = {
     "prusc_val_6": 6,
     "prusc_logit_sparsity_6": 6,
     "prusc_retrain": 4,
+    "prusc_finetune_ft4": 5,
     **{name: sum(FT2.values()) for name in VARIANTS if name.endswith("_ft2")},
     "sscore_erm": 0,
 }  # stage epochs where a variant needs other than STAGE_EPOCHS
