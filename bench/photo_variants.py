@@ -71,7 +71,7 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
        for at in ("head", "blocks4", "blocks3") for k in (4, 8)},
     # the paper's clusters with the config's selection rule (finetune_keep best): does the rule alone rescue them?
     "prusc_keep_best_ft2": (PRUSC, {"MaskPruning": {"start_epoch": 0, **FT2, "finetune_keep": "best"}}),
-    # the suite's PruSC + fine-tuning with 4 fine-tuning epochs instead of 2 (finetune_keep best chooses among them)
+    # PruSC + fine-tuning with 4 fine-tuning epochs: the runs by which validation chose the config's 4 over 2 (session 40)
     "prusc_finetune_ft4": ("configs/photos_prusc_finetune.yaml", {"MaskPruning": {"start_epoch": 0, "finetune_epochs": 4}}),
     # and its control: the same fine-tuning with no mask that can move (lr 0, logit 50)
     "clusters_blocks4_class8_ft2": (PRUSC, {"MaskPruning": {
