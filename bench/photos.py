@@ -86,8 +86,9 @@ def stage_rows(ckpt: str) -> dict[str, tuple[str, dict, dict, list[str]]]:
         # no training: ERM's BatchNorm statistics re-estimated on the train images without augmentation
         "control: BatchNorm re-estimated": ("configs/photos_bn_recalibration.yaml", {},
                                             {"trainer__max_epochs": 0, "model__weights": ckpt}, []),
-        # PruSC + fine-tuning's clusters and cluster-balanced epochs without its mask epoch (prune_epochs 0; no
-        # mask can move either: lr 0, logit 50): what the clusters and the selection do alone
+        # PruSC + fine-tuning's clusters and cluster-balanced epochs without its mask epoch (prune_epochs 0): what
+        # the clusters and the selection do alone. With no mask epoch, lr 0 and logit 50 change nothing (fixed masks
+        # are 1[logit > 0]); they stay so that the config text matches the recorded runs that --resume reads
         "control: fine-tuning on the same clusters": (
             "configs/photos_prusc_finetune.yaml",
             {"MaskPruning": {"start_epoch": 0, "prune_epochs": 0, "mask_lr": 0.0, "init_logit": 50.0}},
