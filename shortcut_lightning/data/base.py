@@ -16,6 +16,7 @@ from shortcut_lightning.errors import DataError, ShortcutError
 
 SPLITS = ("train", "val", "test")
 TRAIN_SPLITS = ("train", "val")  # never the test split
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 # where spurious-region masks come from, for the errors of the stages that need them
 MASK_SOURCES = "MetadataDataModule reads them from a mask_filename column (docs/datasets.md); SyntheticShortcuts has them"
 
@@ -299,12 +300,16 @@ class GroupDataModule(L.LightningDataModule):
                 f"data.train_split is {self.train_split!r}: the model trains on that split, so its validation "
                 "metrics and the best checkpoint measure data it trains on; read the test table"
             )
+        if stage == "fit" and self.train_split in self.splits:
+            only = self._only_class(self.train_split, augment=True)  # the dataset training reads
+            if only is not None:
+                raise DataError(
+                    f"the {self.train_split} split holds only class {only!r}: training needs at least two classes; "
+                    "check the split and class columns of the data (see docs/datasets.md)"
+                )
         if self._checked:
             return
-        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}[
-            stage
-        ]
-        for split in needed:
+        for split in STAGE_SPLITS[stage]:
             if split not in self.splits:
                 raise DataError(
                     f"`{stage}` needs a {split!r} split but the data has only {', '.join(self.splits)}; "
@@ -313,6 +318,12 @@ class GroupDataModule(L.LightningDataModule):
         for split in ("val", "test"):
             if split not in self.splits:
                 continue
+            only = self._only_class(split)
+            if only is not None:
+                rank_zero_warn(
+                    f"the {split} split holds only class {only!r}: its metrics are defined but measure that class "
+                    f"alone; add samples of the other classes to {split} to evaluate them"
+                )
             counts = self.group_counts(split)
             empty = [self.group_names[g] for g in range(self.num_groups) if counts[g] == 0]
             if empty:
@@ -321,6 +332,11 @@ class GroupDataModule(L.LightningDataModule):
                     f"skips them; add samples of those groups to {split} to evaluate them"
                 )
         self._checked = True
+
+    def _only_class(self, split: str, augment: bool = False) -> str | None:
+        """The name of the one class ``split`` holds, or None when it holds several."""
+        present = torch.unique(self.dataset(split, augment).targets)
+        return self.class_names[int(present[0])] if len(present) == 1 else None
 
     def state_dict(self) -> dict:
         return {}

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from shortcut_lightning.errors import DataError
+from shortcut_lightning.data.file_reader import FileReader
 
 
 class GroupDataset(Dataset):
@@ -72,61 +71,31 @@ class TensorImageDataset(GroupDataset):
         return tv_tensors.Image(self.images[i]), mask
 
 
-def read_image(path: Path) -> tv_tensors.Image:
-    """RGB uint8 image; a missing or unreadable file is named in the error."""
-    try:
-        with Image.open(path) as im:
-            array = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
-            w, h = im.size
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(
-            f"cannot read image {path}: {exc}. Fix or remove the file, or run with "
-            "check_images: full to find and skip every unreadable image before training."
-        ) from exc
-    return tv_tensors.Image(array.view(h, w, 3).permute(2, 0, 1))
-
-
-def read_mask(path: Path, invert: bool) -> tv_tensors.Mask:
-    """Binary mask (pixels > 127 are set); ``invert`` when the file marks the core object instead."""
-    try:
-        with Image.open(path) as im:
-            gray = im.convert("L")
-            w, h = gray.size
-            values = torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).view(1, h, w)
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(
-            f"cannot read mask {path}: {exc}. Fix the file or drop the mask_filename column."
-        ) from exc
-    mask = values > 127
-    return tv_tensors.Mask(~mask if invert else mask)
-
-
 class FileImageDataset(GroupDataset):
-    """Images (and optional masks) read from files listed in a metadata table."""
+    """Images (and optional masks) read from files listed in a metadata table, by ``reader``'s rules (the
+    resized cache, the pixel limit, the mask threshold; docs/datasets.md)."""
 
     def __init__(
         self,
         paths: Sequence[Path],
         mask_paths: Sequence[Path | None] | None,
         mask_marks_core: bool = False,
+        reader: FileReader | None = None,
         **labels: Any,
     ) -> None:
         super().__init__(has_masks=mask_paths is not None, **labels)
         self.paths = list(paths)
         self.mask_paths = None if mask_paths is None else list(mask_paths)
         self.mask_marks_core = mask_marks_core
+        self.reader = reader or FileReader()
 
     def load(self, i: int) -> tuple[tv_tensors.Image, tv_tensors.Mask | None]:
-        image = read_image(self.paths[i])
+        loaded = self.reader.image(self.paths[i])
+        image = tv_tensors.Image(loaded.image)
         if self.mask_paths is None:
             return image, None
         mask_path = self.mask_paths[i]
         if mask_path is None:  # no spurious region in this image
             return image, tv_tensors.Mask(torch.zeros((1, *image.shape[-2:]), dtype=torch.bool))
-        mask = read_mask(mask_path, invert=self.mask_marks_core)
-        if mask.shape[-2:] != image.shape[-2:]:
-            raise DataError(
-                f"mask {self.mask_paths[i]} is {tuple(mask.shape[-2:])} but its image {self.paths[i]} is "
-                f"{tuple(image.shape[-2:])}: masks must have the size of their image"
-            )
-        return image, mask
+        mask = self.reader.mask(mask_path, self.paths[i], loaded)
+        return image, tv_tensors.Mask(~mask if self.mask_marks_core else mask)

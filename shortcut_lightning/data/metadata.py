@@ -9,11 +9,14 @@ from typing import ClassVar
 import pandas as pd
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from PIL import Image
-from tqdm.auto import tqdm
 
-from shortcut_lightning.data.base import SPLITS, GroupDataModule
+from shortcut_lightning.data.base import SPLITS, STAGE_SPLITS, GroupDataModule
 from shortcut_lightning.data.datasets import FileImageDataset, GroupDataset
+from shortcut_lightning.data.file_reader import FileReader
+from shortcut_lightning.data.file_scan import ScanItem, holds_large_images, scan
+from shortcut_lightning.data.labels import default_label_names, label_column
+from shortcut_lightning.data.mask_check import check_masks_mark_something
+from shortcut_lightning.data.resize_cache import ResizeCache, cache_folder, cache_side
 from shortcut_lightning.data.transforms import eval_transform, train_transform
 from shortcut_lightning.errors import DataError
 
@@ -55,19 +58,6 @@ def read_csv(path: Path) -> pd.DataFrame:
         raise DataError(f"{path} is not a readable CSV file: {exc}") from exc
 
 
-def integer_column(table: pd.DataFrame, column: str, source: str) -> pd.Series:
-    """A column of non-negative integer labels; anything else is named with the offending value."""
-    values = pd.to_numeric(table[column], errors="coerce")
-    bad = values.isna() | (values < 0) | (values % 1 != 0)
-    if bad.any():
-        first = table[column][bad].iloc[0]
-        raise DataError(
-            f"column {column!r} of {source} must hold non-negative integer labels, but row "
-            f"{int(bad.idxmax())} holds {first!r} ({int(bad.sum())} such rows)"
-        )
-    return values.astype(int)
-
-
 class MetadataDataModule(GroupDataModule):
     """Images listed in ``<root>/<metadata>``, in the Waterbirds/WILDS or the SubpopBench schema.
 
@@ -87,7 +77,13 @@ class MetadataDataModule(GroupDataModule):
             that names them and counts them, unless more than ``max_bad_images`` of all are bad.
         max_bad_images: largest share of bad images to skip rather than fail.
         augment: random resized crop and flip on training images.
-        class_names, spurious_names: display names; default ``y<k>`` and ``a<k>``.
+        class_names, spurious_names: display names; default ``y<v>`` and ``a<v>`` with ``v`` the file's value.
+            Labels that are not ``0..K-1`` (1/2, -1/1) are read in sorted order as ``0..K-1`` (logged).
+        mask_threshold: a mask pixel is set where its value exceeds this share of the format's maximum
+            (0: non-zero; 0.5 suits JPEG masks).
+        max_image_pixels: the largest image read, in pixels (None: Pillow's guard, 2 x 89,478,485).
+        resize_cache: where resized copies of large images are kept: ``auto`` (``$SHORTCUT_LIGHTNING_CACHE``,
+            else ``~/.cache/shortcut_lightning/resized``), a folder, or ``off``/None.
     """
 
     holds = "metadata.csv and the images it lists"
@@ -114,8 +110,20 @@ class MetadataDataModule(GroupDataModule):
         class_names: list[str] | None = None,
         spurious_names: list[str] | None = None,
         train_split: str = "train",
+        mask_threshold: float = 0.0,
+        max_image_pixels: int | None = None,
+        resize_cache: str | None = "auto",
     ) -> None:
         super().__init__(root, image_size, batch_size, num_workers, sampler, seed, train_split)
+        if not 0 <= mask_threshold < 1:
+            raise DataError(
+                f"data.mask_threshold must lie in [0, 1), got {mask_threshold}: a mask pixel is set where its value "
+                "exceeds this share of the format's maximum (0: non-zero, 0.5 for JPEG masks)"
+            )
+        if max_image_pixels is not None and max_image_pixels < 1:
+            raise DataError(
+                f"data.max_image_pixels must be at least 1 (or null: Pillow's limit), got {max_image_pixels}"
+            )
         if check_images not in CHECKS:
             raise DataError(
                 f"data.check_images {check_images!r} is unknown: choose one of {', '.join(CHECKS)}"
@@ -137,6 +145,14 @@ class MetadataDataModule(GroupDataModule):
         self.check_images = check_images
         self.max_bad_images = max_bad_images
         self.augment = augment
+        folder = cache_folder(resize_cache)
+        self.reader = FileReader(
+            None if folder is None else ResizeCache(folder, cache_side(image_size)),
+            max_image_pixels,
+            mask_threshold,
+        )
+        self._cached_splits: set[str] = set()
+        self._label_values: dict[str, tuple[int, ...]] = {}
         self.table = self.load_table()
         self._class_names = self._names(class_names, "target", "class_names")
         self._spurious_names = self._names(spurious_names, "spurious", "spurious_names")
@@ -150,8 +166,8 @@ class MetadataDataModule(GroupDataModule):
         table = pd.DataFrame(
             {
                 "image": raw[columns["image"]].astype(str),
-                "target": integer_column(raw, columns["target"], str(source)),
-                "spurious": integer_column(raw, columns["spurious"], str(source)),
+                "target": self.read_labels(raw, columns["target"], str(source), "target"),
+                "spurious": self.read_labels(raw, columns["spurious"], str(source), "spurious"),
                 "split": self._split_names(raw[columns["split"]], columns["split"], source),
             }
         )
@@ -187,19 +203,33 @@ class MetadataDataModule(GroupDataModule):
             )
         return codes.map(SPLIT_CODES)
 
+    def read_labels(self, table: pd.DataFrame, column: str, source: str, role: str) -> pd.Series:
+        """Codes ``0..K-1`` of the labels in ``column`` for ``role`` (``target`` or ``spurious``); values that are
+        not ``0..K-1`` are read in sorted order (logged), over the whole table so every split agrees."""
+        what = "classes" if role == "target" else "spurious values"
+        labels = label_column(table, column, source, what, known=len(self.label_names.get(role, ())))
+        self._label_values[role] = labels.values
+        return labels.codes
+
     def default_names(self, column: str, n: int) -> list[str]:
         """Display names of the labels of ``column`` (``target`` or ``spurious``) when none are given."""
-        preset = self.label_names.get(column, [])
-        return (
-            list(preset)
-            if len(preset) >= n
-            else [f"{'y' if column == 'target' else 'a'}{k}" for k in range(n)]
+        values = self._label_values.get(column, ())
+        if len(values) != n:
+            values = tuple(range(n))
+        return default_label_names(
+            values, self.label_names.get(column, ()), "y" if column == "target" else "a"
         )
 
     def _names(self, given: list[str] | None, column: str, arg: str) -> list[str]:
-        n = int(self.table[column].max()) + 1
+        values = self._label_values.get(column) or tuple(range(int(self.table[column].max()) + 1))
+        n = len(values)
         if given is None:
             return self.default_names(column, n)
+        if values != tuple(range(n)) and len(given) != n:
+            raise DataError(
+                f"data.{arg} names {len(given)} values but column {column!r} holds {n} "
+                f"({', '.join(map(str, values))}, read in that order): give one name per value"
+            )
         if len(given) < n:
             raise DataError(
                 f"data.{arg} names {len(given)} values but column {column!r} has labels up to {n - 1}"
@@ -221,16 +251,28 @@ class MetadataDataModule(GroupDataModule):
         return self._spurious_names
 
     def setup(self, stage: str) -> None:
-        if not self._checked and self.check_images != "none":
-            self._drop_bad_images()
+        first = not self._checked
+        check = self.check_images if first else "none"
+        to_cache = [] if self.reader.cache is None else self._uncached_splits(stage)
+        if check != "none" or to_cache:
+            self._scan(check, to_cache)
+        if first and "mask" in self.table.columns:
+            masks = self._mask_paths(self.table)
+            pairs = [
+                (m, self.folder / p) for m, p in zip(masks, self.table["image"], strict=True) if m is not None
+            ]
+            check_masks_mark_something(
+                pairs, self.reader, self.mask_marks == "core", self.mask_column, self.folder / self.metadata
+            )
         super().setup(stage)
+
+    def _mask_paths(self, rows: pd.DataFrame) -> list[Path | None]:
+        # an empty cell means the image has no spurious region
+        return [None if pd.isna(m) or not str(m).strip() else self.folder / str(m) for m in rows["mask"]]
 
     def make_dataset(self, split: str, augment: bool) -> GroupDataset:
         rows = self.table[self.table["split"] == split]
-        masks = None
-        if "mask" in rows.columns:
-            # an empty cell means the image has no spurious region
-            masks = [None if pd.isna(m) or not str(m).strip() else self.folder / str(m) for m in rows["mask"]]
+        masks = self._mask_paths(rows) if "mask" in rows.columns else None
         transform = (
             train_transform(self.image_size) if augment and self.augment else eval_transform(self.image_size)
         )
@@ -238,38 +280,35 @@ class MetadataDataModule(GroupDataModule):
             [self.folder / p for p in rows["image"]],
             masks,
             mask_marks_core=self.mask_marks == "core",
+            reader=self.reader,
             targets=torch.tensor(rows["target"].to_numpy()),
             spurious=torch.tensor(rows["spurious"].to_numpy()),
             n_spurious=self.n_spurious,
             transform=transform,
         )
 
-    # -- image checks ---------------------------------------------------------------------------
-    def _image_problem(self, path: Path) -> str | None:
-        if not path.is_file():
-            return "missing"
-        if self.check_images == "exists":
-            return None
-        try:
-            with Image.open(path) as im:
-                if self.check_images == "full":
-                    im.load()
-                else:
-                    im.verify()
-        except Exception as exc:  # PIL raises many types for broken files
-            return f"unreadable ({type(exc).__name__})"
-        return None
+    # -- image checks and the resized cache -----------------------------------------------------
+    def _uncached_splits(self, stage: str) -> list[str]:
+        needed = {*STAGE_SPLITS[stage], self.train_split} if stage == "fit" else set(STAGE_SPLITS[stage])
+        return [s for s in self.splits if s in needed and s not in self._cached_splits]
 
-    def _drop_bad_images(self) -> None:
-        problems = {}
-        for rel in tqdm(
-            self.table["image"], desc=f"checking images in {self.folder}", leave=False, mininterval=2
-        ):
-            problem = self._image_problem(self.folder / rel)
-            if problem:
-                problems[rel] = problem
-        if not problems:
-            return
+    def _scan(self, check: str, to_cache: list[str]) -> None:
+        """One pass: the image check (first setup) and the resized copies of the splits ``to_cache``."""
+        table = self.table
+        paths = [self.folder / p for p in table["image"]]
+        cache = table["split"].isin(to_cache).to_numpy()
+        sampled = [p for p, c in zip(paths, cache, strict=True) if c]
+        # without a header check no header is read anyway: a sample says whether any image is large
+        if sampled and check in ("none", "exists") and not holds_large_images(sampled, self.reader):
+            cache[:] = False
+        masks = self._mask_paths(table) if "mask" in table.columns else [None] * len(table)
+        items = [ScanItem(p, check, bool(c), m) for p, c, m in zip(paths, cache, masks, strict=True)]
+        problems = scan(items, self.reader, self.num_workers, self.folder)
+        self._cached_splits.update(to_cache)
+        if problems:
+            self._drop_bad_images({table["image"].iloc[k]: why for k, why in sorted(problems.items())})
+
+    def _drop_bad_images(self, problems: dict[str, str]) -> None:
         listed = "; ".join(f"{p} ({why})" for p, why in list(problems.items())[:5])
         more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
         n = len(self.table)

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import pandas as pd
 
-from shortcut_lightning.data.metadata import SPLIT_CODES, MetadataDataModule, integer_column, read_csv
+from shortcut_lightning.data.metadata import SPLIT_CODES, MetadataDataModule, read_csv
 from shortcut_lightning.errors import DataError
 
 
@@ -105,8 +105,10 @@ class CelebA(MetadataDataModule):
         return pd.DataFrame(
             {
                 "image": [str(images / i) for i in table["image_id"]],
-                "target": integer_column(binary, self.target_attribute, "list_attr_celeba.csv"),
-                "spurious": integer_column(binary, self.spurious_attribute, "list_attr_celeba.csv"),
+                "target": self.read_labels(binary, self.target_attribute, "list_attr_celeba.csv", "target"),
+                "spurious": self.read_labels(
+                    binary, self.spurious_attribute, "list_attr_celeba.csv", "spurious"
+                ),
                 "split": split,
             }
         )
