@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from shortcut_lightning.backbones import create_backbone
+from shortcut_lightning.backbones import (
+    checkpoint_mismatch,
+    classifier_shown,
+    create_backbone,
+    state_mismatch,
+)
 from shortcut_lightning.errors import ModelError
 from shortcut_lightning.penalties import loss_weighting, total_penalty, weighted_loss
 
@@ -120,11 +125,23 @@ class ShortcutClassifier(L.LightningModule):
             )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("hyper_parameters", {}).get("num_classes")
-        if saved is not None and saved != self.hparams.num_classes:
+        """Refuses, in one line, a checkpoint of another backbone or class count, or whose weights do not fit
+        this model (e.g. saved with a callback that adds weights to the model, which this run lacks)."""
+        path = getattr(self._trainer, "ckpt_path", None)
+        which = f"the checkpoint {path}" if path else "the checkpoint"
+        backbone, n = self.hparams.backbone, self.hparams.num_classes
+        problem = checkpoint_mismatch(checkpoint, backbone, n)
+        if problem:
+            raise ModelError(f"{which} {problem}")
+        # Lightning's own strict load would list every key in a message of many lines
+        saved = checkpoint.get("state_dict", {})
+        problem = state_mismatch(saved, self.state_dict(), names=self.strict_loading)
+        if problem:
+            head = next(name for name, module in self.named_modules() if module is self.head)
             raise ModelError(
-                f"the checkpoint was trained for {saved} classes but this model (and its data) has "
-                f"{self.hparams.num_classes}: use a checkpoint trained on this dataset"
+                f"{which} does not fit this model ({backbone}, {n} classes): {problem}; "
+                f"{classifier_shown(saved, f'{head}.weight')}; load it with the config it was saved with (its "
+                "model.backbone and backbone_kwargs, and any callback that adds weights to the model)"
             )
 
     def configure_optimizers(self) -> Any:

@@ -7,9 +7,16 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import nn
+from torch import Tensor, nn
 
 from shortcut_lightning.errors import ShortcutError
+from shortcut_lightning.methods.prusc.kept_copy import (
+    IN_MODEL,
+    for_checkpoint,
+    from_checkpoint,
+    is_marker,
+    materialised,
+)
 from shortcut_lightning.methods.prusc.masks import GumbelSigmoidMask
 from shortcut_lightning.metrics import SUMMARY_KEYS
 
@@ -43,10 +50,13 @@ def beats(score: float, best: dict[str, Any] | None, mode: str) -> bool:
 
 
 class BestMasks:
-    """Keeps a CPU copy of the mask logits whenever ``monitor`` improves; puts the best back once.
+    """Keeps the mask logits whenever ``monitor`` improves; puts the best back once.
 
-    ``best`` (``{"epoch", "score", "logits"}``, ``None`` before a validation) is resumable state: the
-    logits are dropped once restored, so later checkpoints do not carry a copy of every mask.
+    ``best`` (``{"epoch", "score", "logits", "statistics"}``, ``None`` before a validation) is resumable
+    state. While the best masks are the model's current ones it holds the marker
+    :data:`~shortcut_lightning.methods.prusc.kept_copy.IN_MODEL`, not a copy; :meth:`materialise` copies
+    them to the CPU before the masks change. The logits are dropped once restored, so later checkpoints do
+    not carry a copy of every mask.
     """
 
     def __init__(self, monitor: str, mode: str = "max") -> None:
@@ -87,14 +97,36 @@ class BestMasks:
         model: nn.Module | None = None,
     ) -> None:
         """Keeps these logits (and ``model``'s BatchNorm statistics) if ``score`` beats the best so far;
-        ``epoch`` ``None`` is the dense model, before any mask epoch."""
+        ``epoch`` ``None`` is the dense model, before any mask epoch. They are the model's own until
+        :meth:`materialise`."""
         if not beats(score, self.best, self.mode):
             return
-        logits = {name: m.logits.detach().to("cpu", copy=True) for name, m in masks.items()}
-        statistics = None if model is None else {
-            k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k.endswith(STATISTICS)
-        }  # fmt: skip
-        self.best = {"epoch": epoch, "score": score, "logits": logits, "statistics": statistics}
+        statistics = None if model is None else IN_MODEL
+        self.best = {"epoch": epoch, "score": score, "logits": IN_MODEL, "statistics": statistics}
+
+    def materialise(self, masks: dict[str, GumbelSigmoidMask], model: nn.Module | None = None) -> None:
+        """Copies what is kept as the model's own (after a resume: what the checkpoint had as the model's),
+        before the masks or the statistics change."""
+        if self.best is not None:
+            self.best["logits"] = materialised(self.best["logits"], lambda: _logits(masks))
+            self.best["statistics"] = materialised(self.best.get("statistics"), lambda: _statistics(model))
+
+    def state(
+        self, masks: dict[str, GumbelSigmoidMask], model: nn.Module | None = None
+    ) -> dict[str, Any] | None:
+        """``best`` as a checkpoint stores it: no tensor that the model's state already holds."""
+        if self.best is None:
+            return None
+        logits = for_checkpoint(self.best["logits"], _logits(masks))
+        statistics = for_checkpoint(self.best.get("statistics"), _statistics(model))
+        return {**self.best, "logits": logits, "statistics": statistics}
+
+    def load(self, saved: dict[str, Any] | None) -> None:
+        """``best`` from a checkpoint's :meth:`state` (its markers are read from the model before it changes)."""
+        if saved is not None:
+            statistics = from_checkpoint(saved.get("statistics"))
+            saved = {**saved, "logits": from_checkpoint(saved["logits"]), "statistics": statistics}
+        self.best = saved
 
     def restore(
         self, masks: dict[str, GumbelSigmoidMask], model: nn.Module | None = None
@@ -105,14 +137,30 @@ class BestMasks:
                 f"PruSC: {self.monitor} was never validated during mask learning; the last masks are kept"
             )
             return None
-        with torch.no_grad():
-            for name, mask in masks.items():
-                mask.logits.copy_(self.best["logits"][name])
-        if model is not None and self.best.get("statistics"):
-            model.load_state_dict(self.best["statistics"], strict=False)
+        # a marker is the model's own tensor (it is materialised before the model changes): nothing to put back
+        logits, statistics = self.best["logits"], self.best.get("statistics")
+        if isinstance(logits, dict):
+            with torch.no_grad():
+                for name, mask in masks.items():
+                    if not is_marker(logits[name]):
+                        mask.logits.copy_(logits[name])
+        if model is not None and isinstance(statistics, dict):
+            kept = {k: v for k, v in statistics.items() if not is_marker(v)}
+            model.load_state_dict(kept, strict=False)
         self.best["logits"] = self.best["statistics"] = None
         which = (
             "the dense model" if self.best["epoch"] is None else f"the masks of epoch {self.best['epoch']}"
         )
         rank_zero_info(f"PruSC: {which} is kept ({self.monitor} {self.best['score']:.4f})")
         return {"monitor": self.monitor, "epoch": self.best["epoch"], "score": self.best["score"]}
+
+
+def _logits(masks: dict[str, GumbelSigmoidMask]) -> dict[str, Tensor]:
+    return {name: m.logits for name, m in masks.items()}
+
+
+def _statistics(model: nn.Module | None) -> dict[str, Tensor]:
+    """``model``'s BatchNorm statistics by state-dict name (none without a model)."""
+    if model is None:
+        return {}
+    return {k: v for k, v in model.state_dict().items() if k.endswith(STATISTICS)}

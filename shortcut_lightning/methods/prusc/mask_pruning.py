@@ -12,13 +12,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from shortcut_lightning.backbones import PLAIN_WEIGHTS
+from shortcut_lightning.backbones import PLAIN_WEIGHTS, WEIGHT_MASKS
 from shortcut_lightning.batchnorm import hold_batchnorm, recalibrate_batchnorm, whole_split
 from shortcut_lightning.data.base import require_group_datamodule
 from shortcut_lightning.errors import ShortcutError
 from shortcut_lightning.methods.prusc.arguments import check_arguments, check_data, check_strategy
-from shortcut_lightning.methods.prusc.best_masks import BestMasks
-from shortcut_lightning.methods.prusc.best_weights import BestWeights
+from shortcut_lightning.methods.prusc.best_states import BestStates
 from shortcut_lightning.methods.prusc.cluster_pass import cluster_split
 from shortcut_lightning.methods.prusc.clusters import cluster_balance_weights, cluster_table
 from shortcut_lightning.methods.prusc.conv_reach import reachable_weights
@@ -28,10 +27,10 @@ from shortcut_lightning.methods.prusc.masks import (
     densities,
     density_summary,
     model_masks,
-    plain_state_dict,
     set_density,
     sparsity_term,
     step_mask_logits,
+    weight_masks,
 )
 from shortcut_lightning.methods.prusc.prusc_report import PruSCReport
 from shortcut_lightning.methods.prusc.supcon import cluster_supcon
@@ -184,14 +183,14 @@ class MaskPruning(Callback):
         self.started_epoch: int | None = None
         self.clusters: Tensor | None = None  # cluster of every sample of ``split``, by its index
         self.report: PruSCReport | None = None
-        self._best = None if monitor is None else BestMasks(monitor, mode)
-        self._best_weights = BestWeights(monitor if finetune_keep == "best" else None, mode)
+        self._kept = BestStates(monitor, mode, finetune_keep, batchnorm)
         self._cluster_device: Tensor | None = None
         self._masks: dict[str, Any] = {}
         self._optimizer: torch.optim.Optimizer | None = None
         self._optimizer_state: dict[str, Any] | None = None
         self._reachable: dict[str, Tensor] | None = None
         self._data = TrainingData()
+        self._model: L.LightningModule | None = None  # the model a checkpoint of this state saves beside it
 
     @property
     def uses_annotations(self) -> bool:
@@ -210,6 +209,7 @@ class MaskPruning(Callback):
         # masks exist (mode off) before any checkpoint is restored or DDP wraps the model; a checkpoint
         # of this stage that is validated or tested loads its masks (and their mode) into them
         attach_masks(pl_module, self.modules, self.init_logit, self.gumbel_temperature)
+        self._model = pl_module
 
     def _prepare_fit(self, trainer: L.Trainer) -> None:
         """Checks the data and the strategy; points the datamodule at the split and groups to train on."""
@@ -249,9 +249,8 @@ class MaskPruning(Callback):
         self._cluster(trainer, pl_module)
         self.started_epoch = trainer.current_epoch
         self._enter(trainer, pl_module, "learning")
-        if self._best is not None and self.keep_dense:  # the dense model competes with every mask epoch
-            self._best.consider_dense(self.report.before, self._masks, self._statistics_of(pl_module))
-            self._best_weights.consider_report("before the stage", self.report.before, pl_module)
+        if self.keep_dense:  # the dense model competes with every mask epoch (and the fine-tuning)
+            self._kept.consider_dense(self.report.before, self._masks, pl_module)
         if self.prune_epochs == 0:  # no mask learning: the fine-tuning on the clusters alone
             self._enter(trainer, pl_module, "fixed")
 
@@ -271,10 +270,10 @@ class MaskPruning(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, phase: str, resumed: bool = False
     ) -> None:
         masks = model_masks(pl_module)
-        if phase == "fixed" and not resumed:
-            if self._best is not None and (
-                restored := self._best.restore(masks, self._statistics_of(pl_module))
-            ):
+        if phase != "fixed" or resumed:  # a kept best state that is the model's is copied before modes change
+            self._kept.materialise(masks, pl_module)
+        else:
+            if restored := self._kept.fix_masks(masks, pl_module):
                 self.report.best = restored
             if self.target_density is not None:
                 set_density(masks, self.target_density, self._reachable_weights(trainer, pl_module))
@@ -301,7 +300,7 @@ class MaskPruning(Callback):
         if phase == "fixed" and not resumed and self.finetune_epochs > 0:
             # what the masks alone do, before the fine-tuning changes the weights
             self.report.fixed = self._reports(pl_module, "masks fixed")
-            self._best_weights.consider_report("with the masks fixed", self.report.fixed, pl_module)
+            self._kept.weights.consider_report("with the masks fixed", self.report.fixed, pl_module)
 
     # -- clustering -----------------------------------------------------------------------------
     def _cluster(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -340,6 +339,11 @@ class MaskPruning(Callback):
         pl_module.log("train/prusc/supcon", supcon.detach(), on_step=True, on_epoch=True, batch_size=n)
         pl_module.log("train/prusc/sparsity", sparsity.detach(), on_step=True, on_epoch=True, batch_size=n)
         return self.lambda_sparse * sparsity + self.beta * supcon
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._kept.materialise(
+            self._masks, pl_module
+        )  # the step changes the model: a kept best it is is copied
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
@@ -380,18 +384,12 @@ class MaskPruning(Callback):
         """With ``monitor``: keeps the best mask epoch's logits (``finetune_keep="best"``: the best tuned model)."""
         if trainer.sanity_checking:
             return
-        if self._best is not None and self.phase == "learning":
-            self._best.update(trainer, self._masks, self._statistics_of(pl_module))
-        elif self.phase == "fixed":
-            self._best_weights.update(trainer, pl_module)
-
-    def _statistics_of(self, pl_module: L.LightningModule) -> L.LightningModule | None:
-        return pl_module if self.batchnorm == "batch" else None  # BatchNorm moved with the masks
+        self._kept.validated(trainer, self.phase, self._masks, pl_module)
 
     @property
     def best(self) -> dict[str, Any] | None:
         """With ``monitor``: epoch, score and (until restored) mask logits of the best mask-learning epoch."""
-        return None if self._best is None else self._best.best
+        return self._kept.best
 
     # -- the end --------------------------------------------------------------------------------
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -400,7 +398,7 @@ class MaskPruning(Callback):
             return
         if self.phase == "learning":
             self._enter(trainer, pl_module, "fixed")
-        self.report.finetune_best = self._best_weights.restore(pl_module)
+        self.report.finetune_best = self._kept.weights.restore(pl_module)
         self.report.densities = densities(pl_module, self._reachable_weights(trainer, pl_module))
         self.report.after = self._reports(pl_module, "after")
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
@@ -419,20 +417,22 @@ class MaskPruning(Callback):
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Beside the masked state a resume needs, the network as evaluation sees it (``backbones.PLAIN_WEIGHTS``)."""
+        """Beside the masked state a resume needs, the masks evaluation multiplies in (``backbones.PLAIN_WEIGHTS``)."""
         if model_masks(pl_module):
-            checkpoint[PLAIN_WEIGHTS] = plain_state_dict(pl_module)
+            checkpoint[PLAIN_WEIGHTS] = {WEIGHT_MASKS: weight_masks(pl_module)}
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The phase and what resuming it needs; a kept best tensor the model's state holds is a marker, and
+        the mask optimizer's moments are left out once the masks are fixed (nothing steps them again)."""
+        learning = self.phase == "learning" and self._optimizer is not None
         return {
             "phase": self.phase,
             "started_epoch": self.started_epoch,
             "clusters": self.clusters,
             "report": None if self.report is None else self.report.to_dict(),
-            "optimizer": None if self._optimizer is None else self._optimizer.state_dict(),
-            "best": self.best,
-            "best_weights": self._best_weights.best,
+            "optimizer": self._optimizer.state_dict() if learning else None,
+            **self._kept.state_dict(self._masks, self._model),
             "data_split": self._data.split,
         }
 
@@ -443,7 +443,5 @@ class MaskPruning(Callback):
         saved = state_dict.get("report")
         self.report = PruSCReport.from_dict(saved) if saved else None
         self._optimizer_state = state_dict.get("optimizer")
-        if self._best is not None:
-            self._best.best = state_dict.get("best")
-        self._best_weights.best = state_dict.get("best_weights")
+        self._kept.load_state_dict(state_dict)
         self._data.split = state_dict.get("data_split")

@@ -27,21 +27,39 @@ MASKABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 class GumbelSigmoidMask(nn.Module):
-    """``weight -> weight * mask(logits)``; one logit per weight, frozen until :meth:`set_mode` ``learn``."""
+    """``weight -> weight * mask(logits)``; one logit per weight, frozen until :meth:`set_mode` ``learn``.
+
+    The mode is a Python attribute, read at every forward of every masked layer: reading it from a
+    tensor (``int(buffer)``) would wait for the GPU there. The ``mode_id`` buffer only records it in the
+    model's state, so a checkpoint (today's or an older one) describes itself; it is written by
+    :meth:`set_mode` and read back when a state dict is loaded.
+    """
 
     def __init__(self, shape: torch.Size, init_logit: float = 3.0, temperature: float = 1.0) -> None:
         super().__init__()
         self.logits = nn.Parameter(torch.full(shape, float(init_logit)), requires_grad=False)
         self.register_buffer("mode_id", torch.zeros((), dtype=torch.long))
         self.temperature = temperature
+        self._mode = MODES[0]
 
     @property
     def mode(self) -> str:
-        return MODES[int(self.mode_id)]
+        return self._mode
 
     def set_mode(self, mode: str) -> None:
-        self.mode_id.fill_(MODES.index(mode))
+        self.mode_id.fill_(MODES.index(mode))  # a device op, no wait: the record a checkpoint carries
+        self._mode = mode
         self.logits.requires_grad_(mode == "learn")
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict, strict: bool, *args: Any
+    ) -> None:
+        """Loads as any module does, then takes the mode from the loaded ``mode_id`` (a CPU tensor when it
+        comes from a checkpoint). As before, loading sets the mode only: ``requires_grad`` stays as it is."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
+        saved = state_dict.get(prefix + "mode_id")
+        if isinstance(saved, Tensor) and saved.shape == self.mode_id.shape:
+            self._mode = MODES[int(saved)]
 
     def hard(self) -> Tensor:
         """The deterministic mask ``1[logit > 0]``."""
@@ -273,7 +291,9 @@ def step_mask_logits(
 ) -> None:
     """One step of the mask logits' own optimizer, their gradients averaged over the DDP ranks first.
 
-    A step with a non-finite gradient (an AMP overflow) is skipped, as the module's optimizer skips it.
+    A step with a non-finite gradient (an AMP overflow) is skipped, as the module's optimizer skips it. Deciding
+    that reads one flag from the device: the stage's one wait for it per optimizer step (the masked forward,
+    its backward and the penalty have none).
     """
     logits = [m.logits for m in masks.values() if m.logits.grad is not None]
     if not logits:
@@ -288,6 +308,22 @@ def step_mask_logits(
     if bool(torch.isfinite(flat).all()):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def weight_masks(model: nn.Module) -> dict[str, Tensor]:
+    """What evaluation multiplies each masked weight by, for ``backbones.PLAIN_WEIGHTS``: a 0/1 (bool) mask
+    by the plain weight's state-dict name (``net.fc.weight``), only where a mask is on and prunes something.
+
+    With the ``state_dict`` (which holds the weight as ``...parametrizations.weight.original``) it gives
+    :func:`plain_state_dict` without a second copy of any weight.
+    """
+    found = {}
+    for name, mask in model_masks(model).items():
+        if mask.mode != "off":
+            keep = mask.logits.detach() > 0
+            if not bool(keep.all()):  # a wait for the device, once per mask when a checkpoint is saved
+                found[f"{name}.weight"] = keep
+    return found
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:

@@ -24,9 +24,14 @@ def cluster_supcon(features: Tensor, targets: Tensor, clusters: Tensor, temperat
     positive = same_class & ~same_cluster
     negative = same_cluster & ~eye
     anchors = positive.any(1)
-    if not bool(anchors.any()):
-        return sim.sum() * 0.0
-    sim, positive, negative = sim[anchors], positive[anchors], negative[anchors]  # rows with a finite term
-    denominator = torch.logsumexp(sim.masked_fill(~(positive | negative), float("-inf")), dim=1)
+    # every row is computed and the rows without a positive are zeroed, instead of selecting the anchors
+    # (``sim[anchors]``, a shape that depends on the data: the host waits for the GPU to know it). Those
+    # rows' terms read every column, so they stay finite and pass a zero gradient; the anchors' rows and the
+    # gradients are the selection's (bit for bit on the CPU, over 2000 random batches)
+    terms = positive | negative | ~anchors[:, None]
+    denominator = torch.logsumexp(sim.masked_fill(~terms, float("-inf")), dim=1)
     log_prob = (sim - denominator[:, None]).masked_fill(~positive, 0.0)
-    return (-log_prob.sum(1) / positive.sum(1)).mean()
+    per_anchor = -log_prob.sum(1) / positive.sum(1).clamp(min=1)
+    # the mean over the anchors (0, still attached to the graph, when there is none); summed over every row
+    # it can differ from the selection's mean in the last bit (about 1 batch in 500), its gradient does not
+    return torch.where(anchors, per_anchor, 0.0).sum() / anchors.sum().clamp(min=1)
