@@ -210,7 +210,9 @@ class EmbeddingProjector(Callback):
         replicas, rank = world()
         loader = dm.dataloader(self.split, sampler=rows[rank::replicas].tolist())
         head = find_head(pl_module, self.head_path)
-        emb = collect_embeddings(pl_module, loader, head, desc=f"EmbeddingProjector: embedding {self.split}")
+        emb = collect_embeddings(  # rank 0 alone projects and writes: no other rank holds the features
+            pl_module, loader, head, desc=f"EmbeddingProjector: embedding {self.split}", features="rank_zero"
+        )
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
         result, failure, error = None, None, None
         if trainer.is_global_zero:

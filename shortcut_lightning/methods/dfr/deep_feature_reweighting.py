@@ -28,7 +28,7 @@ class DeepFeatureReweighting(LastLayerRefit):
     (the refit weight and bias over raw embeddings) to the log directory. Runs at the end of ``fit``
     (then saves ``checkpoints/dfr.ckpt``), or in ``validate``/``test`` once
     before the loop on the loaded checkpoint. Only the head changes, so every DDP rank embeds its
-    shard, the shards are gathered, rank 0 fits and broadcasts the weights.
+    shard, the shards' features are gathered to rank 0 alone, rank 0 fits and reports, and broadcasts both.
 
     Args:
         split: held-out split to refit on (``val``; ``train`` is "DFR on train").
@@ -93,15 +93,21 @@ class DeepFeatureReweighting(LastLayerRefit):
                 raise DataError(
                     "the refit split has no group labels: use DeepFeatureReweighting(balance='classes')"
                 )
+            present = np.unique(labels)
+            if len(present) < 2:
+                raise DataError(
+                    f"DFR refit split {self.split!r} holds one group ({names[int(present[0])]!r}): balance='groups' "
+                    "needs at least two; refit on a split with every group, or use balance='classes'"
+                )
         else:
             labels, names, what = refit.target.numpy(), list(dm.class_names), "class"
         check_balance_labels(labels, names, what, self.split)
         scaler = embeddings[self.scaler_split or self.split].features.numpy()
         return fit_dfr(
-            refit.features.double().numpy(),
+            refit.features.numpy(),  # float32 as embedded: fit_dfr makes only the rows it fits float64
             refit.target.numpy(),
             labels,
-            scaler.astype(np.float64),
+            scaler,
             dm.num_classes,
             self.c_grid,
             self.num_refits,

@@ -23,10 +23,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
 
-from shortcut_lightning.errors import DataError
+from shortcut_lightning.errors import DataError, ModelError
 from shortcut_lightning.methods.dfr.fit_pool import FitPool
 
 C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
+CHUNK_ROWS = 4096  # rows made float64 at a time where a whole split is read (scaler, held-out scores)
 
 
 @dataclass
@@ -86,6 +87,36 @@ def _fit_rows(
     return _fit(c, seed, num_classes, x[rows], y[rows])
 
 
+def _fit_standardised_rows(
+    c: float,
+    seed: int,
+    num_classes: int,
+    rows: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    mean: np.ndarray,
+    scale: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_fit` on ``rows`` of ``x`` standardised by ``mean``/``scale``: only the rows a fit uses are made
+    float64 and standardised (``StandardScaler.transform``'s arithmetic, so the same numbers)."""
+    return _fit(c, seed, num_classes, _standardise(x[rows], mean, scale), y[rows])
+
+
+def _standardise(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    z = x.astype(np.float64)  # a copy: the caller's rows stay as they are
+    z -= mean
+    z /= scale
+    return z
+
+
+def _fit_scaler(x: np.ndarray) -> StandardScaler:
+    """``StandardScaler`` fit on ``x`` in float64 a chunk of rows at a time (the whole split is never copied)."""
+    scaler = StandardScaler()
+    for start in range(0, len(x), CHUNK_ROWS):
+        scaler.partial_fit(x[start : start + CHUNK_ROWS].astype(np.float64))
+    return scaler
+
+
 def _fit(
     c: float, seed: int, num_classes: int, x: np.ndarray, y: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -95,15 +126,44 @@ def _fit(
         warnings.simplefilter("ignore", ConvergenceWarning)
         model.fit(x, y)
     if isinstance(model, OneVsRestClassifier):
-        return (
-            np.concatenate([e.coef_ for e in model.estimators_]),
-            np.concatenate([e.intercept_ for e in model.estimators_]),
+        coef = np.concatenate([e.coef_ for e in model.estimators_])
+        intercept = np.concatenate([e.intercept_ for e in model.estimators_])
+    else:
+        coef, intercept = model.coef_, model.intercept_
+    _check_rows(coef, num_classes, np.unique(y))
+    return coef, intercept
+
+
+def _check_rows(coef: np.ndarray, num_classes: int, classes: np.ndarray) -> None:
+    """A fit must give one row per class of the head (liblinear's one row for two classes aside): never a head
+    whose K rows are one row broadcast, which scores every class alike."""
+    rows_match = coef.shape[0] == num_classes or (num_classes == 2 and coef.shape[0] == 1)
+    if not rows_match or classes.min() < 0 or classes.max() >= num_classes:
+        raise ModelError(
+            f"DFR's logistic regression gave {coef.shape[0]} coefficient row(s) for a {num_classes}-class head: "
+            f"its data hold class(es) {', '.join(map(str, classes.tolist()))}; refit on data with every class "
+            f"0..{num_classes - 1}"
         )
-    return model.coef_, model.intercept_
 
 
-def _predict(coef: np.ndarray, intercept: np.ndarray, x: np.ndarray) -> np.ndarray:
-    scores = x @ coef.T + intercept
+def _scores(
+    fits: Sequence[tuple[np.ndarray, np.ndarray]],
+    x: np.ndarray,
+    rows: np.ndarray,
+    mean: np.ndarray,
+    scale: np.ndarray,
+) -> list[np.ndarray]:
+    """The decision scores of every fit on ``rows`` of ``x`` standardised by ``mean``/``scale``, a chunk of rows
+    at a time (``StandardScaler.transform``'s arithmetic, so the same numbers as on the whole)."""
+    out: list[list[np.ndarray]] = [[] for _ in fits]
+    for start in range(0, len(rows), CHUNK_ROWS):
+        z = _standardise(x[rows[start : start + CHUNK_ROWS]], mean, scale)
+        for k, (coef, intercept) in enumerate(fits):
+            out[k].append(z @ coef.T + intercept)
+    return [np.concatenate(parts) for parts in out]
+
+
+def _predict(scores: np.ndarray) -> np.ndarray:
     return (scores[:, 0] > 0).astype(int) if scores.shape[1] == 1 else scores.argmax(1)
 
 
@@ -132,25 +192,33 @@ def fit_dfr(
     Tuning, as in the reference: split ``x`` 50/50, balance one half by ``balance``, standardise, fit each C
     and score the worst-``balance``-label accuracy on the other half. The independent fits (each C, then each
     refit) run in ``workers`` processes (:class:`FitPool`; ``None``: every core); the head is the same for any ``workers``.
+
+    ``x`` and ``scaler_x`` may be float32 (as embedded): only the rows a fit uses are made float64 and
+    standardised, and the scaler and the held-out scores take a chunk of rows at a time, so the cost and
+    memory grow with the balanced subsamples, not with copies of the split. A fit that gives a coefficient
+    row count other than the head's classes (a class missing from ``y``) raises :class:`ModelError`.
     """
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))
     held, train = order[: len(x) // 2], order[len(x) // 2 :]
     train = train[balanced_indices(balance[train], rng)]
-    tune_scaler = StandardScaler().fit(x[train])
+    x_train = x[train].astype(np.float64)
+    tune_scaler = StandardScaler().fit(x_train)
     refit_rows = [balanced_indices(balance, rng) for _ in range(num_refits)]  # drawn before any fit
-    scaler = StandardScaler().fit(scaler_x)
-    arrays = [(tune_scaler.transform(x[train]), y[train]), (scaler.transform(x), y)]
-    x_held = tune_scaler.transform(x[held])
+    scaler = _fit_scaler(scaler_x)
+    arrays = [(tune_scaler.transform(x_train), y[train]), (x, y, scaler.mean_, scaler.scale_)]
     with FitPool(arrays, workers) as pool:
         every_row = np.arange(len(train))
         fits = pool.map([(partial(_fit_rows, float(c), seed, num_classes, every_row), 0) for c in c_grid])
+        scores = _scores(fits, x, held, tune_scaler.mean_, tune_scaler.scale_)
         tuning = {
-            float(c): worst_accuracy(_predict(coef, intercept, x_held), y[held], balance[held])
-            for c, (coef, intercept) in zip(c_grid, fits, strict=True)
+            float(c): worst_accuracy(_predict(s), y[held], balance[held])
+            for c, s in zip(c_grid, scores, strict=True)
         }
         best = max(tuning, key=lambda c: tuning[c])  # ties go to the first, i.e. largest C of the grid
-        refits = pool.map([(partial(_fit_rows, best, seed, num_classes, rows), 1) for rows in refit_rows])
+        refits = pool.map(
+            [(partial(_fit_standardised_rows, best, seed, num_classes, rows), 1) for rows in refit_rows]
+        )
     coefs, intercepts, zero = [], [], []
     for raw_coef, raw_intercept in refits:
         coef, intercept = _as_multiclass(raw_coef, raw_intercept, num_classes)

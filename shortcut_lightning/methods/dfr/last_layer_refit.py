@@ -23,6 +23,9 @@ class LastLayerRefit(ModelStage):
     """Embeds ``split`` (and ``report_splits``) with evaluation transforms, fits a new head on rank 0 (broadcast,
     errors included), writes it into the model's head and reports group accuracy before and after.
 
+    Under DDP the features reach rank 0 alone; rank 0 checks the refit split, fits and computes the group
+    reports, and broadcasts the head and the reports (an error included) to every rank.
+
     Subclasses implement :meth:`fit_head` (the method) and :meth:`details` (its JSON fields), and name their
     files with ``name`` (``dfr`` -> ``dfr.json``, ``dfr_head.pt``, ``checkpoints/dfr.ckpt``, scalars ``dfr/...``).
     """
@@ -72,21 +75,60 @@ class LastLayerRefit(ModelStage):
             )
         splits = [self.split, *(s for s in self.report_splits if s != self.split)]
         splits += [s for s in self.extra_splits if s and s not in splits]
-        embeddings = embed_splits(pl_module, dm, head, splits, f"{self.stage_label}: embedding")
+        # the features are the input of rank 0's decision alone: no other rank holds a copy
+        embeddings = embed_splits(
+            pl_module, dm, head, splits, f"{self.stage_label}: embedding", features="rank_zero"
+        )
         if self.split not in embeddings:
             raise DataError(
                 f"{self.stage_label} refit split {self.split!r} is not in the data; it has {', '.join(dm.splits)}"
             )
-        fitted = decide_on_rank_zero(trainer, lambda: self.fit_head(dm, embeddings, head))
+        fitted, reports = decide_on_rank_zero(trainer, lambda: self._decide(dm, embeddings, head))
         with torch.no_grad():
             head.weight.copy_(torch.as_tensor(fitted.weight, dtype=head.weight.dtype))
             if head.bias is not None:
                 head.bias.copy_(torch.as_tensor(fitted.bias, dtype=head.bias.dtype))
-        reported = {s: e for s, e in embeddings.items() if s in self.report_splits}
-        weight, bias = torch.as_tensor(fitted.weight), torch.as_tensor(fitted.bias)
-        self.result = {**self.details(fitted), **head_change_reports(dm, reported, weight, bias)}
+        self.result = {**self.details(fitted), **reports}
         self._write(trainer, Path(self._log_dir(trainer)), self.result, fitted)
         return self.result
+
+    def _decide(
+        self, dm: Any, embeddings: dict[str, Embeddings], head: torch.nn.Linear
+    ) -> tuple[LinearHead, dict[str, Any]]:
+        """Rank 0: the refit split checked, the new head and the group reports before and after it."""
+        self.check_refit_split(dm, embeddings[self.split])
+        fitted = self.fit_head(dm, embeddings, head)
+        weight, bias = torch.as_tensor(fitted.weight), torch.as_tensor(fitted.bias)
+        if weight.shape != head.weight.shape:  # copy_ would broadcast one row into every class's
+            raise ModelError(
+                f"{self.stage_label} fit a head of shape {tuple(weight.shape)} for a head of shape "
+                f"{tuple(head.weight.shape)}: refit on a split with every class"
+            )
+        reported = {s: e for s, e in embeddings.items() if s in self.report_splits}
+        return fitted, head_change_reports(dm, reported, weight, bias)
+
+    def check_refit_split(self, dm: Any, refit: Embeddings) -> None:
+        """A refit needs samples of every class the head has: a split without one fits no row for it."""
+        names = list(dm.class_names)
+        present = sorted(int(c) for c in refit.target.unique())
+        where = f"{self.stage_label} refit split {self.split!r}"
+        unknown = [c for c in present if not 0 <= c < len(names)]
+        if unknown:
+            raise DataError(
+                f"{where} has class label {unknown[0]} but the head has {len(names)} classes (0..{len(names) - 1}): "
+                "check the data's class column"
+            )
+        if len(present) < 2:
+            raise DataError(
+                f"{where} holds one class ({names[present[0]] if present else 'none'!r}): a refit needs samples "
+                f"of every class the head has ({', '.join(names)}); refit on another split"
+            )
+        missing = [names[c] for c in range(len(names)) if c not in present]
+        if missing:
+            raise DataError(
+                f"{where} has no sample of class {missing[0]!r} (the head has {len(names)} classes: "
+                f"{', '.join(names)}), so the refit could not score it: refit on a split with every class"
+            )
 
     def _log_dir(self, trainer: L.Trainer) -> str:
         return trainer.log_dir or trainer.default_root_dir  # a collective under DDP: call on every rank

@@ -138,8 +138,9 @@ class JustTrainTwice(Callback):
         """Builds the error set with the current model and points the training sampler at the up-weighting."""
         dm = trainer.datamodule
         split = dm.train_split
-        found = collect_embeddings(
-            pl_module, dm.dataloader(split), find_head(pl_module, self.head), desc=f"JTT: predicting {split}"
+        head = find_head(pl_module, self.head)
+        found = collect_embeddings(  # the logits decide: no rank keeps the features
+            pl_module, dm.dataloader(split), head, desc=f"JTT: predicting {split}", features="none"
         )
         wrong = error_set(found.logits, found.target)
         self.errors = found.index[wrong]

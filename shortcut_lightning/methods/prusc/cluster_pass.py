@@ -26,16 +26,18 @@ def cluster_split(
     """The cluster of every sample of ``split`` by its index, the k-means result and the embeddings.
 
     The split is embedded with evaluation transforms at ``layer`` (a module name; default: the head's
-    input) and clustered with cosine k-means (``within``: ``split`` or ``class``). The k-means runs on
-    rank 0 and its clusters are broadcast, so under DDP every rank has the same clusters by construction.
+    input) and clustered with cosine k-means (``within``: ``split`` or ``class``) in float32 on the module's
+    device. The features reach rank 0 alone, which runs the k-means and broadcasts its clusters, so under DDP
+    every rank has the same clusters by construction; the returned embeddings carry the features on rank 0
+    only (every rank has the labels).
     """
     module = None if layer is None else find_module(pl_module, layer, "cluster_layer")
     embedded = collect_embeddings(
         pl_module, trainer.datamodule.dataloader(split), find_head(pl_module),
-        desc=f"PruSC: embedding {split}", layer=module,
+        desc=f"PruSC: embedding {split}", layer=module, features="rank_zero",
     )  # fmt: skip
     clusters, found = decide_on_rank_zero(
-        trainer, lambda: cluster_by_index(embedded, num_clusters, seed, within)
+        trainer, lambda: cluster_by_index(embedded, num_clusters, seed, within, device=pl_module.device)
     )
     where = "" if within == "split" else " in each class"
     at = "" if layer is None else f" at {layer}"

@@ -15,16 +15,21 @@ CLUSTER_WITHIN = ("split", "class")
 
 
 def cluster_by_index(
-    embedded: Embeddings, num_clusters: int, seed: int, within: str = "split"
+    embedded: Embeddings,
+    num_clusters: int,
+    seed: int,
+    within: str = "split",
+    device: torch.device | str | None = None,
 ) -> tuple[Tensor, Clusters]:
     """Cosine k-means of the embeddings; the cluster of every sample by its index (-1: not embedded).
 
     ``within="split"`` makes ``num_clusters`` clusters of all samples (the paper); ``"class"`` makes
     ``num_clusters`` within each class (class labels only), numbered class by class, so every class has
-    clusters of its own however much the embedding is shaped by the class.
+    clusters of its own however much the embedding is shaped by the class. The k-means runs on ``device``
+    (default: the CPU, where the embeddings are).
     """
     if within == "split":
-        found = cosine_kmeans(embedded.features, num_clusters, seed=seed)
+        found = cosine_kmeans(embedded.features, num_clusters, seed=seed, device=device)
     else:
         labels = torch.empty(len(embedded), dtype=torch.long)
         centroids, inertia = [], 0.0
@@ -35,7 +40,7 @@ def cluster_by_index(
                     f"cluster_within='class': class {c} has {int(member.sum())} samples, fewer than "
                     f"num_clusters={num_clusters}; lower num_clusters"
                 )
-            part = cosine_kmeans(embedded.features[member], num_clusters, seed=seed)
+            part = cosine_kmeans(embedded.features[member], num_clusters, seed=seed, device=device)
             labels[member] = part.labels + rank * num_clusters
             centroids.append(part.centroids)
             inertia += part.inertia * float(member.float().mean())

@@ -248,7 +248,9 @@ class SpuriousPositiveMining(Callback):
             )
             layer_name = find_feature_layer(pl_module, head, probe)
         layer = find_module(pl_module, layer_name, "layer")
-        train = collect_embeddings(pl_module, dm.dataloader("train"), head, desc=f"SCORE: ranking train{tag}")
+        train = collect_embeddings(  # the ranking reads the logits: no rank keeps the features
+            pl_module, dm.dataloader("train"), head, desc=f"SCORE: ranking train{tag}", features="none"
+        )
         figures: dict[str, Any] = {}  # rank 0's, for the report it writes
         panels: dict[str, dict[str, np.ndarray]] = {}
 

@@ -23,7 +23,7 @@ from shortcut_lightning.probing.layers import find_feature_layer
 from shortcut_lightning.probing.model_parts import evaluating, find_head, find_module
 from shortcut_lightning.reporting.figures import new_figure
 from shortcut_lightning.reporting.stage_report import stage_tables, write_stage_report
-from shortcut_lightning.stages import ModelStage
+from shortcut_lightning.stages import ModelStage, decide_on_rank_zero
 from shortcut_lightning.xai.gradcam import SCALINGS, neuron_gradcam, score_maps
 
 
@@ -203,15 +203,16 @@ class SpuriousScore(ModelStage):
         self, trainer: L.Trainer, pl_module: L.LightningModule, dm: Any, head: nn.Linear, scores: Tensor
     ) -> dict:
         pruned = (scores > self.prune_above).nonzero().flatten()
-        embeddings = embed_splits(pl_module, dm, head, self.report_splits, "s-score pruning: embedding")
+        # the features serve only the reports, computed on rank 0 and broadcast: no other rank holds them
+        embeddings = embed_splits(
+            pl_module, dm, head, self.report_splits, "s-score pruning: embedding", features="rank_zero"
+        )
         with torch.no_grad():
             head.weight[:, pruned.to(head.weight.device)] = 0.0
-        bias = None if head.bias is None else head.bias.detach()
-        return {
-            "threshold": self.prune_above,
-            "neurons": pruned.tolist(),
-            **head_change_reports(dm, embeddings, head.weight.detach(), bias),
-        }
+        weight = head.weight.detach().cpu()
+        bias = None if head.bias is None else head.bias.detach().cpu()
+        reports = decide_on_rank_zero(trainer, lambda: head_change_reports(dm, embeddings, weight, bias))
+        return {"threshold": self.prune_above, "neurons": pruned.tolist(), **reports}
 
     # -- output --------------------------------------------------------------------------------
     @rank_zero_only
