@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,9 +11,9 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from shortcut_lightning.callbacks import BestAndLastCheckpoint, GroupMetrics
+from shortcut_lightning.callbacks import BestAndLastCheckpoint, FiniteLoss, GroupMetrics, PredictionWriter
 from shortcut_lightning.data import GroupDataModule
-from shortcut_lightning.errors import ShortcutError
+from shortcut_lightning.errors import ModelError, ShortcutError
 from shortcut_lightning.metrics import format_group_table
 from shortcut_lightning.module import ShortcutClassifier
 from shortcut_lightning.stages import Stage
@@ -23,8 +22,10 @@ from shortcut_lightning.stages import Stage
 class ShortcutCLI(LightningCLI):
     """``shortcut fit|validate|test|predict --config CONFIG``.
 
-    Always on: ``group_metrics`` (:class:`GroupMetrics`) and ``checkpoint`` (:class:`BestAndLastCheckpoint`,
-    best by ``val/mean`` plus ``last.ckpt``), each configurable under its own key. The number of
+    Always on, each configurable under its own key: ``group_metrics`` (:class:`GroupMetrics`), ``checkpoint``
+    (:class:`BestAndLastCheckpoint`, best by ``val/mean`` plus ``last.ckpt``), ``finite_loss``
+    (:class:`FiniteLoss`: a NaN or infinite loss stops ``fit``) and ``predictions`` (:class:`PredictionWriter`:
+    ``predict`` writes ``predictions.csv``, every DDP rank's rows). The number of
     classes is linked from the data into the model. TensorBoard logs go to ``runs/<name>/version_<n>``.
     After ``fit`` the best checkpoint is tested when the data has a test split (``--test_after_fit``);
     when a stage rewrote the model at the end of ``fit`` (DFR), the rewritten model is tested.
@@ -44,6 +45,8 @@ class ShortcutCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(GroupMetrics, "group_metrics")
         parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(FiniteLoss, "finite_loss")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/mean",
@@ -57,6 +60,25 @@ class ShortcutCLI(LightningCLI):
         parser.add_argument(
             "--test_after_fit", type=bool, default=True, help="test the best checkpoint after fit"
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """``--ckpt_path``: Lightning rebuilds the model from the checkpoint's hyper-parameters, so a checkpoint of
+        another backbone than the config's would silently replace it; it is refused first, in one line naming both.
+
+        Overrides a private ``LightningCLI`` method (``pyproject.toml`` bounds Lightning to the tested minor release).
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+        backbone = self.config[subcommand].get("model", {}).get("backbone") if ckpt else None
+        if backbone and Path(ckpt).is_file():
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters")
+            other = (saved or {}).get("backbone")
+            if other and other.split(".")[0] != backbone.split(".")[0]:  # resnet18.a1_in1k is a resnet18
+                raise ModelError(
+                    f"--ckpt_path {ckpt} holds a {other}, but the config's model is a {backbone}: pass the config "
+                    f"the checkpoint was trained with, or --model.backbone {other}"
+                )
+        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         """``fit --ckpt_path .../version_N/checkpoints/x.ckpt`` continues in that run's log directory.
@@ -115,29 +137,6 @@ class ShortcutCLI(LightningCLI):
                 print(
                     f"\n{stage.stage_label}: test accuracy before and after the stage\n{table}\n", flush=True
                 )
-
-    def after_predict(self) -> None:
-        """Writes ``predictions.csv`` (test split) to the log directory."""
-        predictions = self.trainer.predict_loop.predictions
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective under DDP
-        if predictions and self.trainer.is_global_zero:
-            path = log_dir / "predictions.csv"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_predictions(predictions, path)
-            print(f"predictions written to {path}")
-
-
-def write_predictions(predictions: list[dict[str, Any]], path: Path) -> None:
-    """One CSV row per sample: index, target, group, pred and the logits."""
-    rows = {k: torch.cat([p[k] for p in predictions]) for k in ("index", "target", "group", "pred", "logits")}
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        n_logits = rows["logits"].shape[1]
-        writer.writerow(["index", "target", "group", "pred", *[f"logit_{k}" for k in range(n_logits)]])
-        for i in range(len(rows["index"])):
-            writer.writerow(
-                [int(rows[k][i]) for k in ("index", "target", "group", "pred")] + rows["logits"][i].tolist()
-            )
 
 
 def user_error(exc: BaseException) -> ShortcutError | None:

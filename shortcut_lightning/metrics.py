@@ -57,7 +57,9 @@ class GroupAccuracy(Metric):
             raise ValueError(
                 f"group ids must lie in [0, {self.num_groups}), got {groups.min()}..{groups.max()}"
             )
-        self.correct += torch.bincount(groups, weights=hits, minlength=self.num_groups).long()
+        # bincount of the hits' groups, not bincount with weights: that has no deterministic CUDA kernel and
+        # raises under trainer.deterministic: true
+        self.correct += torch.bincount(groups[hits.bool()], minlength=self.num_groups)
         self.total += torch.bincount(groups, minlength=self.num_groups)
 
     def compute(self) -> dict[str, Tensor]:

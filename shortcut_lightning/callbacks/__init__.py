@@ -3,8 +3,10 @@
 from shortcut_lightning.callbacks.batchnorm_recalibration import BatchNormRecalibration
 from shortcut_lightning.callbacks.checkpoint import BestAndLastCheckpoint
 from shortcut_lightning.callbacks.embedding_projector import EmbeddingProjector
+from shortcut_lightning.callbacks.finite_loss import FiniteLoss
 from shortcut_lightning.callbacks.group_metrics import GroupMetrics
 from shortcut_lightning.callbacks.partial_finetuning import PartialFinetuning
+from shortcut_lightning.callbacks.prediction_writer import PredictionWriter
 from shortcut_lightning.callbacks.token_views import TokenViews
 from shortcut_lightning.methods.dfr.automatic_feature_reweighting import AutomaticFeatureReweighting
 from shortcut_lightning.methods.dfr.deep_feature_reweighting import DeepFeatureReweighting
@@ -21,12 +23,14 @@ __all__ = [
     "BestAndLastCheckpoint",
     "DeepFeatureReweighting",
     "EmbeddingProjector",
+    "FiniteLoss",
     "GroupDRO",
     "GroupMetrics",
     "JustTrainTwice",
     "MaskPruning",
     "NeuronRegularization",
     "PartialFinetuning",
+    "PredictionWriter",
     "SpuriousPositiveMining",
     "SpuriousScore",
     "TokenViews",
