@@ -28,8 +28,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# the results suite (not part of CI): regenerates docs/results.md's head and docs/results.png
+# the results suite (not part of CI): the resized cache and the rank-0 decisions at scale (their sections of
+# docs/results.md), then the embedded suite (docs/results.md's head, docs/results.png) and the photo benchmark
 bench: $(STAMP)
+	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/suite.py
 	$(BIN)/python bench/photos.py
 

@@ -1,7 +1,8 @@
 """Speed ratios, each measured against its baseline in the same run (not part of CI). ``make bench``.
 
 - ``erm``: an ERM epoch through the Lightning stack (ShortcutClassifier + Trainer, progress bar and
-  logging on) vs a plain PyTorch loop over the same model, data, batches and optimizer. Runs
+  logging on) vs a plain PyTorch loop over the same model, data, batches and optimizer; and the same
+  Lightning epoch with ``FiniteLoss`` (the CLI's per-step check of the loss) against it. Runs
   alternate; the ratio compares the fastest run of each side (other load on a shared machine only adds
   time, so the minimum estimates each loop's own cost, as ``timeit`` does), the ratio of medians is kept
   beside it. Target <= 1.05.
@@ -41,7 +42,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from shortcut_lightning import ShortcutClassifier, SyntheticShortcuts
+from shortcut_lightning import FiniteLoss, ShortcutClassifier, SyntheticShortcuts
 from shortcut_lightning.methods.dfr.afr_fit import fit_afr
 from shortcut_lightning.methods.dfr.fit_pool import available_cores
 from shortcut_lightning.methods.dfr.last_layer import C_GRID, fit_dfr
@@ -210,14 +211,14 @@ def bench_sscore(n_neurons: int | None) -> dict:
 
 
 def bench_lrp(
-    backbone: str, image_size: int, repeats: int, goal: str = ">= 0.3", device: str = "cpu"
+    backbone: str, image_size: int, repeats: int, goal: str = ">= 0.3", device: str = "cpu", batch: int = 32
 ) -> dict:
-    """Images per second: LRP input relevance vs a plain forward, same model, same batch of 32 (alternating, medians)."""
+    """Images per second: LRP input relevance vs a plain forward, same model, same batch (alternating, medians)."""
     from shortcut_lightning.xai import relevance
 
     model = make_model(backbone).to(device).eval()
-    x = torch.randn(32, 3, image_size, image_size, device=device)
-    target = torch.zeros(32, dtype=torch.long, device=device)
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    target = torch.zeros(batch, dtype=torch.long, device=device)
 
     def forward() -> None:
         with torch.no_grad():
@@ -239,9 +240,9 @@ def bench_lrp(
             runs[name].append(time.perf_counter() - start)
     timings = {name: statistics.median(values) for name, values in runs.items()}
     return {
-        "benchmark": "LRP input relevance vs forward-only throughput (batch 32)",
-        "backbone": backbone, "image_size": image_size, "batch": 32, "device": device,
-        "forward_img_per_s": 32 / timings["forward"], "lrp_img_per_s": 32 / timings["lrp"],
+        "benchmark": f"LRP input relevance vs forward-only throughput (batch {batch})",
+        "backbone": backbone, "image_size": image_size, "batch": batch, "device": device,
+        "forward_img_per_s": batch / timings["forward"], "lrp_img_per_s": batch / timings["lrp"],
         "ratio": timings["forward"] / timings["lrp"], "target": goal,
     }  # fmt: skip
 
@@ -323,6 +324,10 @@ def main() -> None:
     parser.add_argument("--vit", default="vit_tiny_patch16_224", help="backbone of the attnlrp benchmark")
     parser.add_argument("--lrp-size", type=int, default=224, help="image side for the lrp benchmark")
     parser.add_argument("--sscore-neurons", type=int, default=None, help="captum loop over this many neurons")
+    parser.add_argument(
+        "--large-batch", type=int, default=None,
+        help="also time the PruSC step and LRP at 224 px with this batch (e.g. 128, a realistic GPU batch)",
+    )  # fmt: skip
     args = parser.parse_args()
     args.only = set(args.only.split(","))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -373,6 +378,8 @@ def main() -> None:
             bench_prusc(args.backbone, device, 10 * args.repeats, args.image_size, batch=64),
             bench_prusc(args.backbone, device, 3 * args.repeats, 224, batch=16),
         ]
+        if args.large_batch:
+            results.append(bench_prusc(args.backbone, device, 3 * args.repeats, 224, batch=args.large_batch))
         (OUT / f"speed_prusc_{device}.json").write_text(json.dumps(results, indent=2))
         for result in results:
             print(f"\nPruSC mask step vs ERM step ({args.backbone}, batch {result['batch']} at "
@@ -380,14 +387,18 @@ def main() -> None:
             print(f"ERM step       {result['erm_step_s'] * 1000:.1f} ms")
             print(f"mask step      {result['mask_step_s'] * 1000:.1f} ms")
             print(f"ratio          {result['ratio']:.3f}  (target <= 1.5)")
-    lrp_runs = [(args.backbone, args.lrp_size)] if "lrp" in args.only else []
-    if "lrp_efficientnet" in args.only and ("efficientnet_lite0", 128) not in lrp_runs:
-        lrp_runs.append(("efficientnet_lite0", 128))
-    for backbone, size in lrp_runs:
-        result = bench_lrp(backbone, size, args.repeats, device=device)
-        tag = "" if backbone == "resnet18" else f"_{backbone}"
+    lrp_runs = [(args.backbone, args.lrp_size, 32)] if "lrp" in args.only else []
+    if "lrp_efficientnet" in args.only and ("efficientnet_lite0", 128, 32) not in lrp_runs:
+        lrp_runs.append(("efficientnet_lite0", 128, 32))
+    if args.large_batch:
+        lrp_runs += [(b, 224, args.large_batch) for b in (args.backbone, "efficientnet_lite0") if lrp_runs]
+    for backbone, size, batch in lrp_runs:
+        result = bench_lrp(backbone, size, args.repeats, device=device, batch=batch)
+        tag = ("" if backbone == "resnet18" else f"_{backbone}") + (
+            "" if batch == 32 else f"_b{batch}_{size}px"
+        )
         (OUT / f"speed_lrp{tag}_{device}.json").write_text(json.dumps(result, indent=2))
-        print(f"\nLRP vs forward ({backbone}, batch 32 at {size} px, {device})")
+        print(f"\nLRP vs forward ({backbone}, batch {batch} at {size} px, {device})")
         print(f"forward        {result['forward_img_per_s']:.1f} img/s")
         print(f"LRP            {result['lrp_img_per_s']:.1f} img/s")
         print(f"ratio          {result['ratio']:.3f}  (target >= 0.3)")
@@ -402,16 +413,18 @@ def main() -> None:
         return
     dm = make_data(args.n, args.image_size)
     plain_epoch(dm, args.backbone, device)  # warm-up
-    plain, light = [], []
+    plain, light, checked = [], [], []
     for _ in range(args.repeats):
         plain.append(plain_epoch(dm, args.backbone, device)[0])
         light.append(lightning_epoch(dm, args.backbone, device))
+        checked.append(lightning_epoch(dm, args.backbone, device, (FiniteLoss(),)))
     result = {
         "benchmark": "ERM epoch, Lightning stack vs plain PyTorch loop",
         "backbone": args.backbone, "n": args.n, "image_size": args.image_size, "device": device,
         "plain_s": min(plain), "lightning_s": min(light), "ratio": min(light) / min(plain), "target": "<= 1.05",
         "ratio_of_medians": statistics.median(light) / statistics.median(plain),
         "runs_plain_s": plain, "runs_lightning_s": light,
+        "finite_loss_s": min(checked), "finite_loss_ratio": min(checked) / min(light), "runs_finite_loss_s": checked,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "lightning": L.__version__,
     }  # fmt: skip
@@ -421,6 +434,9 @@ def main() -> None:
     print(f"Lightning      {result['lightning_s']:.2f} s")
     print(
         f"ratio          {result['ratio']:.3f}  (fastest runs; target <= 1.05), medians {result['ratio_of_medians']:.3f}"
+    )
+    print(
+        f"FiniteLoss     {result['finite_loss_ratio']:.3f} of the Lightning epoch (its per-step check of the loss)"
     )
 
 
