@@ -186,3 +186,16 @@ def test_cached_copies_and_their_masks_follow_exif_orientation(tmp_path):
     image, mask = dm.dataset("train").load(0)
     assert image.shape == (3, 60, 40) and mask.shape == (1, 60, 40)  # as the camera held it
     assert mask[0, 6:30, -20:-4].all() and mask.sum() == 16 * 24  # the box turned with its image
+
+
+def test_small_images_are_not_cached_and_every_stage_sets_up(tmp_path, metadata_folder):
+    """fit, then test (as the CLI's test after fit does): small images read from the originals, nothing cached.
+
+    The second setup samples headers to decide whether the test split holds large images; it once failed on a
+    read-only array there, so every real-data fit crashed at its test pass."""
+    cache = tmp_path / "cache"
+    dm = MetadataDataModule(root=str(metadata_folder()), image_size=32, num_workers=0, resize_cache=str(cache))
+    for stage in ("fit", "test", "validate", "predict"):
+        dm.setup(stage)
+    assert entries(cache) == []
+    assert dm.dataset("test")[0]["image"].shape == (3, 32, 32)

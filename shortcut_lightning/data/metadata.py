@@ -296,7 +296,7 @@ class MetadataDataModule(GroupDataModule):
         """One pass: the image check (first setup) and the resized copies of the splits ``to_cache``."""
         table = self.table
         paths = [self.folder / p for p in table["image"]]
-        cache = table["split"].isin(to_cache).to_numpy()
+        cache = table["split"].isin(to_cache).to_numpy().copy()  # pandas may hand over a read-only view
         sampled = [p for p, c in zip(paths, cache, strict=True) if c]
         # without a header check no header is read anyway: a sample says whether any image is large
         if sampled and check in ("none", "exists") and not holds_large_images(sampled, self.reader):
