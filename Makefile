@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/shortcut fit --config configs/synthetic_score.yaml
+	$(BIN)/shortcut fit --config configs/synthetic/erm.yaml --config configs/synthetic/score.yaml
 
 # one pytest worker per core (pytest-xdist), one torch thread each (tests/conftest.py)
 test: $(STAMP)
@@ -28,24 +28,25 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# the results suite (not part of CI): the resized cache and the rank-0 decisions at scale (their sections of
-# docs/results.md), then the embedded suite (docs/results.md's head, docs/results.png) and the photo benchmark
+# the results suite (not part of CI; python -m bench lists its commands): the resized cache and the rank-0
+# decisions at scale (their sections of docs/results.md), then the embedded suite (docs/results.md's head,
+# docs/results.png) and the photo benchmark
 bench: $(STAMP)
-	$(BIN)/python bench/loader.py
-	$(BIN)/python bench/scale.py
-	$(BIN)/python bench/suite.py
-	$(BIN)/python bench/photos.py
+	$(BIN)/python -m bench loader
+	$(BIN)/python -m bench scale
+	$(BIN)/python -m bench suite
+	$(BIN)/python -m bench photos
 
 # the pretrained regime alone: ImageNet efficientnet_lite0 on the real-photo benchmark (built when missing)
 bench-photos: $(STAMP)
-	$(BIN)/python bench/photos.py
+	$(BIN)/python -m bench photos
 
 bench-photos-quick: $(STAMP)
-	$(BIN)/python bench/photos.py --quick
+	$(BIN)/python -m bench photos --quick
 
 # on a machine with a GPU: the photo quick suite at 224 px (bf16-mixed), DDP on 2 GPUs, CUDA speed ratios
 gpu-check: $(STAMP)
 	bash bench/gpu_check.sh
 
 bench-quick: $(STAMP)
-	$(BIN)/python bench/suite.py --quick
+	$(BIN)/python -m bench suite --quick

@@ -1,6 +1,6 @@
 """Do PruSC's k-means clusters find the minority groups? An analysis with group labels (never a selection rule).
 
-    python bench/cluster_groups.py --seeds 0 1 2 [--layers head net.blocks.3 net.blocks.4 net.blocks.5]
+    python -m bench cluster-groups --seeds 0 1 2 [--layers head net.blocks.3 net.blocks.4 net.blocks.5]
 
 For each ERM checkpoint of ``make bench-photos`` (the one every stage starts from) the training split is
 embedded at each layer (the head's input, or a layer's output averaged over its positions, as
@@ -9,7 +9,7 @@ split, or within each class. For every minority group (the smallest group of eac
 the cluster that holds the largest share of it, with that cluster's precision (the share of the cluster that
 is the group) and recall (the share of the group in that cluster). A cluster-balanced draw up-weights a
 minority group only where a cluster isolates it: precision near the group's base rate means it does not.
-The figures go into docs/methods.md by hand, with this command.
+docs/methods.md (PruSC's clusters, the audit table) and docs/results.md cite its table.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import statistics
 from pathlib import Path
 
 import torch
-from photos import best_checkpoint
 
+from bench.photo_rows import best_checkpoint
 from shortcut_lightning import ShortcutClassifier
 from shortcut_lightning.data import Waterbirds
 from shortcut_lightning.methods.prusc.clusters import cluster_by_index
@@ -39,19 +39,22 @@ def best_cluster(clusters: torch.Tensor, member: torch.Tensor) -> tuple[float, f
     return precision, hit / int(member.sum())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument(
         "--layers", nargs="+", default=["head", "net.blocks.3", "net.blocks.4", "net.blocks.5"]
     )
-    parser.add_argument("--settings", nargs="+", default=["split:12", "class:4", "class:8"],
-                        help="cluster_within:num_clusters pairs (the suite's PruSC: split:12)")  # fmt: skip
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=["split:12", "class:4", "class:8"],
+        help="cluster_within:num_clusters pairs (the suite's PruSC: split:12)",
+    )
     parser.add_argument("--root", default="data/photos")
     parser.add_argument("--erm-runs", default="runs/bench_photos/128px/efficientnet_lite0_ERM")
-    args = parser.parse_args()
+
+
+def main(args: argparse.Namespace) -> None:
     dm = Waterbirds(
         root=args.root, image_size=128, batch_size=64, num_workers=2, class_names=["hoofed", "clawed"]
     )
@@ -94,7 +97,3 @@ def main() -> None:
         for g in minority
     )
     print(f"base rate (the group's share of its class in train): {shares}")
-
-
-if __name__ == "__main__":
-    main()

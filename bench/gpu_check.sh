@@ -6,7 +6,7 @@
 #    model seeds 0, 1, 2, on CUDA (SCORE's LRP runs with TF32 off: its CUDA failure of 2026-12-04);
 #  - trainer.deterministic: true on CUDA: one ERM epoch and one GroupDRO epoch on the photos, each test table
 #    included (GroupAccuracy's counts, GroupDRO's group sums), and whether each finished;
-#  - the speed ratios on CUDA (bench/speed.py: ERM overhead and FiniteLoss's per-step check, DFR, SCORE, PruSC,
+#  - the speed ratios on CUDA (python -m bench speed: ERM overhead and FiniteLoss's per-step check, DFR, SCORE, PruSC,
 #    LRP), the PruSC step and LRP also at batch 128 at 224 px beside today's batches;
 #  - DFR and predict with devices=2 (DDP) against one device, when two GPUs exist.
 set -uo pipefail
@@ -24,29 +24,30 @@ PHOTOS=${PHOTOS:-data/photos_gpu}
 LOG="$OUT/gpu_check.log"
 $PY -c "import torch; print('torch', torch.__version__, 'GPUs', torch.cuda.device_count(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')" | tee "$LOG"
 start=$(date +%s)
-timeout 300 $PY bench/photos.py --quick --seeds 0 1 2 --image-size 224 --precision bf16-mixed --root "$PHOTOS" \
+timeout 300 $PY -m bench photos --quick --seeds 0 1 2 --image-size 224 --precision bf16-mixed --root "$PHOTOS" \
   --runs /tmp/gpu_runs --no-docs 2>&1 | grep --line-buffered -E '^\[photos\]|Error|error' | tee -a "$LOG"
 photos_s=$(( $(date +%s) - start ))
 # deterministic algorithms on CUDA: exit status 0 means no operation without a deterministic kernel ran
 det="{}"
-for config in photos_erm photos_groupdro; do
-  timeout 60 $PY -m shortcut_lightning fit --config configs/$config.yaml --data.root "$PHOTOS" --data.image_size 224 \
+for stage in erm groupdro; do
+  config=photos_$stage
+  timeout 60 $PY -m shortcut_lightning fit --config configs/photos/erm.yaml --config configs/photos/$stage.yaml --data.root "$PHOTOS" --data.image_size 224 \
     --trainer.max_epochs 1 --trainer.deterministic true --trainer.precision bf16-mixed \
     --trainer.logger.init_args.save_dir /tmp/gpu_det --trainer.enable_progress_bar false > /tmp/det_$config.log 2>&1
   status=$?
   tail -3 /tmp/det_$config.log | tee -a "$LOG"
   det=$($PY -c "import json,sys; d=json.loads(sys.argv[1]); d[sys.argv[2]]=int(sys.argv[3]); print(json.dumps(d))" "$det" $config $status)
 done
-timeout 170 $PY bench/speed.py --repeats 1 --only erm,dfr,score,prusc,lrp,lrp_efficientnet --n 2560 --image-size 32 \
+timeout 170 $PY -m bench speed --repeats 1 --only erm,dfr,score,prusc,lrp,lrp_efficientnet --n 2560 --image-size 32 \
   --large-batch 128 2>&1 | tail -40 | tee -a "$LOG"
 ddp="{}"
 if [ "$($PY -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
   ckpt=$(ls /tmp/gpu_runs/*/efficientnet_lite0_ERM/*/seed0/checkpoints/epoch*.ckpt 2>/dev/null | head -1)
   for d in 1 2; do
-    timeout 120 $PY -m shortcut_lightning test --config configs/photos_dfr.yaml --ckpt_path "$ckpt" --data.root "$PHOTOS" \
+    timeout 120 $PY -m shortcut_lightning test --config configs/photos/erm.yaml --config configs/photos/dfr.yaml --ckpt_path "$ckpt" --data.root "$PHOTOS" \
       --data.image_size 224 --trainer.devices $d --trainer.logger.init_args.save_dir /tmp/gpu_ddp$d \
       --trainer.enable_progress_bar false 2>&1 | tail -3 | tee -a "$LOG"
-    timeout 60 $PY -m shortcut_lightning predict --config configs/photos_erm.yaml --ckpt_path "$ckpt" --data.root "$PHOTOS" \
+    timeout 60 $PY -m shortcut_lightning predict --config configs/photos/erm.yaml --ckpt_path "$ckpt" --data.root "$PHOTOS" \
       --data.image_size 224 --trainer.devices $d --trainer.logger.init_args.save_dir /tmp/gpu_pred$d \
       --trainer.enable_progress_bar false 2>&1 | tail -1 | tee -a "$LOG"
   done

@@ -1,6 +1,6 @@
 """Per-image loader cost of large originals with and without the resized cache, against small copies.
 
-    .venv/bin/python bench/loader.py --n 12 --image-size 224 --out bench/results/loader_cpu.json
+    python -m bench loader --n 12 --image-size 224 --out bench/results/loader_cpu.json
 
 Builds its own data in a temporary folder: scikit-image's sample photos upscaled to 6000x4000 (24 megapixels)
 and saved as JPEG quality 90, and 256 px copies of the same photos (shorter side 256). Times ``dataset[i]``
@@ -16,14 +16,16 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import skimage.data
 import torch
 from PIL import Image
-from suite import environment, publish
 
+from bench.docs_sections import publish
+from bench.environment import environment
 from shortcut_lightning.data import MetadataDataModule
 
 PHOTOS = (
@@ -40,6 +42,7 @@ TARGET = 3.0
 
 
 def photo(k: int) -> Image.Image:
+    """The ``k``-th sample photo (mirrored after the first round, so every file is distinct)."""
     array = getattr(skimage.data, PHOTOS[k % len(PHOTOS)])()
     image = Image.fromarray(array).convert("RGB")
     return image if k < len(PHOTOS) else image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # a distinct file
@@ -69,13 +72,14 @@ def per_image_ms(dataset, passes: int) -> list[float]:
     return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=12, help="files of each kind (default 12)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--out", type=Path, default=Path("bench/results/loader_cpu.json"))
     parser.add_argument("--no-docs", action="store_true", help="write the JSON only, not docs/results.md")
-    args = parser.parse_args()
+
+
+def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="loader_bench_") as tmp:
         tmp = Path(tmp)
@@ -135,11 +139,11 @@ LABELS = {
 }
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict[str, Any]) -> str:
     """The section of docs/results.md: ms per image of each path and the target ratio."""
     env = environment()
     lines = [
-        f"`python bench/loader.py` (run by `make bench`) on {env['date']} ({env['machine']}): `dataset[i]` over "
+        f"`python -m bench loader` (run by `make bench`) on {env['date']} ({env['machine']}): `dataset[i]` over "
         f"{result['n']} files of each kind at `image_size: {result['image_size']}`, one process, best of 3 passes.",
         "",
         "| path | ms per image |",
@@ -151,7 +155,3 @@ def markdown(result: dict) -> str:
         f"{result['bytes_per_cached_copy']:,} bytes.",
     ]
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    main()

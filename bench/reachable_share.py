@@ -1,12 +1,12 @@
 """How much of a ResNet-18 can read an image pixel at a given size, and how much of that a pruned model kept.
 
-    python bench/reachable_share.py [--size 32] [--output-stride 32] [MODEL_CKPT ...]
+    python -m bench reachable-share [--size 32] [--output-stride 32] [MODEL_CKPT ...]
 
 Prints, per convolution stage, the share of the weights whose kernel taps reach a real input position
 (``conv_reach.reachable_weights``; the others multiply only zero padding). For each checkpoint (a
-pruned model with its masks baked in, e.g. ``pruned.ckpt`` or ``stage_from_checkpoint.py``'s
-``"save": true`` output), it prints Prune_f over all conv and linear weights and over the reachable
-ones, counting a weight as pruned when it is exactly 0.
+pruned model with its masks baked in, e.g. ``pruned.ckpt`` or ``python -m bench stage``'s ``"save": true``
+output), it prints Prune_f over all conv and linear weights and over the reachable ones, counting a weight as
+pruned when it is exactly 0. docs/methods.md (PruSC: what can read a pixel at 32 px) cites its table.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from shortcut_lightning.methods.prusc.masks import maskable_modules
 
 
 def stage_of(name: str) -> str:
+    """The ResNet stage a weight belongs to (``layer1`` ... ``layer4``), else the stem and head."""
     parts = name.split(".")
     return parts[1] if len(parts) > 2 and parts[1].startswith("layer") else "stem and head"
 
@@ -43,12 +44,13 @@ def shares(model: nn.Module, size: int) -> dict[str, tuple[int, int, int, int]]:
     return {k: tuple(v) for k, v in found.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoints", nargs="*")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoints", nargs="*", help="pruned models' checkpoints")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--output-stride", type=int, default=32)
-    args = parser.parse_args()
+
+
+def main(args: argparse.Namespace) -> None:
     kwargs = {"output_stride": args.output_stride}
     for ckpt in [None, *args.checkpoints]:
         model = ShortcutClassifier("resnet18", num_classes=2, weights=ckpt, backbone_kwargs=kwargs).eval()
@@ -62,7 +64,3 @@ def main() -> None:
             sums = [a + b for a, b in zip(sums, (n, live, zero, zero_live), strict=True)]
         n, live, zero, zero_live = sums
         print(f"| all | {n} | {live / n:.3f} | {zero / n:.3f} | {zero_live / max(live, 1):.3f} |")
-
-
-if __name__ == "__main__":
-    main()

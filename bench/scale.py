@@ -24,7 +24,7 @@ inputs (``/proc/self/clear_refs``) and records how far the step raised it in tha
 the forked fit workers of DFR and AFR count in ``peak_mb`` only). Targets: at the largest n every step within 60 s, and a cost that
 grows at most linearly (largest n at most 1.25 x the size ratio of the smallest n: 20 x for 160k / 10k).
 
-    python bench/scale.py --sizes 10000 50000 160000 --dim 2048 --out bench/results/scale_cpu.json
+    python -m bench scale --sizes 10000 50000 160000 --dim 2048 --out bench/results/scale_cpu.json
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from suite import environment, publish
+from bench import ROOT
+from bench.docs_sections import publish
+from bench.environment import environment
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -170,7 +172,9 @@ def measure(step: str, n: int, dim: int, modes: int = MODES) -> dict:
     """The step in a fresh subprocess: its figures and its peak RSS in MiB."""
     command = [
         sys.executable,
-        __file__,
+        "-m",
+        "bench",
+        "scale",
         "--child",
         step,
         "--sizes",
@@ -180,7 +184,7 @@ def measure(step: str, n: int, dim: int, modes: int = MODES) -> dict:
         "--modes",
         str(modes),
     ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert process.stdout is not None
     out = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
@@ -190,10 +194,7 @@ def measure(step: str, n: int, dim: int, modes: int = MODES) -> dict:
     return {**json.loads(out.strip().splitlines()[-1]), "peak_mb": usage.ru_maxrss / 1024}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10000, 50000, 160000])
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
@@ -201,7 +202,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/scale_cpu.json"))
     parser.add_argument("--no-docs", action="store_true", help="write the JSON only, not docs/results.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+
+
+def main(args: argparse.Namespace) -> None:
     if args.child:
         print(json.dumps(run_step(args.child, args.sizes[0], args.dim, args.modes)))
         return
@@ -264,7 +267,7 @@ def markdown(result: dict[str, Any]) -> str:
     sizes = sorted({r["n"] for r in result["rows"]})
     head = " | ".join(f"{n // 1000}k s" for n in sizes)
     lines = [
-        f"`python bench/scale.py` (run by `make bench`) on {env['date']} ({env['machine']}, GPU {env['gpu']}): "
+        f"`python -m bench scale` (run by `make bench`) on {env['date']} ({env['machine']}, GPU {env['gpu']}): "
         f"synthetic float32 embeddings, d = {result['rows'][0]['dim']}, CelebA-like groups. Memory: what the "
         "step adds to its process (MB; the forked fit workers of DFR and AFR count in the peak only), and the "
         f"whole process's peak (an idle one: {result['baseline_mb']:.0f} MB).",
@@ -285,7 +288,3 @@ def markdown(result: dict[str, Any]) -> str:
             f"{growth} | {within} |"
         )
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    main()

@@ -1,21 +1,23 @@
 """How a stage moved the s-scores: broader Grad-CAM maps, or neurons that turned to the spurious region.
 
-    python bench/sscore_shift.py OUT_DIR [OUT_DIR ...]
+    python -m bench sscore-shift OUT_DIR [OUT_DIR ...]
 
-Each OUT_DIR is the output of ``bench/stage_from_checkpoint.py ... '{"sscore": true, ...}'``: it holds
+Each OUT_DIR is the output of ``python -m bench stage ... --setting '{"sscore": true, ...}'``: it holds
 ``sscore_before/`` and ``sscore_after/`` (``SpuriousScore`` files with the per-neuron ``focus_share``)
 and, for PruSC, ``prusc.json``. A map that covers more of the image scores closer to the mask's share of
 the image (``uniform_map_score``) whatever the neuron encodes, so a mean s-score can rise only because
 the maps got broader. Per run this prints the means before and after, and a least-squares fit over the
 neurons of ``change in s-score = intercept + slope * change in focus share``, which splits the change of
 the mean into ``slope * mean focus change`` (broader maps) and the intercept (the change at an unchanged
-focus share). Not part of CI.
+focus share). docs/methods.md (the s-score's two references) cites it.
 """
 
+from __future__ import annotations
+
+import argparse
 import csv
 import json
 import statistics
-import sys
 from pathlib import Path
 
 
@@ -30,6 +32,7 @@ def neurons(folder: Path) -> tuple[list[float], list[float]]:
 
 
 def shift(out: Path) -> str:
+    """One line: the means before and after, and the change split into broader maps and the intercept."""
     s_before, f_before = neurons(out / "sscore_before")
     s_after, f_after = neurons(out / "sscore_after")
     d_s = [a - b for a, b in zip(s_after, s_before, strict=True)]
@@ -48,12 +51,10 @@ def shift(out: Path) -> str:
     )
 
 
-def main() -> None:
-    if len(sys.argv) < 2:
-        raise SystemExit(__doc__)
-    for out in sys.argv[1:]:
-        print(shift(Path(out)), flush=True)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out_dirs", nargs="+", type=Path, help="outputs of python -m bench stage with sscore")
 
 
-if __name__ == "__main__":
-    main()
+def main(args: argparse.Namespace) -> None:
+    for out in args.out_dirs:
+        print(shift(out), flush=True)

@@ -16,7 +16,7 @@ from shortcut_lightning.data import GroupDataModule
 from shortcut_lightning.errors import ModelError, ShortcutError
 from shortcut_lightning.metrics import format_group_table
 from shortcut_lightning.module import ShortcutClassifier
-from shortcut_lightning.stages import Stage
+from shortcut_lightning.stages import Stage, tested_checkpoint
 
 
 class ShortcutCLI(LightningCLI):
@@ -108,10 +108,13 @@ class ShortcutCLI(LightningCLI):
             return
         if "test" not in getattr(self.datamodule, "splits", ()):
             return
-        # a stage that rewrote the model at the end of fit (e.g. DFR) is tested as it is now
+        # a stage that rewrote the model at the end of fit (e.g. DFR) is tested as it is now, in memory (its
+        # tested_checkpoint holds the same weights; loading it would run a model stage again)
         staged = any(stage.changes_model_at_fit_end for stage in self.stages)
-        best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
-        ckpt = None if staged or not best else best
+        checkpoint = self.trainer.checkpoint_callback
+        best = checkpoint.best_model_path if checkpoint is not None else ""
+        folder = Path(checkpoint.dirpath) if checkpoint is not None and checkpoint.dirpath else None
+        ckpt = None if staged or folder is None else tested_checkpoint(self.stages, folder, best)
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
         self._print_before_after()
 

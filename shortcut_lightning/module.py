@@ -32,7 +32,7 @@ class ShortcutClassifier(L.LightningModule):
             extra), or the path of a backbone state dict or a ShortcutClassifier checkpoint to start from.
         head_init: a new classifier on pretrained features starts at ``zero`` (first loss ln K) or with
             ``nn.Linear``'s init (``linear``).
-        optimizer: optimizer factory; default SGD, lr 1e-3, momentum 0.9, weight decay 1e-4 (the seeds').
+        optimizer: optimizer factory; default SGD, lr 1e-3, momentum 0.9, weight decay 1e-4 (the papers').
         scheduler: optional learning-rate scheduler factory, stepped every epoch.
         backbone_kwargs: extra arguments of ``timm.create_model`` (e.g. ``drop_rate``).
 

@@ -144,7 +144,7 @@ class NeuronDump(Callback):
         reg = next(cb for cb in trainer.callbacks if isinstance(cb, NeuronRegularization))
         os.makedirs(self.path, exist_ok=True)
         with open(f"{self.path}/neurons_rank{trainer.global_rank}.json", "w") as f:
-            json.dump({"rounds": mining.result.rounds, "penalised": reg.neurons}, f)
+            json.dump({"rounds": mining.result.to_dict()["rounds"], "penalised": reg.neurons}, f)
 
 
 class WeightDump(Callback):
@@ -203,9 +203,15 @@ class FailureRecordingDFR(DeepFeatureReweighting):
 def make_trainer(root, callbacks=(), max_epochs: int = 1, **overrides) -> L.Trainer:
     """The tests' Trainer: CPU, one process, no logger, progress bar or checkpoints unless ``overrides`` say so."""
     settings = {
-        "accelerator": "cpu", "devices": 1, "max_epochs": max_epochs, "default_root_dir": root, "logger": False,
-        "enable_progress_bar": False, "enable_checkpointing": False, "callbacks": list(callbacks),
-    }  # fmt: skip
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": max_epochs,
+        "default_root_dir": root,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_checkpointing": False,
+        "callbacks": list(callbacks),
+    }
     return L.Trainer(**{**settings, **overrides})
 
 

@@ -53,8 +53,20 @@ def test_stage_through_the_cli_writes_its_report_and_the_recalibrated_checkpoint
     from shortcut_lightning.cli import main
 
     save_dir = tmp_path / "runs"
-    main(["fit", "--config", "configs/synthetic_bn_recalibration.yaml", *TINY_ARGS, "--trainer.max_epochs", "1",
-          "--trainer.logger.init_args.save_dir", str(save_dir)])  # fmt: skip
+    main(
+        [
+            "fit",
+            "--config",
+            "configs/synthetic/erm.yaml",
+            "--config",
+            "configs/synthetic/bn_recalibration.yaml",
+            *TINY_ARGS,
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.logger.init_args.save_dir",
+            str(save_dir),
+        ]
+    )
     log_dir = next(save_dir.glob("synthetic_bn_recalibration/version_*"))
     report = json.loads((log_dir / "bn_recalibration.json").read_text())
     assert report["split"] == "train" and report["images"] == 96 and report["layers"] > 0
@@ -75,8 +87,12 @@ def test_stage_through_the_cli_writes_its_report_and_the_recalibrated_checkpoint
 
 def test_unknown_split_names_the_field():
     dm = SyntheticShortcuts(n_train=16, n_val=8, n_test=8, batch_size=8)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
-                        callbacks=[BatchNormRecalibration(split="holdout")])  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[BatchNormRecalibration(split="holdout")],
+    )
     with pytest.raises(DataError, match="split 'holdout' is not in the data"):
         trainer.validate(ShortcutClassifier("test_resnet"), datamodule=dm)
 
@@ -88,8 +104,15 @@ def _recalibrated(tmp_path, devices: int) -> dict[str, torch.Tensor]:
     dm = SyntheticShortcuts(n_train=37, n_val=9, n_test=8, image_size=32, batch_size=8)
     kwargs = {"strategy": "ddp_spawn"} if devices > 1 else {}
     path = tmp_path / "statistics.pt"
-    trainer = L.Trainer(accelerator="cpu", devices=devices, default_root_dir=tmp_path, logger=False,
-                        enable_progress_bar=False, callbacks=[StatisticsSavingBN(str(path))], **kwargs)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[StatisticsSavingBN(str(path))],
+        **kwargs,
+    )
     trainer.validate(ShortcutClassifier("test_resnet"), datamodule=dm)
     report = json.loads((tmp_path / "bn_recalibration.json").read_text())
     assert report["images"] == 37
@@ -114,9 +137,15 @@ def test_two_stages_change_the_model_in_the_order_they_are_listed(tmp_path, bn_f
     torch.manual_seed(0)
     dm = SyntheticShortcuts(n_train=48, n_val=32, n_test=24, image_size=32, batch_size=16)
     bn, dfr = BatchNormRecalibration(), DeepFeatureReweighting(num_refits=2, c_grid=[1.0], workers=1)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, default_root_dir=tmp_path, logger=False,
-                        enable_progress_bar=False, enable_checkpointing=False,
-                        callbacks=[bn, dfr] if bn_first else [dfr, bn])  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        callbacks=[bn, dfr] if bn_first else [dfr, bn],
+    )
     trainer.fit(ShortcutClassifier("test_resnet"), datamodule=dm)
     bn_report = json.loads((tmp_path / "bn_recalibration.json").read_text())
     dfr_report = json.loads((tmp_path / "dfr.json").read_text())

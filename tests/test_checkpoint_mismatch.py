@@ -16,9 +16,19 @@ from conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARGS = [
-    "--data.n_train", "16", "--data.n_val", "8", "--data.n_test", "8", "--data.batch_size", "8",
-    "--model.backbone", "test_resnet", "--trainer.enable_progress_bar", "false",
-]  # fmt: skip
+    "--data.n_train",
+    "16",
+    "--data.n_val",
+    "8",
+    "--data.n_test",
+    "8",
+    "--data.batch_size",
+    "8",
+    "--model.backbone",
+    "test_resnet",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 
 
 def _checkpoint(
@@ -116,8 +126,18 @@ def test_cli_ckpt_path_of_another_backbone_than_the_config_names_both(tmp_path, 
     """LightningCLI would rebuild the model as the checkpoint's backbone, silently replacing the config's."""
     path = _checkpoint(tmp_path / "other.ckpt", "test_efficientnet", 2)
     with pytest.raises(SystemExit) as exit_info:
-        main(["validate", "--config", str(ROOT / "configs" / "synthetic_erm.yaml"), *TINY_ARGS,
-              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--ckpt_path", str(path)])  # fmt: skip
+        main(
+            [
+                "validate",
+                "--config",
+                str(ROOT / "configs" / "synthetic" / "erm.yaml"),
+                *TINY_ARGS,
+                "--trainer.logger.init_args.save_dir",
+                str(tmp_path / "runs"),
+                "--ckpt_path",
+                str(path),
+            ]
+        )
     assert exit_info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (
@@ -133,10 +153,15 @@ def test_cli_ckpt_path_of_another_backbone_than_the_config_names_both(tmp_path, 
     ("backbone", "num_classes", "kind", "message"),
     [
         ("test_efficientnet", 3, "bare", "does not fit this model (test_resnet, 2 classes): "),
-        ("test_resnet", 3, "", "holds a test_resnet with 3 classes, but this model is a test_resnet with 2 classes"),
+        (
+            "test_resnet",
+            3,
+            "",
+            "holds a test_resnet with 3 classes, but this model is a test_resnet with 2 classes",
+        ),
         ("test_resnet", 2, "masked", "does not fit this model (test_resnet, 2 classes): "),
     ],
-)  # fmt: skip
+)
 def test_cli_ckpt_path_of_another_model_is_one_line_that_names_both(
     tmp_path, capsys, backbone, num_classes, kind, message
 ):
@@ -145,8 +170,18 @@ def test_cli_ckpt_path_of_another_model_is_one_line_that_names_both(
         tmp_path / "other.ckpt", backbone, num_classes, hyper_parameters=not bare, masked=masked
     )
     with pytest.raises(SystemExit) as exit_info:
-        main(["validate", "--config", str(ROOT / "configs" / "synthetic_erm.yaml"), *TINY_ARGS,
-              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--ckpt_path", str(path)])  # fmt: skip
+        main(
+            [
+                "validate",
+                "--config",
+                str(ROOT / "configs" / "synthetic" / "erm.yaml"),
+                *TINY_ARGS,
+                "--trainer.logger.init_args.save_dir",
+                str(tmp_path / "runs"),
+                "--ckpt_path",
+                str(path),
+            ]
+        )
     assert exit_info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"shortcut: error: the checkpoint {path} "), last  # the whole message on this line

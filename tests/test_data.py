@@ -55,10 +55,16 @@ def test_synthetic_background_minority_share():
 
 
 @pytest.mark.parametrize(
-    "kwargs,field", [({"spurious": "texture"}, "spurious"), ({"minority_share": 1.5}, "minority_share"),
-                     ({"class_share": 0.0}, "class_share"), ({"sampler": "uniform"}, "sampler"),
-                     ({"batch_size": 0}, "batch_size"), ({"train_split": "test"}, "train_split")],
-)  # fmt: skip
+    "kwargs,field",
+    [
+        ({"spurious": "texture"}, "spurious"),
+        ({"minority_share": 1.5}, "minority_share"),
+        ({"class_share": 0.0}, "class_share"),
+        ({"sampler": "uniform"}, "sampler"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"train_split": "test"}, "train_split"),
+    ],
+)
 def test_bad_config_values_name_the_field(kwargs, field):
     with pytest.raises(DataError, match=field):
         SyntheticShortcuts(**kwargs)
@@ -74,9 +80,14 @@ def test_train_split_val_trains_on_every_validation_sample_and_says_so(tmp_path,
 
     drawn = BatchIndices()
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=1, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
-        limit_val_batches=0, callbacks=[drawn],
-    )  # fmt: skip
+        accelerator="cpu",
+        max_epochs=1,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        callbacks=[drawn],
+    )
     dm = tiny_synthetic(train_split="val")
     with pytest.warns(UserWarning, match="data.train_split is 'val'"):
         trainer.fit(ShortcutClassifier("test_resnet"), datamodule=dm)
@@ -120,9 +131,14 @@ def test_a_resumed_fit_with_loader_workers_draws_the_batches_of_an_uninterrupted
 
     def fit(max_epochs, callbacks, ckpt_path=None):
         trainer = L.Trainer(
-            accelerator="cpu", max_epochs=max_epochs, default_root_dir=tmp_path, logger=False,
-            enable_progress_bar=False, limit_val_batches=0, callbacks=callbacks,
-        )  # fmt: skip
+            accelerator="cpu",
+            max_epochs=max_epochs,
+            default_root_dir=tmp_path,
+            logger=False,
+            enable_progress_bar=False,
+            limit_val_batches=0,
+            callbacks=callbacks,
+        )
         dm = tiny_synthetic(num_workers=2, sampler="class_balanced")
         trainer.fit(ShortcutClassifier("test_resnet"), datamodule=dm, ckpt_path=ckpt_path)
 

@@ -18,9 +18,14 @@ def _validate(tmp_path, devices: int) -> dict:
     dm = SyntheticShortcuts(n_train=32, n_val=37, n_test=8, image_size=32, batch_size=8)
     kwargs = {"strategy": "ddp_spawn"} if devices > 1 else {}
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, default_root_dir=tmp_path, logger=False,
-        enable_progress_bar=False, callbacks=[GroupMetrics(print_table=False)], **kwargs,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=devices,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[GroupMetrics(print_table=False)],
+        **kwargs,
+    )
     trainer.validate(model, datamodule=dm)
     return json.loads((tmp_path / "metrics.json").read_text())
 
@@ -38,9 +43,14 @@ def _dfr(tmp_path, devices: int) -> tuple[dict, dict]:
     dm = SyntheticShortcuts(n_train=64, n_val=37, n_test=21, image_size=32, batch_size=8)
     kwargs = {"strategy": "ddp_spawn"} if devices > 1 else {}
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
-        callbacks=[DeepFeatureReweighting(num_refits=3)], **kwargs,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=devices,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[DeepFeatureReweighting(num_refits=3)],
+        **kwargs,
+    )
     trainer.validate(model, datamodule=dm)
     return json.loads((tmp_path / "dfr.json").read_text()), torch.load(tmp_path / "dfr_head.pt")
 
@@ -66,9 +76,14 @@ def test_dfr_data_error_on_rank_zero_reaches_every_rank(tmp_path):
     dm = SyntheticShortcuts(n_train=32, n_val=5, n_test=8, image_size=32, batch_size=4)
     dfr = FailureRecordingDFR(str(tmp_path), num_refits=2, report_splits=())
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", default_root_dir=tmp_path, logger=False,
-        enable_progress_bar=False, callbacks=[dfr],
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[dfr],
+    )
     with pytest.raises(Exception, match="sample in the val split"):
         trainer.validate(ShortcutClassifier("test_resnet"), datamodule=dm)
     recorded = {p.name: p.read_text() for p in tmp_path.glob("rank*.txt")}
@@ -84,10 +99,18 @@ def _mine(tmp_path, devices: int) -> dict:
     mining = SpuriousPositiveMining(top_m=6, num_selected=3, n_confusers=3, num_neurons=4, report_splits=())
     kwargs = {"strategy": "ddp_spawn"} if devices > 1 else {}
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, max_epochs=1, limit_train_batches=1, limit_val_batches=0,
-        default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-        callbacks=[mining], **kwargs,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=devices,
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        callbacks=[mining],
+        **kwargs,
+    )
     trainer.fit(model, datamodule=dm)
     return json.loads((tmp_path / "mining.json").read_text())
 
@@ -112,10 +135,18 @@ def test_mining_again_under_ddp_gives_every_rank_the_same_rounds(tmp_path):
         top_m=6, num_selected=3, n_confusers=3, num_neurons=4, report_splits=(), every_n_epochs=1
     )
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, limit_train_batches=1,
-        limit_val_batches=0, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
-        enable_checkpointing=False, callbacks=[NeuronDump(str(tmp_path)), mining, NeuronRegularization()],
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=2,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        callbacks=[NeuronDump(str(tmp_path)), mining, NeuronRegularization()],
+    )
     trainer.fit(ShortcutClassifier("test_resnet"), datamodule=dm)
     rank_0, rank_1 = (json.loads((tmp_path / f"neurons_rank{r}.json").read_text()) for r in (0, 1))
     assert rank_1 == rank_0
@@ -135,10 +166,18 @@ def test_regularizing_the_pairs_under_ddp_keeps_every_rank_in_step(tmp_path):
     mining = SpuriousPositiveMining(top_m=6, num_selected=3, n_confusers=3, num_neurons=4, report_splits=())
     reg = NeuronRegularization(strength=5.0, regularize_on="pairs", pairs_per_step=4)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, limit_train_batches=2,
-        limit_val_batches=0, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
-        enable_checkpointing=False, callbacks=[WeightDump(str(tmp_path)), mining, reg],
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        callbacks=[WeightDump(str(tmp_path)), mining, reg],
+    )
     trainer.fit(ShortcutClassifier("test_resnet"), datamodule=dm)
     rank_0, rank_1 = (torch.load(tmp_path / f"weights_rank{r}.pt") for r in (0, 1))
     assert rank_0["pairs"] and rank_1["pairs"] == rank_0["pairs"]
@@ -159,12 +198,20 @@ def _prune(tmp_path, devices: int, max_epochs: int = 1, validate: bool = False, 
     )
     kwargs = {"strategy": "ddp_spawn_find_unused_parameters_true"} if devices > 1 else {}
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, max_epochs=max_epochs, limit_train_batches=3,
-        limit_val_batches=2 if validate else 0, default_root_dir=tmp_path, logger=False,
-        enable_progress_bar=False, enable_checkpointing=False,
-        callbacks=[GroupMetrics(), pruning, MaskDump(str(tmp_path))] if validate
-        else [MaskDump(str(tmp_path)), pruning], **kwargs,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=devices,
+        max_epochs=max_epochs,
+        limit_train_batches=3,
+        limit_val_batches=2 if validate else 0,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        callbacks=[GroupMetrics(), pruning, MaskDump(str(tmp_path))]
+        if validate
+        else [MaskDump(str(tmp_path)), pruning],
+        **kwargs,
+    )
     trainer.fit(model, datamodule=dm)
     return [torch.load(tmp_path / f"masks_rank{r}.pt") for r in range(devices)]
 

@@ -98,9 +98,14 @@ def test_fits_in_worker_processes_give_the_head_of_one_process(num_classes):
 
 def _fit(dm, model, callbacks, tmp_path, epochs=1):
     trainer = L.Trainer(
-        max_epochs=epochs, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, callbacks=callbacks, accelerator="cpu",
-    )  # fmt: skip
+        max_epochs=epochs,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=callbacks,
+        accelerator="cpu",
+    )
     trainer.fit(model, datamodule=dm)
     return trainer
 

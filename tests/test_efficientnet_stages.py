@@ -41,8 +41,15 @@ def test_sscore_finds_the_last_conv_stage_and_scores_every_neuron(tmp_path, tiny
 
 
 def test_prusc_masks_the_depthwise_convolutions_too(tmp_path, tiny_synthetic, lite0):
-    pruning = MaskPruning(prune_epochs=1, num_clusters=3, mask_lr=0.5, init_logit=1.0, lambda_sparse=1e-3,
-                          report_splits=("val",), export=False)  # fmt: skip
+    pruning = MaskPruning(
+        prune_epochs=1,
+        num_clusters=3,
+        mask_lr=0.5,
+        init_logit=1.0,
+        lambda_sparse=1e-3,
+        report_splits=("val",),
+        export=False,
+    )
     make_trainer(tmp_path, [pruning], 2, limit_val_batches=0).fit(lite0, datamodule=tiny_synthetic(**SIZE))
     masks = model_masks(lite0)
     depthwise = [n for n in masks if getattr(lite0.get_submodule(n), "groups", 1) > 1]
@@ -60,8 +67,15 @@ def test_dfr_refits_the_head_of_efficientnet(tmp_path, tiny_synthetic, lite0):
 
 
 def test_score_mines_at_a_named_intermediate_stage_and_regularizes_it(tmp_path, tiny_synthetic, lite0):
-    mining = SpuriousPositiveMining(layer="net.blocks.4", top_m=8, num_selected=3, n_confusers=4, num_neurons=4,
-                                    selection="auto", report_splits=("val",))  # fmt: skip
+    mining = SpuriousPositiveMining(
+        layer="net.blocks.4",
+        top_m=8,
+        num_selected=3,
+        n_confusers=4,
+        num_neurons=4,
+        selection="auto",
+        report_splits=("val",),
+    )
     regularization = NeuronRegularization(strength=0.5, finetune_from="net.blocks.4")
     before = lite0.net.blocks[3][0].conv_pw.weight.detach().clone()
     make_trainer(tmp_path, [mining, regularization], 2, limit_val_batches=1).fit(

@@ -50,10 +50,14 @@ def test_scores_match_captum_and_lie_in_unit_interval():
     ours = neuron_gradcam(model, x, model.layer4, model.get_classifier(), neurons)
     scores = spurious_scores(ours.maps, masks, alpha=0.5)
     captum = LayerGradCam(_features(model), model.layer4)
-    want = torch.stack([
-        spurious_scores(captum.attribute(x, target=i, relu_attributions=True).detach(), masks, alpha=0.5)[0]
-        for i in neurons.tolist()
-    ])  # fmt: skip
+    want = torch.stack(
+        [
+            spurious_scores(captum.attribute(x, target=i, relu_attributions=True).detach(), masks, alpha=0.5)[
+                0
+            ]
+            for i in neurons.tolist()
+        ]
+    )
     assert (scores - want).abs().max() <= 1e-5
     assert ((scores >= 0) & (scores <= 1)).all()
 

@@ -15,17 +15,18 @@ from shortcut_lightning.errors import ShortcutError
 
 from helpers import make_trainer
 
+FAKE_TRAINER = SimpleNamespace(current_epoch=0, world_size=1)
+FAKE_MODULE = SimpleNamespace(log=lambda *a, **k: None)
+
 
 def _ready(dro: GroupDRO, counts: list[float]) -> GroupDRO:
-    """The state on_fit_start would give it, for a train split with these group counts."""
+    """The state on_fit_start would give it, for a train split with these group counts, then the first
+    epoch's start (the stage's lifecycle: it weights from ``start_epoch`` on)."""
     dro.q = torch.full((len(counts),), 1 / len(counts))
     dro._bonus = dro.adjustment / torch.tensor(counts).sqrt()
     dro._names = [f"g{i}" for i in range(len(counts))]
+    dro.on_train_epoch_start(FAKE_TRAINER, FAKE_MODULE)
     return dro
-
-
-FAKE_TRAINER = SimpleNamespace(current_epoch=0, world_size=1)
-FAKE_MODULE = SimpleNamespace(log=lambda *a, **k: None)
 
 
 def test_weights_follow_the_exponentiated_gradient_step_on_a_two_group_batch():

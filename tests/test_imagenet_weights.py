@@ -99,11 +99,25 @@ def test_pretrained_offline_fails_in_one_line_naming_model_weights(tmp_path):
     """timm's own pretrained loading, with the hub forced offline and an empty cache: never a download."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "t"))
     proc = subprocess.run(
-        [sys.executable, "-m", "shortcut_lightning", "fit", "--config", str(ROOT / "configs" / "synthetic_erm.yaml"),
-         "--model.backbone", "resnet18", "--model.pretrained", "true",
-         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "shortcut_lightning",
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "synthetic" / "erm.yaml"),
+            "--model.backbone",
+            "resnet18",
+            "--model.pretrained",
+            "true",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("shortcut: error: model.pretrained: true could not load")

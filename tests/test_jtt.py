@@ -143,9 +143,12 @@ def test_ddp_gives_every_rank_the_error_set_of_one_process(tmp_path):
         torch.manual_seed(0)
         ddp = {"strategy": "ddp_spawn", "devices": 2} if devices > 1 else {}
         trainer = make_trainer(
-            root, [JustTrainTwice(identify_epochs=0), _ErrorDump(str(root))], limit_train_batches=1,
-            limit_val_batches=0, **ddp,
-        )  # fmt: skip
+            root,
+            [JustTrainTwice(identify_epochs=0), _ErrorDump(str(root))],
+            limit_train_batches=1,
+            limit_val_batches=0,
+            **ddp,
+        )
         trainer.fit(ShortcutClassifier("test_resnet"), datamodule=_data(n_train=37))
         sets[devices] = {p.name: json.loads(p.read_text()) for p in root.glob("rank*.json")}
     assert sets[2]["rank0.json"] == sets[2]["rank1.json"] == sets[1]["rank0.json"]

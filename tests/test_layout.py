@@ -66,6 +66,15 @@ def test_files_stay_short(path: Path) -> None:
     assert n <= MAX_LINES, (
         f"{path.relative_to(PACKAGE)} has {n} lines (at most {MAX_LINES}): split it by concept"
     )
+    # the rule is met by decomposition, not by hand-packed lines the formatter is told to leave alone
+    skips = [
+        i
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if "fmt: skip" in line or "fmt: off" in line
+    ]
+    assert not skips, (
+        f"{path.relative_to(PACKAGE)} lines {skips}: formatter exemptions (issue 42 removed them)"
+    )
 
 
 def test_top_level_holds_only_the_shared_core() -> None:
@@ -83,3 +92,19 @@ def test_top_level_holds_only_the_shared_core() -> None:
         "penalties",
         "stages",
     ], loose
+
+
+def test_the_architecture_page_stays_short_and_shows_the_lifecycle() -> None:
+    """docs/architecture.md is read whole: under 150 lines (issue 42), with the lifecycle table and the names."""
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    assert len(page.splitlines()) < 150
+    assert "## The stage lifecycle" in page
+    import shortcut_lightning.callbacks as callbacks
+    from shortcut_lightning.stages import Stage
+
+    stages = [
+        n
+        for n in callbacks.__all__
+        if isinstance(getattr(callbacks, n), type) and issubclass(getattr(callbacks, n), Stage)
+    ]
+    assert stages and [n for n in stages if f"`{n}`" not in page] == []  # every stage in the naming table

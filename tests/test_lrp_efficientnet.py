@@ -82,10 +82,14 @@ def test_the_gamma_composite_is_refused_where_it_cannot_conserve(lite0):
 def _composite_with(model, merge, depthwise_rule, residual=True):
     """Our epsilon_plus_flat rules with one part swapped, to show what that part does."""
     layer_map = [
-        (BatchNorm, PassThrough()), (Activation, PassThrough()), (Sum, NormDirect()), (AvgPool, NormDirect()),
-        (DepthwiseConvolution, depthwise_rule), (nn.Linear, EpsilonDirect(zero_params="bias")),
+        (BatchNorm, PassThrough()),
+        (Activation, PassThrough()),
+        (Sum, NormDirect()),
+        (AvgPool, NormDirect()),
+        (DepthwiseConvolution, depthwise_rule),
+        (nn.Linear, EpsilonDirect(zero_params="bias")),
         (Convolution, ZPlusNonNegative(zero_params="bias")),
-    ]  # fmt: skip
+    ]
     canonizers = [merge, ResidualBlockCanonizer()] if residual else [merge]
     return LayerMapComposite(layer_map=layer_map, canonizers=canonizers)
 
@@ -261,9 +265,14 @@ def test_fast_rules_give_zennits_relevance(lite0_random):
     BatchNormAct2d run without a graph) against zennit's own rules with the same canonizers."""
     model, x = lite0_random, images(3, 64)
     layer_map = [
-        (BatchNorm, Pass()), (Activation, Pass()), (Sum, Norm()), (AvgPool, Norm()),
-        (DepthwiseConvolution, WSquare()), (nn.Linear, Epsilon()), (Convolution, ZPlus()),
-    ]  # fmt: skip
+        (BatchNorm, Pass()),
+        (Activation, Pass()),
+        (Sum, Norm()),
+        (AvgPool, Norm()),
+        (DepthwiseConvolution, WSquare()),
+        (nn.Linear, Epsilon()),
+        (Convolution, ZPlus()),
+    ]
     stock = SpecialFirstLayerMapComposite(
         layer_map=layer_map,
         first_map=[(Convolution, Flat())],

@@ -55,9 +55,14 @@ def _fit_one_step(tiny_synthetic, callbacks):
     L.seed_everything(0)
     model = ShortcutClassifier("test_resnet")
     trainer = L.Trainer(
-        max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, callbacks=callbacks, accelerator="cpu",
-    )  # fmt: skip
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=callbacks,
+        accelerator="cpu",
+    )
     trainer.fit(model, datamodule=tiny_synthetic())
     return trainer
 

@@ -16,9 +16,14 @@ def _fit(tiny_synthetic, callback: PartialFinetuning) -> tuple[dict, dict]:
     model = ShortcutClassifier("resnet18")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = L.Trainer(
-        max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        callbacks=[callback], accelerator="cpu", limit_val_batches=1,
-    )  # fmt: skip
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[callback],
+        accelerator="cpu",
+        limit_val_batches=1,
+    )
     trainer.fit(model, datamodule=tiny_synthetic())
     return before, model.state_dict()
 

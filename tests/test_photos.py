@@ -15,8 +15,19 @@ from shortcut_lightning.data.photos import ANIMALS, BACKGROUNDS, PACKAGES, STRIP
 from shortcut_lightning.errors import DataError
 
 SIZES = {"image_size": 64, "n_train": 60, "n_val": 16, "n_test": 16}
-COLUMNS = ["img_id", "img_filename", "y", "split", "place", "place_filename", "place_strip", "place_box",
-           "place_flip", "animal", "mask_filename"]  # fmt: skip
+COLUMNS = [
+    "img_id",
+    "img_filename",
+    "y",
+    "split",
+    "place",
+    "place_filename",
+    "place_strip",
+    "place_box",
+    "place_flip",
+    "animal",
+    "mask_filename",
+]
 
 
 @pytest.fixture(scope="module")
@@ -224,8 +235,21 @@ def test_shortcut_cache_names_the_cache(sources, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(shutil, "which", lambda name: None)  # a fetch would fail
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("SHORTCUT_CACHE", str(tmp_path / "cache"))
-    main(["photos", "--out", str(tmp_path / "out"), "--image-size", "32", "--n-train", "20", "--n-val", "8",
-          "--n-test", "8"])  # fmt: skip
+    main(
+        [
+            "photos",
+            "--out",
+            str(tmp_path / "out"),
+            "--image-size",
+            "32",
+            "--n-train",
+            "20",
+            "--n-val",
+            "8",
+            "--n-test",
+            "8",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "test  hoofed_land 2  hoofed_water 2  clawed_land 2  clawed_water 2" in printed
     assert f"wrote {tmp_path / 'out'}" in printed

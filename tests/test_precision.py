@@ -76,9 +76,14 @@ def _bf16_trainer(tmp_path, callbacks, max_epochs: int) -> L.Trainer:
 def test_score_mines_and_regularizes_under_bf16_mixed(tmp_path, tiny_synthetic):
     torch.manual_seed(0)
     mining = SpuriousPositiveMining(
-        selection="oracle", oracle_min_overlap=0.0, require_masked_prediction=False,
-        top_m=8, num_selected=3, n_confusers=4, num_neurons=4,
-    )  # fmt: skip
+        selection="oracle",
+        oracle_min_overlap=0.0,
+        require_masked_prediction=False,
+        top_m=8,
+        num_selected=3,
+        n_confusers=4,
+        num_neurons=4,
+    )
     trainer = _bf16_trainer(tmp_path, [mining, NeuronRegularization(strength=0.5)], 2)
     trainer.fit(ShortcutClassifier("test_resnet"), datamodule=tiny_synthetic(spurious="patch"))
     result = json.loads((tmp_path / "mining.json").read_text())

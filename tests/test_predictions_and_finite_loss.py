@@ -23,9 +23,15 @@ def test_predict_with_two_processes_writes_every_sample_once(tmp_path):
     """Today's CLI wrote rank 0's shard only (under ddp_spawn: no file at all)."""
     one = run_cli(tmp_path / "one", subcommand="predict")  # the same seeded weights in both runs
     two = run_cli(
-        tmp_path / "two", "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy",
-        "ddp_spawn", subcommand="predict",
-    )  # fmt: skip
+        tmp_path / "two",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp_spawn",
+        subcommand="predict",
+    )
     single, double = _rows(one / "predictions.csv"), _rows(two / "predictions.csv")
     assert [int(r["index"]) for r in double] == list(range(41))  # the whole test split, in order, once each
     for a, b in zip(single, double, strict=True):
@@ -82,9 +88,20 @@ def test_a_nan_loss_on_one_rank_stops_every_rank(tmp_path):
 def test_the_cli_stops_a_diverging_fit_in_one_line(tmp_path, capsys):
     """Today a learning rate of 1e30 trains on NaN to the end and exits 0."""
     with pytest.raises(SystemExit) as stopped:
-        main(["fit", "--config", str(ROOT / "configs" / "synthetic_erm.yaml"), *TINY_ARGS,
-              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.max_epochs", "2",
-              "--model.optimizer.init_args.lr", "1e30"])  # fmt: skip
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs" / "synthetic" / "erm.yaml"),
+                *TINY_ARGS,
+                "--trainer.logger.init_args.save_dir",
+                str(tmp_path / "runs"),
+                "--trainer.max_epochs",
+                "2",
+                "--model.optimizer.init_args.lr",
+                "1e30",
+            ]
+        )
     assert stopped.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("shortcut: error: the training loss is not finite")

@@ -226,7 +226,7 @@ def test_resume_continues_mask_learning(tmp_path, tiny_synthetic):
         f"              limit_val_batches=0, default_root_dir={str(tmp_path)!r}, callbacks=cbs)\n"
         "dm = SyntheticShortcuts(n_train=96, n_val=37, n_test=41, image_size=32, batch_size=16)\n"
         f"t.fit(ShortcutClassifier('test_resnet'), datamodule=dm, ckpt_path=None if kill else {last!r})\n"
-        f"torch.save({{'phase': cbs[0].phase, 'steps': int(cbs[0]._optimizer.state_dict()['state'][0]['step'])}}, {out!r})\n"
+        f"torch.save({{'phase': cbs[0].phase.value, 'steps': int(cbs[0]._optimizer.state_dict()['state'][0]['step'])}}, {out!r})\n"
     )
     killed = subprocess.run([sys.executable, str(script), "kill"], capture_output=True, text=True)
     assert killed.returncode != 0
@@ -349,9 +349,14 @@ def test_monitor_keeps_the_masks_of_the_best_validated_epoch(tmp_path, tiny_synt
     model = ShortcutClassifier("test_resnet")
     script = _ScriptedMetric([0.2, 0.9, 0.5])  # epoch 1 is best; the last epoch's masks differ from it
     pruning = MaskPruning(
-        prune_epochs=3, num_clusters=4, mask_lr=0.5, init_logit=0.5, monitor="val/scripted",
-        report_splits=(), export=False,
-    )  # fmt: skip
+        prune_epochs=3,
+        num_clusters=4,
+        mask_lr=0.5,
+        init_logit=0.5,
+        monitor="val/scripted",
+        report_splits=(),
+        export=False,
+    )
     trainer = _trainer(tmp_path, [script, pruning], 3, limit_val_batches=1, enable_checkpointing=False)
     trainer.fit(model, datamodule=tiny_synthetic())
     assert pruning.best["epoch"] == 1 and pruning.best["score"] == pytest.approx(0.9)
@@ -386,9 +391,14 @@ def test_keep_dense_keeps_the_unpruned_model_when_no_mask_epoch_validates_better
     weights = {k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith("weight")}
     script = _ScriptedMetric([-1.0, -0.5], name="val/worst_class")  # below any accuracy of the dense model
     pruning = MaskPruning(
-        prune_epochs=2, num_clusters=4, mask_lr=0.5, init_logit=0.5, monitor="val/worst_class",
-        keep_dense=keep_dense, report_splits=("val",),
-    )  # fmt: skip
+        prune_epochs=2,
+        num_clusters=4,
+        mask_lr=0.5,
+        init_logit=0.5,
+        monitor="val/worst_class",
+        keep_dense=keep_dense,
+        report_splits=("val",),
+    )
     _trainer(tmp_path, [script, pruning], 2, limit_val_batches=1, enable_checkpointing=False).fit(
         model, datamodule=tiny_synthetic()
     )
@@ -428,9 +438,15 @@ def test_monitor_with_batch_statistics_restores_the_best_epochs_batchnorm(tmp_pa
     torch.manual_seed(0)
     model = ShortcutClassifier("test_resnet")
     pruning = MaskPruning(
-        prune_epochs=3, num_clusters=4, mask_lr=0.5, init_logit=0.5, monitor="val/scripted",
-        report_splits=(), export=False, batchnorm="batch",
-    )  # fmt: skip
+        prune_epochs=3,
+        num_clusters=4,
+        mask_lr=0.5,
+        init_logit=0.5,
+        monitor="val/scripted",
+        report_splits=(),
+        export=False,
+        batchnorm="batch",
+    )
     callbacks = [_ScriptedMetric([0.2, 0.9, 0.5]), Statistics(), pruning]
     _trainer(tmp_path, callbacks, 3, limit_val_batches=1, enable_checkpointing=False).fit(
         model, datamodule=tiny_synthetic()
@@ -507,9 +523,13 @@ def test_batchnorm_is_held_during_mask_learning_and_recalibrated_after(tmp_path,
         model = ShortcutClassifier("test_resnet")
         before = stats(model)
         pruning = MaskPruning(
-            prune_epochs=1, num_clusters=4, report_splits=(), export=False, recalibrate_bn=recalibrate,
+            prune_epochs=1,
+            num_clusters=4,
+            report_splits=(),
+            export=False,
+            recalibrate_bn=recalibrate,
             batchnorm=batchnorm,
-        )  # fmt: skip
+        )
         _trainer(tmp_path / f"{recalibrate}{batchnorm}", [pruning], 1, enable_checkpointing=False).fit(
             model, datamodule=tiny_synthetic()
         )

@@ -54,7 +54,11 @@ def test_the_masked_forward_backward_and_penalty_never_wait_for_the_device():
             mask.logits.normal_()
     x = torch.randn(8, 3, 32, 32)
     stage = MaskPruning(num_clusters=2)
-    stage.phase, stage._masks, stage.clusters = "learning", masks, torch.tensor([0, 1] * 4)
+    stage.phase, stage._masks, stage.clusters = (
+        MaskPruning.phases("learning"),
+        masks,
+        torch.tensor([0, 1] * 4),
+    )
     batch = {"index": torch.arange(8), "target": torch.tensor([0, 0, 1, 1] * 2)}
     logged = types.SimpleNamespace(log=lambda *args, **kwargs: None)  # the module's log, which is Lightning's
     for mode in ("off", "learn", "fixed"):
@@ -191,9 +195,18 @@ def _stage_fit(root, max_epochs, ckpt_path=None):
     torch.manual_seed(0)
     model = ShortcutClassifier("test_resnet")
     stage = MaskPruning(
-        start_epoch=1, prune_epochs=2, finetune_epochs=3, num_clusters=4, mask_lr=0.5, init_logit=0.5,
-        monitor="val/worst_class", keep_dense=True, finetune_keep="best", report_splits=("val",), export=False,
-    )  # fmt: skip
+        start_epoch=1,
+        prune_epochs=2,
+        finetune_epochs=3,
+        num_clusters=4,
+        mask_lr=0.5,
+        init_logit=0.5,
+        monitor="val/worst_class",
+        keep_dense=True,
+        finetune_keep="best",
+        report_splits=("val",),
+        export=False,
+    )
     script = _Scripted(VALUES, root)
     callbacks = [stage, script, ModelCheckpoint(dirpath=root / "ck", save_last=True)]
     trainer = make_trainer(

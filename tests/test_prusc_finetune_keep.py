@@ -11,7 +11,7 @@ import torch
 from shortcut_lightning import ShortcutClassifier
 from shortcut_lightning.callbacks import MaskPruning
 from shortcut_lightning.errors import ShortcutError
-from shortcut_lightning.methods.prusc.kept_copy import IN_MODEL
+from shortcut_lightning.methods.prusc.keep_best import IN_MODEL
 
 from helpers import make_trainer
 
@@ -71,8 +71,10 @@ def test_best_keeps_the_fine_tuning_epoch_that_validated_best(tmp_path, tiny_syn
         tmp_path, tiny_synthetic, script, monitor="val/scripted", finetune_keep="best", report_splits=()
     )
     assert pruning.report.finetune_best == {
-        "monitor": "val/scripted", "when": "after fine-tuning epoch 1", "score": pytest.approx(0.9)
-    }  # fmt: skip
+        "monitor": "val/scripted",
+        "when": "after fine-tuning epoch 1",
+        "score": pytest.approx(0.9),
+    }
     now = _weights(model)
     assert any(not torch.equal(script.weights[1][k], script.weights[2][k]) for k in now), "epoch 2 trained"
     assert all(torch.equal(now[k], script.weights[1][k]) for k in now)
@@ -111,9 +113,13 @@ def test_best_falls_back_to_the_model_before_the_stage(tmp_path, tiny_synthetic,
     # every epoch of the stage scores below any accuracy: the dense model before it validated better
     script = _Scripted([-1.0, -0.5, -0.2], "val/worst_class")
     model, pruning, start = _fit(
-        tmp_path, tiny_synthetic, script, monitor="val/worst_class", finetune_keep=finetune_keep,
+        tmp_path,
+        tiny_synthetic,
+        script,
+        monitor="val/worst_class",
+        finetune_keep=finetune_keep,
         report_splits=("val",),
-    )  # fmt: skip
+    )
     now = _weights(model)
     if finetune_keep == "last":  # the fine-tuned model, whatever it validated
         assert pruning.report.finetune_best is None
@@ -122,8 +128,10 @@ def test_best_falls_back_to_the_model_before_the_stage(tmp_path, tiny_synthetic,
         return
     dense = pruning.report.before["val"]["worst_class"]
     assert pruning.report.finetune_best == {
-        "monitor": "val/worst_class", "when": "before the stage", "score": pytest.approx(dense)
-    }  # fmt: skip
+        "monitor": "val/worst_class",
+        "when": "before the stage",
+        "score": pytest.approx(dense),
+    }
     assert all(torch.equal(now[k], start[k]) for k in now), "the weights before the stage"
     assert pruning.report.after["val"]["worst_class"] == pytest.approx(dense)
 

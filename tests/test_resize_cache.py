@@ -194,7 +194,9 @@ def test_small_images_are_not_cached_and_every_stage_sets_up(tmp_path, metadata_
     The second setup samples headers to decide whether the test split holds large images; it once failed on a
     read-only array there, so every real-data fit crashed at its test pass."""
     cache = tmp_path / "cache"
-    dm = MetadataDataModule(root=str(metadata_folder()), image_size=32, num_workers=0, resize_cache=str(cache))
+    dm = MetadataDataModule(
+        root=str(metadata_folder()), image_size=32, num_workers=0, resize_cache=str(cache)
+    )
     for stage in ("fit", "test", "validate", "predict"):
         dm.setup(stage)
     assert entries(cache) == []

@@ -12,6 +12,8 @@ import torch
 from shortcut_lightning import ShortcutClassifier, ShortcutError
 from shortcut_lightning.callbacks import NeuronRegularization, SpuriousPositiveMining
 from shortcut_lightning.data import SyntheticShortcuts
+from shortcut_lightning.methods.score.lrp_analysis import SampleAnalysis
+from shortcut_lightning.methods.score.selection_rules import ClassCandidates
 from shortcut_lightning.methods.score.spurious_positives import (
     confuser_similarity,
     mask_images,
@@ -196,8 +198,8 @@ def test_oracle_selects_the_samples_whose_mask_is_most_on_the_spurious_region(tm
     )
     make_trainer(tmp_path, [mining]).fit(ShortcutClassifier("test_resnet"), datamodule=_data())
     for entry in mining.result.classes.values():
-        scores = dict(zip(entry["top_indices"], entry["selection_scores"], strict=False))
-        chosen = [scores[i] for i in entry["selected_indices"]]
+        scores = dict(zip(entry.top_indices, entry.selection_scores, strict=False))
+        chosen = [scores[i] for i in entry.selected_indices]
         assert chosen == sorted(chosen, reverse=True) and chosen[0] == max(scores.values())
 
 
@@ -209,7 +211,7 @@ def test_manual_selection_takes_the_given_indices(tmp_path):
     mining = _mining(selection="manual", manual_indices=picks)
     make_trainer(tmp_path, [mining]).fit(ShortcutClassifier("test_resnet"), datamodule=dm)
     for c, entry in enumerate(mining.result.classes.values()):
-        assert entry["selected_indices"] == picks[c]
+        assert entry.selected_indices == picks[c] and entry.selection_scores is None
 
 
 def test_manual_indices_that_do_not_exist_or_belong_elsewhere_are_named(tmp_path):
@@ -217,8 +219,10 @@ def test_manual_indices_that_do_not_exist_or_belong_elsewhere_are_named(tmp_path
     dm.setup("fit")
     targets = dm.dataset("train").targets
     other = int((targets == 1).nonzero()[0])
-    for picks, message in (({0: [999]}, r"sample 999, but the train split has samples 0\.\.63"),
-                           ({0: [other]}, rf"sample {other}, which belongs to class 1")):  # fmt: skip
+    for picks, message in (
+        ({0: [999]}, r"sample 999, but the train split has samples 0\.\.63"),
+        ({0: [other]}, rf"sample {other}, which belongs to class 1"),
+    ):
         with pytest.raises(ShortcutError, match=message):
             make_trainer(tmp_path, [_mining(selection="manual", manual_indices=picks)]).fit(
                 ShortcutClassifier("test_resnet"), datamodule=dm
@@ -375,7 +379,7 @@ class _PenalisedIndex(L.Callback):
 
 
 def test_mining_again_adds_the_new_rounds_neurons_to_the_penalty(tmp_path, monkeypatch):
-    import shortcut_lightning.methods.score.spurious_positive_mining as module
+    import shortcut_lightning.methods.score.mining_round as module
 
     picks = iter([[1], [2], [2], [5], [7], [1]])  # per mining round, one pick per class
     monkeypatch.setattr(module, "select_neurons", lambda *a: torch.tensor(next(picks)))
@@ -408,9 +412,13 @@ def test_resume_keeps_the_mining_result(tmp_path, monkeypatch):
     kwargs = {"selection": "oracle", "oracle_min_overlap": 0.0, "require_masked_prediction": False}
     first = _mining(start_epoch=1, **kwargs)
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=2, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        accelerator="cpu",
+        max_epochs=2,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
         callbacks=[first, NeuronRegularization(start_epoch=1)],
-    )  # fmt: skip
+    )
     trainer.fit(ShortcutClassifier("test_resnet"), datamodule=_data())
     assert (tmp_path / "checkpoints" / "before_mining.ckpt").is_file()
     ckpt = next((tmp_path / "checkpoints").glob("epoch*.ckpt"))
@@ -418,12 +426,128 @@ def test_resume_keeps_the_mining_result(tmp_path, monkeypatch):
     monkeypatch.setattr(SpuriousPositiveMining, "mine", lambda *a: pytest.fail("mined again after resume"))
     reg = NeuronRegularization(start_epoch=1)
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=3, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        accelerator="cpu",
+        max_epochs=3,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
         callbacks=[second, reg],
-    )  # fmt: skip
+    )
     trainer.fit(ShortcutClassifier("test_resnet"), datamodule=_data(), ckpt_path=ckpt)
     assert second.result == first.result and reg.neurons == first.result.neurons
     assert second.pairs.indices == first.pairs.indices and torch.equal(second.pairs.masks, first.pairs.masks)
+
+
+def test_a_checkpoint_of_before_the_stage_base_still_loads():
+    """The callbacks' states as saved before the Stage base: the miner's ``{"result", "pairs"}`` (its result from
+    before rounds were recorded), the regularization's ``{"optimizer_cleared"}``."""
+    from shortcut_lightning.methods.score.mining_result import ClassReport, MiningRound
+
+    entry = {
+        "top_indices": [3, 5],
+        "selected_indices": [5],
+        "masked_prediction_kept": 2,
+        "selection_scores": [0.9, 0.8],
+        "neurons": [4, 1],
+        "neuron_scores": [0.5, 0.25],
+    }
+    saved = {
+        "selection": "auto",
+        "uses_annotations": False,
+        "layer": "net.layer3",
+        "neurons": [1, 4],
+        "classes": {"a": entry},
+        "before": {},
+        "epoch": 2,
+        "parameters": {"top_m": 2},
+    }
+    masks = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    miner = SpuriousPositiveMining()
+    miner.load_state_dict({"result": saved, "pairs": {"indices": [5], "masks": masks, "fill": 0.0}})
+    assert miner.phase == miner.phases.MINED and not miner.waiting and miner.neurons == [1, 4]
+    assert miner.result.classes["a"] == ClassReport(**entry) and miner.result.rounds == [
+        MiningRound(2, [1, 4])
+    ]
+    assert miner.result.classes["a"].to_dict() == entry and list(miner.result.classes["a"].to_dict()) == list(
+        entry
+    )
+    assert miner.pairs.indices == [5] and torch.equal(miner.pairs.masks, masks)
+    again = SpuriousPositiveMining()
+    again.load_state_dict(miner.state_dict())  # today's layout: phase, report, pairs
+    assert again.phase == miner.phase and again.result == miner.result and again.pairs.indices == [5]
+    never = SpuriousPositiveMining()
+    never.load_state_dict({"result": None, "pairs": None})
+    assert never.waiting and never.result is None and never.pairs is None
+    reg = NeuronRegularization()
+    reg.load_state_dict({"optimizer_cleared": True})  # starts again at start_epoch, without clearing twice
+    assert reg.waiting and reg.optimizer_cleared
+
+
+def _analysis(n: int, **kwargs) -> SampleAnalysis:
+    empty = {"images": torch.zeros(n, 3, 2, 2), "masks": torch.ones(n, 1, 2, 2, dtype=torch.bool)}
+    empty |= {"activation": torch.zeros(n, 4), "relevance": torch.zeros(n, 4), "embedding": torch.zeros(n, 2)}
+    return SampleAnalysis(**{**empty, "kept": torch.ones(n, dtype=torch.bool), **kwargs})
+
+
+def test_selection_rules_rank_the_eligible_top_samples():
+    from shortcut_lightning.methods.score.selection_rules import ManualSelection, OracleSelection
+
+    found = _analysis(
+        5, kept=torch.tensor([1, 1, 0, 1, 1]).bool(), overlap=torch.tensor([0.9, 0.2, 1.0, 0.7, 0.95])
+    )
+    candidates = ClassCandidates(1, [10, 11, 12, 13, 14], found, probe=None, train=None)
+    # 2 lost its class when masked, 4 is outside the top 4, 1 overlaps too little: 0 then 3
+    picked = OracleSelection(top_m=4, num_selected=3, require_masked_prediction=True, min_overlap=0.5)
+    assert picked.select(candidates).chosen == [0, 3]
+    relaxed = OracleSelection(top_m=4, num_selected=2, require_masked_prediction=False, min_overlap=0.5)
+    assert relaxed.select(candidates).chosen == [2, 0]
+    manual = ManualSelection({1: [13, 10], 0: [99]}).select(candidates)
+    assert manual.chosen == [3, 0] and manual.scores is None
+
+
+def test_auto_selection_ranks_by_similarity_to_the_confusers_of_other_classes():
+    from types import SimpleNamespace
+
+    from shortcut_lightning.methods.score.selection_rules import AutoSelection
+
+    asked = []
+
+    class Probe:
+        def analyse(self, indices, c, desc):
+            asked.append((indices, c))
+            return _analysis(2, embedding=torch.tensor([[2.0, 0.0], [3.0, 0.1]]))
+
+    train = SimpleNamespace(  # the other classes' samples 21, 22 have the highest class-1 logits
+        target=torch.tensor([0, 0, 0, 1]),
+        logits=torch.tensor([[0, 0.2], [0, 0.9], [0, 0.5], [0, 3.0]]),
+        index=torch.tensor([20, 21, 22, 23]),
+    )
+    embedding = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0], [1.0, 0.1]])
+    candidates = ClassCandidates(1, [10, 11, 12, 13, 14], _analysis(5, embedding=embedding), Probe(), train)
+    picked = AutoSelection(top_m=5, num_selected=3, require_masked_prediction=False, n_confusers=2).select(
+        candidates
+    )
+    assert asked == [([21, 22], 1)] and picked.chosen == [0, 4, 2] and len(picked.confusers) == 2
+    assert picked.scores.argsort(descending=True).tolist() == [0, 4, 2, 1, 3]
+
+
+def test_a_round_s_figures_stay_on_the_rank_that_drew_them():
+    import pickle
+
+    from shortcut_lightning.methods.score.mining_result import ClassReport
+    from shortcut_lightning.methods.score.mining_round import ClassFindings, RoundFindings
+
+    masks = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    found = {
+        "a": ClassFindings(ClassReport([1, 2], [2], 2, None, [5, 0]), masks, sheet=lambda: 0, panel={"x": 1}),
+        "b": ClassFindings(ClassReport([3], [3], 1, None, [5, 7]), masks),
+    }
+    decision = pickle.loads(pickle.dumps(RoundFindings(found, fill=0.0)))  # a lambda would not pickle
+    assert decision.sheets == {"a": None, "b": None} and decision.panels == {}
+    assert (
+        decision.neurons == [0, 5, 7] and decision.pairs.indices == [2, 3] and len(decision.pairs.masks) == 2
+    )
+    assert decision.reports["a"] == found["a"].report
 
 
 def test_pairs_are_the_selected_samples_and_their_masked_images():

@@ -96,11 +96,16 @@ def test_token_views_write_figures(tiny_synthetic, tmp_path):
         TokenViews(query=[1])
 
 
-@pytest.mark.parametrize("name", ["erm", "dfr", "score", "prusc", "sscore_dfr"])
+@pytest.mark.parametrize("name", ["dfr", "score", "prusc", "sscore_dfr", "token_views"])
 def test_vit_configs_name_a_vit_and_existing_callbacks(name):
-    config = yaml.safe_load((CONFIGS / f"synthetic_vit_{name}.yaml").read_text())
-    assert config["model"]["backbone"].startswith("vit_")
+    """Each stage file of configs/synthetic_vit/ goes on top of its erm.yaml, which names a ViT; no stage file
+    changes the backbone, and each names callbacks of the library."""
+    erm = yaml.safe_load((CONFIGS / "synthetic_vit" / "erm.yaml").read_text())
+    assert erm["model"]["backbone"].startswith("vit_")
+    stage = yaml.safe_load((CONFIGS / "synthetic_vit" / f"{name}.yaml").read_text())
+    assert "backbone" not in (stage.get("model") or {})
     import shortcut_lightning.callbacks as callbacks
 
-    for callback in config["trainer"].get("callbacks", []):
+    assert stage["trainer"]["callbacks+"]
+    for callback in stage["trainer"]["callbacks+"]:
         assert hasattr(callbacks, callback["class_path"].rsplit(".", 1)[1])

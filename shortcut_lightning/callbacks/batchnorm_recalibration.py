@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,7 +13,7 @@ from shortcut_lightning.data.base import require_group_datamodule
 from shortcut_lightning.errors import DataError
 from shortcut_lightning.probing.embedding_pass import split_reports
 from shortcut_lightning.probing.model_parts import find_head
-from shortcut_lightning.reporting.stage_report import stage_tables, write_stage_report
+from shortcut_lightning.reporting.stage_report import stage_tables
 from shortcut_lightning.stages import ModelStage
 
 
@@ -46,7 +45,8 @@ class BatchNormRecalibration(ModelStage):
     """
 
     stage_label = "BN re-estimated"
-    name = checkpoint_name = "bn_recalibration"
+    report_file = "bn_recalibration.json"
+    saves = "bn_recalibration"
     uses_annotations = False
     changes_model_at_fit_end = True
 
@@ -57,7 +57,7 @@ class BatchNormRecalibration(ModelStage):
 
     @property
     def before_reports(self) -> dict[str, dict[str, Any]]:
-        return self.result.get("before", {})
+        return self.report.get("before", {})
 
     def reports(self, trainer: L.Trainer, pl_module: L.LightningModule, when: str) -> dict[str, Any]:
         """Group reports of ``report_splits`` for the model as it is now (``when``: its progress label)."""
@@ -79,17 +79,16 @@ class BatchNormRecalibration(ModelStage):
         images = recalibrate_batchnorm(
             pl_module, whole_split(dm, self.split), f"BN: statistics of {self.split}", trainer.is_global_zero
         )
-        self.result = {
+        report = {
             "split": self.split,
             "layers": len(batchnorm_layers(pl_module)),
             "images": images,
             "before": before,
             "after": self.reports(trainer, pl_module, "after"),
         }
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank
-        tables = stage_tables({"before": self.result["before"], "after": self.result["after"]})
+        tables = stage_tables({"before": report["before"], "after": report["after"]})
         summary = [
-            f"BatchNormRecalibration: {self.result['layers']} layers re-estimated on {images} {self.split} images"
+            f"BatchNormRecalibration: {report['layers']} layers re-estimated on {images} {self.split} images"
         ]
-        write_stage_report(log_dir, f"{self.name}.json", self.result, summary=summary, tables=tables)
-        return self.result
+        self.write_report(trainer, report, summary=summary, tables=tables)
+        return report

@@ -1,8 +1,9 @@
 """``EmbeddingProjector``: penultimate embeddings of a split in TensorBoard's projector and as a 2-D map.
 
-Seed paper 001 observes that an ERM model's representations cluster by the spurious attribute. This
-callback shows it (a 2-D scatter coloured by group, the projector with thumbnails) and measures it
-(:func:`silhouette_scores`: how well the spurious attribute separates the samples of each class).
+"An XAI-based Analysis of Shortcut Learning in Neural Networks" (Le et al.) observes that an ERM model's
+representations cluster by the spurious attribute. This callback shows it (a 2-D scatter coloured by group,
+the projector with thumbnails) and measures it (:func:`silhouette_scores`: how well the spurious attribute
+separates the samples of each class).
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ def silhouette_scores(
 
     Returns ``spurious_silhouette``: the silhouette of the spurious labels among the samples of each
     class, averaged over the classes where it is defined (two or more spurious values present), near 1
-    when the representation clusters by the spurious attribute (seed 001's observation), near 0 when it
-    ignores it; ``spurious_silhouette_per_class``; and ``class_silhouette``: the silhouette of the class
+    when the representation clusters by the spurious attribute (the observation of the XAI-based analysis),
+    near 0 when it ignores it; ``spurious_silhouette_per_class``; and ``class_silhouette``: the silhouette of the class
     labels over all samples. Labels of -1 (unknown) are left out; an undefined score is ``None``.
     """
     x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
@@ -259,9 +260,15 @@ class EmbeddingProjector(Callback):
             writer.writerow(["index", "group", "target", "spurious", "x", "y"])
             for i in range(len(emb)):
                 writer.writerow(
-                    [int(emb.index[i]), int(emb.group[i]), int(emb.target[i]), int(emb.spurious[i]),
-                     f"{coords[i, 0]:.6g}", f"{coords[i, 1]:.6g}"]
-                )  # fmt: skip
+                    [
+                        int(emb.index[i]),
+                        int(emb.group[i]),
+                        int(emb.target[i]),
+                        int(emb.spurious[i]),
+                        f"{coords[i, 0]:.6g}",
+                        f"{coords[i, 1]:.6g}",
+                    ]
+                )
 
     def _figure(self, dm: Any, emb: Embeddings, coords: np.ndarray, step: int, result: dict[str, Any]) -> Any:
         figure = new_figure(7, 6)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 from lightning.pytorch.callbacks import BaseFinetuning
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from shortcut_lightning.batchnorm import hold_batchnorm
 from shortcut_lightning.probing.model_parts import freeze_before, modules_before
+from shortcut_lightning.reporting.rank_zero_log import rank_zero_log
+
+log = logging.getLogger(__name__)
 
 
 class PartialFinetuning(BaseFinetuning):
@@ -42,7 +46,7 @@ class PartialFinetuning(BaseFinetuning):
 
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
         frozen = freeze_before(pl_module, self.train_from, "train_from")
-        rank_zero_info(f"PartialFinetuning: froze {frozen} parameter tensors before {self.train_from}")
+        rank_zero_log(log, f"PartialFinetuning: froze {frozen} parameter tensors before {self.train_from}")
 
     def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: object) -> None:
         """Nothing unfreezes later (override to unfreeze at some epoch, as ``BaseFinetuning`` does)."""

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from shortcut_lightning.errors import ShortcutError
+from shortcut_lightning.reporting.rank_zero_log import rank_zero_log
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ("index", "target", "group", "pred")
 
@@ -67,7 +70,7 @@ class PredictionWriter(Callback):
             return
         path = log_dir / self.filename
         write_predictions(rows, path)
-        rank_zero_info(f"predictions written to {path} ({len(rows['index'])} rows)")
+        rank_zero_log(log, f"predictions written to {path} ({len(rows['index'])} rows)")
 
 
 def gather_rows(

@@ -23,7 +23,9 @@ from shortcut_lightning.xai.token_views import attention_maps
 
 
 class TokenViews(Callback):
-    """Seed 001's Fig. 9 for a ViT: attention of one query patch per layer and head, plus LRP per patch token.
+    """For a ViT, attention of one query patch per layer and head, plus LRP per patch token.
+
+    Fig. 9 of "An XAI-based Analysis of Shortcut Learning in Neural Networks" (Le et al.) shows these views.
 
     After every ``every_n_epochs``-th validation (and once on ``validate``/``test``), on rank 0, for one
     fixed sample of each group of ``split`` (up to ``num_samples``): a grid of attention maps (rows:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from lightning.pytorch.utilities import rank_zero_info
 
 from shortcut_lightning.errors import DataError
+from shortcut_lightning.reporting.rank_zero_log import rank_zero_log
+
+log = logging.getLogger(__name__)
 
 SHOWN = 12  # values a log line or an error lists before "..."
 
@@ -57,9 +60,10 @@ def label_column(
         return LabelColumn(ints, tuple(range(values[-1] + 1)))
     mapping = {v: k for k, v in enumerate(values)}
     pairs = [f"{v}->{k}" for v, k in mapping.items()]
-    rank_zero_info(
+    rank_zero_log(
+        log,
         f"column {column!r} of {source} holds {_listed([str(v) for v in values])}: read as {what} "
-        f"{_listed([str(k) for k in mapping.values()])} ({_listed(pairs)})"
+        f"{_listed([str(k) for k in mapping.values()])} ({_listed(pairs)})",
     )
     return LabelColumn(ints.map(mapping).astype(np.int64), tuple(values))
 

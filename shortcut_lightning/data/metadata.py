@@ -27,9 +27,15 @@ SCHEMAS = {
     "subpopbench": {"image": "filename", "target": "y", "spurious": "a", "split": "split"},
 }
 SPLIT_CODES = {
-    "0": "train", "1": "val", "2": "test",
-    "train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test",
-}  # fmt: skip
+    "0": "train",
+    "1": "val",
+    "2": "test",
+    "train": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+}
 CHECKS = ("none", "exists", "header", "full")
 MASK_MARKS = ("spurious", "core")
 

@@ -34,40 +34,45 @@ from shortcut_lightning.errors import DataError
 STAMPS, PLASMA, MATE = "tuxpaint-stamps-default", "plasma-workspace-wallpapers", "mate-backgrounds"
 PACKAGES = (STAMPS, PLASMA, MATE)
 _ANIMALS = f"{STAMPS}/usr/share/tuxpaint/stamps/animals"
+_WALL, _NATURE = f"{PLASMA}/usr/share/wallpapers", f"{MATE}/usr/share/backgrounds/mate/nature"
+
+
+def _paths(pattern: str, names: str) -> tuple[str, ...]:
+    """``pattern`` filled with each of the space-separated ``names``, in order."""
+    return tuple(pattern.format(name) for name in names.split())
+
+
 # class -> cut-outs (paths inside the extracted packages)
 ANIMALS: dict[str, tuple[str, ...]] = {
-    "hoofed": tuple(
-        f"{_ANIMALS}/mammals/{name}.png"
-        for name in (
-            *(f"bovines/{n}" for n in ("bison", "bull", "cow", "cow_white", "gnu-baby", "gnu-baby-stand",
-                                        "gnu-sitting", "gnu-stand", "goat", "indian_blackbuck", "mountaingoat",
-                                        "ram", "sheep", "sheep_lamb", "yak", "zebu")),
-            "camel/camel", "camel/dromedary", "deer/caribou", "deer/deer", "deer/doe", "deer/wapiti",
-            "equines/donkey", "equines/donkey_eating", "equines/horse", "equines/zebra",
-            "giraffe", "pig", "pig_golden", "pig_golden2", "rhino_black", "wildboar", "hippopotamus",
-        )
+    "hoofed": _paths(
+        f"{_ANIMALS}/mammals/bovines/{{}}.png",
+        "bison bull cow cow_white gnu-baby gnu-baby-stand gnu-sitting gnu-stand goat indian_blackbuck "
+        "mountaingoat ram sheep sheep_lamb yak zebu",
+    )
+    + _paths(
+        f"{_ANIMALS}/mammals/{{}}.png",
+        "camel/camel camel/dromedary deer/caribou deer/deer deer/doe deer/wapiti equines/donkey "
+        "equines/donkey_eating equines/horse equines/zebra giraffe pig pig_golden pig_golden2 rhino_black "
+        "wildboar hippopotamus",
     ),
-    "clawed": tuple(
-        f"{_ANIMALS}/{name}.png"
-        for name in (
-            "mammals/badger", "mammals/ferret", "mammals/rabbit_little", "mammals/bears/bear",
-            "mammals/bears/european-bear", "mammals/cats/lion", "mammals/cats/lion-2", "mammals/cats/tiger",
-            "mammals/cats/tiger_sumatran", "mammals/dogs/dingo", "mammals/dogs/dog", "mammals/dogs/fox",
-            *(f"mammals/rodents/{n}" for n in ("beaver", "capybara", "marmot", "mouse", "rabbit", "rabbit-2",
-                                               "rat", "squirrel")),
-            "mammals/apes/chimp", "mammals/apes/gorilla", "mammals/apes/tamarin_emperor",
-            "marsupials/kangaroo", "marsupials/koala", "marsupials/wombat",
-        )
-    ),
-}  # fmt: skip
-_WALL, _NATURE = f"{PLASMA}/usr/share/wallpapers", f"{MATE}/usr/share/backgrounds/mate/nature"
+    "clawed": _paths(
+        f"{_ANIMALS}/mammals/{{}}.png",
+        "badger ferret rabbit_little bears/bear bears/european-bear cats/lion cats/lion-2 cats/tiger "
+        "cats/tiger_sumatran dogs/dingo dogs/dog dogs/fox",
+    )
+    + _paths(
+        f"{_ANIMALS}/mammals/rodents/{{}}.png", "beaver capybara marmot mouse rabbit rabbit-2 rat squirrel"
+    )
+    + _paths(f"{_ANIMALS}/mammals/apes/{{}}.png", "chimp gorilla tamarin_emperor")
+    + _paths(f"{_ANIMALS}/marsupials/{{}}.png", "kangaroo koala wombat"),
+}
 # place -> background photos: a plasma wallpaper folder (its largest landscape image) or a file
 BACKGROUNDS: dict[str, tuple[str, ...]] = {
-    "land": (f"{_WALL}/Path", f"{_WALL}/OneStandsOut", f"{_WALL}/FallenLeaf",
-             f"{_NATURE}/GreenMeadow.jpg", f"{_NATURE}/LadyBird.jpg", f"{_NATURE}/RainDrops.jpg"),
-    "water": (f"{_WALL}/BytheWater", f"{_WALL}/ColdRipple", f"{_WALL}/DarkestHour", f"{_WALL}/summer_1am",
-              f"{_WALL}/EveningGlow", f"{_NATURE}/Aqua.jpg"),
-}  # fmt: skip
+    "land": _paths(f"{_WALL}/{{}}", "Path OneStandsOut FallenLeaf")
+    + _paths(f"{_NATURE}/{{}}.jpg", "GreenMeadow LadyBird RainDrops"),
+    "water": _paths(f"{_WALL}/{{}}", "BytheWater ColdRipple DarkestHour summer_1am EveningGlow")
+    + _paths(f"{_NATURE}/{{}}.jpg", "Aqua"),
+}
 CLASSES, PLACES = tuple(ANIMALS), tuple(BACKGROUNDS)
 SPLITS = ("train", "val", "test")
 STRIPS = 5  # per background photo: 3 train, 1 val, 1 test
@@ -132,8 +137,10 @@ def _source(sources: Path, rel: str) -> Path:
             return max(wide, key=lambda p: _size(p)[0])
         path = path / "contents" / "images"
     if not path.is_file():
-        raise DataError(f"photo source {path} is missing: rerun `shortcut-data photos` without --sources, or "
-                        f"extract the Debian package {rel.split('/')[0]} there")  # fmt: skip
+        raise DataError(
+            f"photo source {path} is missing: rerun `shortcut-data photos` without --sources, or "
+            f"extract the Debian package {rel.split('/')[0]} there"
+        )
     return path
 
 
@@ -228,35 +235,95 @@ def build_photos(
         (out / c).mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     rows, index = [], 0
-    plan = [(split, yc, k) for split, n in zip(SPLITS, (n_train, n_val, n_test), strict=True)
-            for yc, k in group_counts(split, n, minority, class0_share).items()]  # fmt: skip
+    plan = [
+        (split, yc, k)
+        for split, n in zip(SPLITS, (n_train, n_val, n_test), strict=True)
+        for yc, k in group_counts(split, n, minority, class0_share).items()
+    ]
     with tqdm(total=sum(k for *_, k in plan), desc=f"building {out}", mininterval=2) as bar:
         for split, (y, a), k in plan:
             for _ in range(k):
-                rows.append(_compose(out, index, seed, split, y, a, pools[(y, split)], backgrounds[a], strips,
-                                     image_size, scale))  # fmt: skip
+                rows.append(
+                    _compose(
+                        out,
+                        index,
+                        seed,
+                        split,
+                        y,
+                        a,
+                        pools[(y, split)],
+                        backgrounds[a],
+                        strips,
+                        image_size,
+                        scale,
+                    )
+                )
                 index += 1
                 bar.update()
-    fields = ["img_id", "img_filename", "y", "split", "place", "place_filename", "place_strip", "place_box",
-              "place_flip", "animal", "mask_filename"]  # fmt: skip
+    fields = [
+        "img_id",
+        "img_filename",
+        "y",
+        "split",
+        "place",
+        "place_filename",
+        "place_strip",
+        "place_box",
+        "place_flip",
+        "animal",
+        "mask_filename",
+    ]
     with (out / "metadata.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(fields)
         writer.writerows([[row[f] for f in fields] for row in rows])
-    photos = [{"place_filename": _place_name(path), "place": PLACES[a], "file": str(path.relative_to(src)),
-               "size": list(image.size),
-               "strips": strips[(a, i)]}
-              for a in backgrounds for i, (path, image) in enumerate(backgrounds[a])]  # fmt: skip
-    animals_per_split = {CLASSES[y]: {split: sorted({name for name, _ in pools[(y, split)]}) for split in SPLITS}
-                         for y in range(len(CLASSES))}  # fmt: skip
-    _write_record(out, src, rows, seed=seed, image_size=image_size, n_train=n_train, n_val=n_val, n_test=n_test,
-                  animals=animals, scale=list(scale), minority=minority, class0_share=class0_share,
-                  background_photos=photos, animals_per_split=animals_per_split)  # fmt: skip
+    photos = [
+        {
+            "place_filename": _place_name(path),
+            "place": PLACES[a],
+            "file": str(path.relative_to(src)),
+            "size": list(image.size),
+            "strips": strips[(a, i)],
+        }
+        for a in backgrounds
+        for i, (path, image) in enumerate(backgrounds[a])
+    ]
+    animals_per_split = {
+        CLASSES[y]: {split: sorted({name for name, _ in pools[(y, split)]}) for split in SPLITS}
+        for y in range(len(CLASSES))
+    }
+    _write_record(
+        out,
+        src,
+        rows,
+        seed=seed,
+        image_size=image_size,
+        n_train=n_train,
+        n_val=n_val,
+        n_test=n_test,
+        animals=animals,
+        scale=list(scale),
+        minority=minority,
+        class0_share=class0_share,
+        background_photos=photos,
+        animals_per_split=animals_per_split,
+    )
     return out
 
 
-def _compose(out: Path, index: int, seed: int, split: str, y: int, a: int, pool: list, backgrounds: list,
-             strips: dict, size: int, scale: Sequence[float]) -> dict:  # fmt: skip
+def _compose(
+    out: Path,
+    index: int,
+    seed: int,
+    split: str,
+    y: int,
+    a: int,
+    pool: list,
+    backgrounds: list,
+    strips: dict,
+    size: int,
+    scale: Sequence[float],
+) -> dict:
     """One image: a crop of a background strip of this split, one cut-out pasted on it, and its mask."""
     r = np.random.default_rng([seed, index])
     photo = int(r.integers(len(backgrounds)))
@@ -276,8 +343,10 @@ def _compose(out: Path, index: int, seed: int, split: str, y: int, a: int, pool:
     if r.random() < 0.5:
         animal = animal.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     factor = r.uniform(*scale) * size / max(animal.size)
-    animal = animal.resize((max(1, round(animal.width * factor)), max(1, round(animal.height * factor))),
-                           Image.Resampling.LANCZOS)  # fmt: skip
+    animal = animal.resize(
+        (max(1, round(animal.width * factor)), max(1, round(animal.height * factor))),
+        Image.Resampling.LANCZOS,
+    )
     px, py = int(r.integers(0, size - animal.width + 1)), int(r.integers(0, size - animal.height + 1))
     canvas.paste(animal, (px, py), animal)
     mask = Image.new("L", (size, size), 0)
@@ -285,21 +354,44 @@ def _compose(out: Path, index: int, seed: int, split: str, y: int, a: int, pool:
     image_name, mask_name = f"{CLASSES[y]}/{index:05d}.jpg", f"masks/{index:05d}.png"
     canvas.save(out / image_name, quality=95)
     mask.save(out / mask_name)
-    return {"img_id": index, "img_filename": image_name, "y": y, "split": SPLITS.index(split), "place": a,
-            "place_filename": _place_name(path),
-            "place_strip": strip, "place_box": " ".join(map(str, box)), "place_flip": int(flip),
-            "animal": name, "mask_filename": mask_name}  # fmt: skip
+    return {
+        "img_id": index,
+        "img_filename": image_name,
+        "y": y,
+        "split": SPLITS.index(split),
+        "place": a,
+        "place_filename": _place_name(path),
+        "place_strip": strip,
+        "place_box": " ".join(map(str, box)),
+        "place_flip": int(flip),
+        "animal": name,
+        "mask_filename": mask_name,
+    }
 
 
 def _write_record(out: Path, sources: Path, rows: list[dict], **settings: object) -> None:
     """``build.json``: settings, counts per split and group, package versions, the files and strips used."""
-    counts = {split: {f"{CLASSES[y]}_{PLACES[a]}": sum(1 for r in rows if r["split"] == s and r["y"] == y
-                                                          and r["place"] == a) for y in (0, 1) for a in (0, 1)}
-              for s, split in enumerate(SPLITS)}  # fmt: skip
-    versions = {p: (sources / p / "VERSION").read_text().strip() if (sources / p / "VERSION").is_file() else None
-                for p in PACKAGES}  # fmt: skip
-    record = {**settings, "counts": counts, "packages": versions, "animals_per_class": ANIMALS,
-              "backgrounds_per_place": BACKGROUNDS}  # fmt: skip
+    counts = {
+        split: {
+            f"{CLASSES[y]}_{PLACES[a]}": sum(
+                1 for r in rows if r["split"] == s and r["y"] == y and r["place"] == a
+            )
+            for y in (0, 1)
+            for a in (0, 1)
+        }
+        for s, split in enumerate(SPLITS)
+    }
+    versions = {
+        p: (sources / p / "VERSION").read_text().strip() if (sources / p / "VERSION").is_file() else None
+        for p in PACKAGES
+    }
+    record = {
+        **settings,
+        "counts": counts,
+        "packages": versions,
+        "animals_per_class": ANIMALS,
+        "backgrounds_per_place": BACKGROUNDS,
+    }
     (out / "build.json").write_text(json.dumps(record, indent=2))
 
 
@@ -323,8 +415,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     photos.add_argument("--animals", default="shared", choices=("shared", "disjoint"))
     args = parser.parse_args(argv)
     try:
-        out = build_photos(args.out, args.sources, args.seed, args.image_size, args.n_train, args.n_val,
-                           args.n_test, args.animals)  # fmt: skip
+        out = build_photos(
+            args.out,
+            args.sources,
+            args.seed,
+            args.image_size,
+            args.n_train,
+            args.n_val,
+            args.n_test,
+            args.animals,
+        )
     except DataError as error:
         parser.exit(2, f"shortcut-data: error: {error}\n")
     counts = json.loads((out / "build.json").read_text())["counts"]

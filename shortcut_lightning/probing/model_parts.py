@@ -68,7 +68,11 @@ def transformer_blocks(model: nn.Module) -> list[str]:
 
 
 def last_transformer_block(model: nn.Module) -> str | None:
-    """Dotted name of the last timm ViT block (seed 001's Grad-CAM layer for ViTs), or None."""
+    """Dotted name of the last timm ViT block, or None.
+
+    It is the Grad-CAM layer for ViTs of "An XAI-based Analysis of Shortcut Learning in Neural Networks"
+    (Le et al.).
+    """
     names = transformer_blocks(model)
     return names[-1] if names else None
 

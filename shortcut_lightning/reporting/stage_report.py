@@ -1,15 +1,18 @@
-"""The one way a stage reports: its JSON beside the logs, and its summary and group tables in the log."""
+"""The one way a stage reports: its JSON beside the logs, and its summary and group tables as one log record."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only
 
 from shortcut_lightning.metrics import format_group_table
+
+log = logging.getLogger(__name__)
 
 
 def stage_tables(columns: Mapping[str, Mapping[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -29,7 +32,8 @@ def write_stage_report(
     """Writes ``report`` to ``log_dir/filename`` (JSON) and logs ``summary`` and one group table per split.
 
     ``tables`` maps a split to its columns (label -> group report, e.g. before and after the stage);
-    see :func:`stage_tables`. Runs on rank 0 only; returns the JSON's path.
+    see :func:`stage_tables`. Runs on rank 0 only; returns the JSON's path. The summary and tables are one
+    info record of this module's logger, so the ``shortcut_lightning`` logger's level shows or silences them.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / filename
@@ -37,5 +41,5 @@ def write_stage_report(
     parts = ["\n".join(summary)] if summary else []
     parts += [format_group_table(columns) for columns in (tables or {}).values()]
     if parts:
-        rank_zero_info("\n" + "\n\n".join(parts) + "\n")
+        log.info("\n" + "\n\n".join(parts) + "\n")
     return path

@@ -5,7 +5,8 @@ Grad-CAM of penultimate neuron ``z_i`` at layer ``A`` (C x h x w): ``relu(sum_k 
 ``dz_i/dA_k = delta_ik / (h w)`` is constant over space, so the map is ``relu(A_i) / (h w)``: every
 neuron's map comes from ONE forward pass. Other layers use a batched Jacobian (one backward per chunk
 of neurons, vectorised over them). A ViT layer's tokens [N, T, C] are read as a map over the patch grid
-(prefix tokens dropped), as seed 001 does for its ViTs.
+(prefix tokens dropped), as "An XAI-based Analysis of Shortcut Learning in Neural Networks" (Le et al.)
+does for its ViTs.
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ def binarize(
 ) -> Tensor:
     """Upsample maps [N,K,h,w] to ``size``, scale each to [0, 1], keep pixels >= ``alpha`` (empty maps stay empty).
 
-    ``scaling="max"`` divides by the map's peak (seed 001); ``"minmax"`` maps its minimum to 0 and its peak to 1,
-    so that a map positive everywhere (a broad, weak floor under a focus) binarises to its focus alone.
+    ``scaling="max"`` divides by the map's peak (as the XAI-based analysis does); ``"minmax"`` maps its minimum
+    to 0 and its peak to 1, so that a map positive everywhere (a broad, weak floor under a focus) binarises to
+    its focus alone.
     """
     if scaling not in SCALINGS:
         raise ModelError(f"scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}")

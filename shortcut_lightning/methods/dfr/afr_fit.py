@@ -84,9 +84,17 @@ def head_logits(x: Tensor, weight: Tensor, bias: Tensor, chunk: int = 8192) -> T
 
 
 def fold_score(
-    gamma: float, l2: float, weight0: Tensor, bias0: Tensor, num_classes: int, bounds: list[int], k: int,
-    x: Tensor, y: Tensor, p_true: Tensor,
-) -> float:  # fmt: skip
+    gamma: float,
+    l2: float,
+    weight0: Tensor,
+    bias0: Tensor,
+    num_classes: int,
+    bounds: list[int],
+    k: int,
+    x: Tensor,
+    y: Tensor,
+    p_true: Tensor,
+) -> float:
     """Worst-class accuracy on fold ``k`` of the weighted head fit on the other folds (one cell of the tuning).
 
     ``x, y, p_true`` hold the folds one after another (fold ``j``: rows ``bounds[j]:bounds[j + 1]``), so the
@@ -145,6 +153,11 @@ def fit_afr(
     tuning = {pair: sum(scores[i * folds : (i + 1) * folds]) / folds for i, pair in enumerate(grid)}
     gamma, l2 = max(tuning, key=lambda k: tuning[k])  # ties go to the first pair of the grid
     weight, bias = fit_weighted_head(x, y, afr_weights(p_true, y, gamma, num_classes), weight0, bias0, l2)
-    return LinearHead(weight=weight.numpy(), bias=bias.numpy(), c=l2, tuning=dict(tuning),
-                      chosen={"gamma": gamma, "l2": l2},
-                      zero_fraction=float((weight == 0).all(0).double().mean()))  # fmt: skip
+    return LinearHead(
+        weight=weight.numpy(),
+        bias=bias.numpy(),
+        c=l2,
+        tuning=dict(tuning),
+        chosen={"gamma": gamma, "l2": l2},
+        zero_fraction=float((weight == 0).all(0).double().mean()),
+    )

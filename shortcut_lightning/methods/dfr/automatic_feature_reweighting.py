@@ -77,9 +77,19 @@ class AutomaticFeatureReweighting(LastLayerRefit):
     def fit_head(self, dm: Any, embeddings: dict[str, Embeddings], head: torch.nn.Linear) -> LinearHead:
         refit = embeddings[self.split]
         bias = head.bias.detach().cpu() if head.bias is not None else torch.zeros(head.out_features)
-        return fit_afr(refit.features, refit.logits, refit.target, head.weight.detach().cpu(), bias,
-                       dm.num_classes, self.gamma_grid, self.l2_grid, self.folds, self.seed,
-                       self.workers)  # fmt: skip
+        return fit_afr(
+            refit.features,
+            refit.logits,
+            refit.target,
+            head.weight.detach().cpu(),
+            bias,
+            dm.num_classes,
+            self.gamma_grid,
+            self.l2_grid,
+            self.folds,
+            self.seed,
+            self.workers,
+        )
 
     def details(self, fitted: LinearHead) -> dict[str, Any]:
         return {

@@ -53,11 +53,7 @@ class DeepFeatureReweighting(LastLayerRefit):
 
     stage_label = "DFR"
     name = "dfr"
-
-    @property
-    def uses_annotations(self) -> bool:
-        """Group labels of the refit split (``balance="groups"``)."""
-        return self.balance == "groups"
+    uses_annotations = True  # group labels of the refit split; balance="classes" uses none
 
     def __init__(
         self,
@@ -80,6 +76,7 @@ class DeepFeatureReweighting(LastLayerRefit):
         super().__init__(split, report_splits, head, extra_splits=(scaler_split,) if scaler_split else ())
         self.scaler_split = scaler_split
         self.balance = balance
+        self.uses_annotations = balance == "groups"
         self.num_refits = num_refits
         self.c_grid = tuple(float(c) for c in c_grid)
         self.seed = seed

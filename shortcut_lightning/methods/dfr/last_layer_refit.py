@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -15,7 +15,7 @@ from shortcut_lightning.errors import DataError, ModelError
 from shortcut_lightning.methods.dfr.last_layer import LinearHead
 from shortcut_lightning.probing.embedding_pass import Embeddings, embed_splits, head_change_reports
 from shortcut_lightning.probing.model_parts import find_head
-from shortcut_lightning.reporting.stage_report import stage_tables, write_stage_report
+from shortcut_lightning.reporting.stage_report import stage_tables
 from shortcut_lightning.stages import ModelStage, decide_on_rank_zero
 
 
@@ -26,16 +26,19 @@ class LastLayerRefit(ModelStage):
     Under DDP the features reach rank 0 alone; rank 0 checks the refit split, fits and computes the group
     reports, and broadcasts the head and the reports (an error included) to every rank.
 
-    Subclasses implement :meth:`fit_head` (the method) and :meth:`details` (its JSON fields), and name their
-    files with ``name`` (``dfr`` -> ``dfr.json``, ``dfr_head.pt``, ``checkpoints/dfr.ckpt``, scalars ``dfr/...``).
+    Subclasses implement :meth:`fit_head` (the method) and :meth:`details` (its JSON fields), and declare
+    ``name``, which names their files: ``dfr`` -> ``report_file`` ``dfr.json``, ``dfr_head.pt``,
+    ``checkpoints/dfr.ckpt`` (``saves``), scalars ``dfr/...``.
     """
 
-    name = "refit"
+    abstract = True
+    name: ClassVar[str]
     changes_model_at_fit_end = True
 
-    @property
-    def checkpoint_name(self) -> str:
-        return self.name  # checkpoints/dfr.ckpt, afr.ckpt
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        if "name" in cls.__dict__:  # the files follow the name
+            cls.report_file, cls.saves = f"{cls.name}.json", cls.name
+        super().__init_subclass__(**kwargs)
 
     def __init__(
         self, split: str, report_splits: Sequence[str], head: str | None, extra_splits: Sequence[str] = ()
@@ -48,7 +51,7 @@ class LastLayerRefit(ModelStage):
 
     @property
     def before_reports(self) -> dict[str, dict[str, Any]]:
-        return self.result.get("before", {})
+        return self.report.get("before", {})
 
     # -- what a method provides -----------------------------------------------------------------
     def fit_head(self, dm: Any, embeddings: dict[str, Embeddings], head: torch.nn.Linear) -> LinearHead:
@@ -88,9 +91,11 @@ class LastLayerRefit(ModelStage):
             head.weight.copy_(torch.as_tensor(fitted.weight, dtype=head.weight.dtype))
             if head.bias is not None:
                 head.bias.copy_(torch.as_tensor(fitted.bias, dtype=head.bias.dtype))
-        self.result = {**self.details(fitted), **reports}
-        self._write(trainer, Path(self._log_dir(trainer)), self.result, fitted)
-        return self.result
+        report = {**self.details(fitted), **reports}
+        tables = stage_tables({"before": report["before"], self.stage_label: report["after"]})
+        self.write_report(trainer, report, tables=tables)  # every rank asks the log directory
+        self._write_head(trainer, self.log_dir(trainer), report, fitted)
+        return report
 
     def _decide(
         self, dm: Any, embeddings: dict[str, Embeddings], head: torch.nn.Linear
@@ -130,13 +135,11 @@ class LastLayerRefit(ModelStage):
                 f"{', '.join(names)}), so the refit could not score it: refit on a split with every class"
             )
 
-    def _log_dir(self, trainer: L.Trainer) -> str:
-        return trainer.log_dir or trainer.default_root_dir  # a collective under DDP: call on every rank
-
     @rank_zero_only
-    def _write(self, trainer: L.Trainer, log_dir: Path, report: dict[str, Any], fitted: LinearHead) -> None:
-        tables = stage_tables({"before": report["before"], self.stage_label: report["after"]})
-        write_stage_report(log_dir, f"{self.name}.json", report, tables=tables)
+    def _write_head(
+        self, trainer: L.Trainer, log_dir: Path, report: dict[str, Any], fitted: LinearHead
+    ) -> None:
+        """``<name>_head.pt`` (the refit head over raw embeddings) and the before/after scalars for the loggers."""
         torch.save(
             {"weight": torch.as_tensor(fitted.weight), "bias": torch.as_tensor(fitted.bias)},
             log_dir / f"{self.name}_head.pt",

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from shortcut_lightning.data.base import require_group_datamodule
 from shortcut_lightning.errors import DataError, ShortcutError
+from shortcut_lightning.stages import Stage
 
 
 def exponentiated_gradient_step(
@@ -23,7 +24,14 @@ def exponentiated_gradient_step(
     return q / q.sum()
 
 
-class GroupDRO(Callback):
+class GroupDROPhase(str, Enum):
+    """The plain mean loss before ``start_epoch``, then the group-weighted loss."""
+
+    WAITING = "waiting"
+    WEIGHTING = "weighting"
+
+
+class GroupDRO(Stage):
     """Trains on the worst groups: the loss is ``sum_g q_g L_g``, ``L_g`` the batch's mean loss in group ``g``.
 
     Before each step the group weights ``q`` take one exponentiated-gradient step towards the groups with the
@@ -49,24 +57,21 @@ class GroupDRO(Callback):
     """
 
     stage_label = "GroupDRO"
+    phases = GroupDROPhase
+    transitions = ((GroupDROPhase.WAITING, GroupDROPhase.WEIGHTING),)
+    start_hooks = ("epoch_start",)
     uses_annotations = True
     changes_model_at_fit_end = False  # a training regime: the CLI tests the checkpoint selected on val
-
-    @property
-    def before_reports(self) -> dict[str, dict[str, Any]]:
-        """Empty: the stage trains from the start, there is no model before it to report."""
-        return {}
+    tested_file = "best"
 
     def __init__(self, step_size: float = 0.01, adjustment: float = 0.0, start_epoch: int = 0) -> None:
         if step_size <= 0:
             raise ShortcutError(f"GroupDRO step_size must be > 0, got {step_size}")
         if adjustment < 0:
             raise ShortcutError(f"GroupDRO adjustment (C) must be >= 0, got {adjustment}")
-        if start_epoch < 0:
-            raise ShortcutError(f"GroupDRO start_epoch must be >= 0, got {start_epoch}")
+        super().__init__(start_epoch)
         self.step_size = step_size
         self.adjustment = adjustment
-        self.start_epoch = start_epoch
         self.q: Tensor | None = None
         self.steps = 0
         self._names: list[str] = []
@@ -85,11 +90,15 @@ class GroupDRO(Callback):
         if self.q is None or len(self.q) != len(counts):
             present = counts > 0
             self.q = present.float() / present.sum()  # uniform over the groups train has
+        super().on_fit_start(trainer, pl_module)
+
+    def start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.enter(GroupDROPhase.WEIGHTING)
 
     def sample_weights(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, losses: Tensor
     ) -> Tensor | None:
-        if trainer.current_epoch < self.start_epoch or self.q is None:
+        if self.phase != GroupDROPhase.WEIGHTING or self.q is None:
             return None
         if "group" not in batch:
             raise DataError(
@@ -113,8 +122,8 @@ class GroupDRO(Callback):
         # sum_g q_g L_g over the global batch, as per-sample weights; times world_size for DDP's mean
         return trainer.world_size * q[groups] / counts[groups]
 
-    def state_dict(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         return {"q": self.q, "steps": self.steps}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.q, self.steps = state_dict.get("q"), int(state_dict.get("steps", 0))
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.q, self.steps = state.get("q"), int(state.get("steps", 0))

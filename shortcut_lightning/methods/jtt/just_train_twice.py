@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from enum import Enum
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from shortcut_lightning.data.base import require_group_datamodule
 from shortcut_lightning.errors import ShortcutError
 from shortcut_lightning.probing.embedding_pass import collect_embeddings
 from shortcut_lightning.probing.model_parts import find_head
-from shortcut_lightning.reporting.stage_report import write_stage_report
+from shortcut_lightning.stages import Stage
 
 DRAWS = ("upsample", "reweight")
 
@@ -24,7 +23,14 @@ def error_set(logits: Tensor, target: Tensor) -> Tensor:
     return (logits.argmax(1) != target).nonzero().flatten()
 
 
-class JustTrainTwice(Callback):
+class JTTPhase(str, Enum):
+    """Identifying the error set (the ERM epochs), then training on it up-weighted."""
+
+    IDENTIFYING = "identifying"
+    UPWEIGHTING = "upweighting"
+
+
+class JustTrainTwice(Stage):
     """Trains ERM for ``identify_epochs``, then up-weights the training samples it misclassifies by ``upweight``.
 
     At the end of epoch ``identify_epochs - 1`` the training split is predicted with evaluation transforms
@@ -61,8 +67,13 @@ class JustTrainTwice(Callback):
     """
 
     stage_label = "JTT"
+    report_file = "jtt.json"
+    phases = JTTPhase
+    transitions = ((JTTPhase.IDENTIFYING, JTTPhase.UPWEIGHTING),)
+    start_hooks = ("fit_start", "epoch_end")  # before the first up-weighted epoch's loader is built
     uses_annotations = False
     changes_model_at_fit_end = False  # a training regime: the CLI tests the checkpoint selected on val
+    tested_file = "best"
 
     def __init__(
         self,
@@ -79,20 +90,15 @@ class JustTrainTwice(Callback):
             raise ShortcutError(f"JTT upweight must be a whole number with draw='upsample', got {upweight}")
         if identify_epochs < 0:
             raise ShortcutError(f"JTT identify_epochs must be >= 0, got {identify_epochs}")
+        super().__init__(start_epoch=identify_epochs)  # the error set is built before this epoch
         self.identify_epochs = identify_epochs
         self.upweight = upweight
         self.draw = draw
         self.head = head
         self.errors: Tensor | None = None  # dataset positions of the error set
-        self.report: dict[str, Any] | None = None
-
-    @property
-    def before_reports(self) -> dict[str, dict[str, Any]]:
-        """Empty: the stage trains the model from its start."""
-        return {}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dm = require_group_datamodule(getattr(trainer, "datamodule", None), "JustTrainTwice")
+        require_group_datamodule(getattr(trainer, "datamodule", None), "JustTrainTwice")
         if (
             trainer.max_epochs is not None
             and trainer.max_epochs >= 0
@@ -111,14 +117,14 @@ class JustTrainTwice(Callback):
                 "JTT draw='upsample' after identify_epochs > 0 lengthens the epochs mid-fit: give "
                 "trainer.reload_dataloaders_every_n_epochs: 1 (or draw='reweight')"
             )
-        if self.errors is not None:  # resumed after identification: the loader is built from these weights
-            self.point_sampler(dm)
-        elif self.identify_epochs == 0:
-            self.identify(trainer, pl_module)
+        super().on_fit_start(trainer, pl_module)
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.errors is None and trainer.current_epoch + 1 >= self.identify_epochs:
-            self.identify(trainer, pl_module)  # before the next epoch's loader draws its order
+    def start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.identify(trainer, pl_module)
+
+    def resume(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Resumed after identification: the loader is built from the error set's weights."""
+        self.point_sampler(trainer.datamodule)
 
     def weights(self, n: int) -> Tensor:
         """Per-sample draw weights over the training split: ``upweight`` on the error set, 1 elsewhere."""
@@ -144,6 +150,7 @@ class JustTrainTwice(Callback):
         )
         wrong = error_set(found.logits, found.target)
         self.errors = found.index[wrong]
+        self.enter(JTTPhase.UPWEIGHTING)
         self.point_sampler(dm)
         groups = found.group[wrong]
         make_up = {name: int((groups == g).sum()) for g, name in enumerate(dm.group_names)}
@@ -162,12 +169,13 @@ class JustTrainTwice(Callback):
             f"JTT: {len(self.errors)} of {len(found)} {split} samples misclassified, {self.draw}d {self.upweight:g}x "
             f"from the next epoch on (groups, for analysis: {make_up})"
         )
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
-        write_stage_report(log_dir, "jtt.json", self.report, [summary])
+        self.write_report(trainer, self.report, [summary])
         return self.errors
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"errors": self.errors, "report": self.report}
+    def extra_state(self) -> dict[str, Any]:
+        return {"errors": self.errors}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.errors, self.report = state_dict.get("errors"), state_dict.get("report")
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.errors = state.get("errors")
+        if self.errors is not None:  # a checkpoint of before the Stage base has no phase
+            self.phase = JTTPhase.UPWEIGHTING

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -11,14 +11,14 @@ from shortcut_lightning.errors import ShortcutError
 from shortcut_lightning.methods.prusc.kmeans import Clusters, cosine_kmeans
 from shortcut_lightning.probing.embedding_pass import Embeddings
 
-CLUSTER_WITHIN = ("split", "class")
+ClusterWithin = Literal["split", "class"]  # one k-means over the split (the paper), or one per class
 
 
 def cluster_by_index(
     embedded: Embeddings,
     num_clusters: int,
     seed: int,
-    within: str = "split",
+    within: ClusterWithin = "split",
     device: torch.device | str | None = None,
 ) -> tuple[Tensor, Clusters]:
     """Cosine k-means of the embeddings; the cluster of every sample by its index (-1: not embedded).

@@ -11,7 +11,9 @@ lets ``densities`` report the share among the weights that can act as well.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import lightning as L
 import torch
 from torch import Tensor, nn
 
@@ -87,3 +89,18 @@ def reachable_weights(model: nn.Module, example: Tensor) -> dict[str, Tensor]:
 def reachable_of(reachable: dict[str, Tensor], name: str, weight: Tensor) -> Tensor:
     """The reachable weights of module ``name`` as a boolean shaped like ``weight`` (all of an unlisted one)."""
     return reachable.get(name, torch.ones((), dtype=torch.bool)).to(weight.device).expand_as(weight)
+
+
+class SplitReach:
+    """The reachable weights of a model at the image size of a datamodule's ``split``, found once from its first
+    image (PruSC's densities and ``target_density`` count among them)."""
+
+    def __init__(self, split: str) -> None:
+        self.split = split
+        self._found: dict[str, Tensor] | None = None
+
+    def __call__(self, dm: Any, pl_module: L.LightningModule) -> dict[str, Tensor]:
+        if self._found is None:
+            image = dm.dataset(self.split)[0]["image"]
+            self._found = reachable_weights(pl_module, image[None].to(pl_module.device))
+        return self._found

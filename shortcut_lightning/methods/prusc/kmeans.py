@@ -1,4 +1,5 @@
-"""k-means with cosine distance in torch: PruSC's unsupervised clusters of the ERM embedding (seed 000)."""
+"""k-means with cosine distance in torch: PruSC's unsupervised clusters of the ERM embedding ("Pruning Spurious
+Correlations", Le et al.)."""
 
 from __future__ import annotations
 

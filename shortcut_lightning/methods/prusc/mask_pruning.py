@@ -1,46 +1,69 @@
-"""``MaskPruning``: PruSC, a subnetwork found by mask learning with a supervised contrastive loss over clusters."""
+"""``MaskPruning``: PruSC's lifecycle, a subnetwork found by mask learning with a contrastive loss over clusters.
+
+=========================  =========================================================================
+phase                      what the stage does
+=========================  =========================================================================
+``waiting``                nothing (ERM epochs) until ``start_epoch``
+``learning``               clusters found, weights frozen, the masks learn (``prune_epochs``)
+``fixed``                  the best masks fixed, the surviving weights fine-tuned (``finetune_epochs``)
+end of ``fit``             the best state put back, the masks baked in, ``prusc.json``, ``pruned.ckpt``
+=========================  =========================================================================
+
+Its helpers: the arguments (:mod:`.arguments`), the clustering pass (:mod:`.cluster_pass`), the masks
+(:mod:`.masks`), the best states (:mod:`.keep_best`), what the trainer trains on (:mod:`.training_data`).
+"""
 
 from __future__ import annotations
 
-import inspect
-from pathlib import Path
+import logging
+from enum import Enum
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from shortcut_lightning.backbones import PLAIN_WEIGHTS, WEIGHT_MASKS
 from shortcut_lightning.batchnorm import hold_batchnorm, recalibrate_batchnorm, whole_split
 from shortcut_lightning.data.base import require_group_datamodule
-from shortcut_lightning.errors import ShortcutError
-from shortcut_lightning.methods.prusc.arguments import check_arguments, check_data, check_strategy
-from shortcut_lightning.methods.prusc.best_states import BestStates
+from shortcut_lightning.methods.prusc.arguments import PruSCConfig, check_strategy
 from shortcut_lightning.methods.prusc.cluster_pass import cluster_split
-from shortcut_lightning.methods.prusc.clusters import cluster_balance_weights, cluster_table
-from shortcut_lightning.methods.prusc.conv_reach import reachable_weights
+from shortcut_lightning.methods.prusc.conv_reach import SplitReach
+from shortcut_lightning.methods.prusc.keep_best import BestMasks, BestWeights
 from shortcut_lightning.methods.prusc.masks import (
+    GumbelSigmoidMask,
     attach_masks,
     bake_masks,
     densities,
     density_summary,
+    log_densities,
     model_masks,
     set_density,
-    sparsity_term,
+    set_masks_mode,
     step_mask_logits,
     weight_masks,
 )
-from shortcut_lightning.methods.prusc.prusc_report import PruSCReport
-from shortcut_lightning.methods.prusc.supcon import cluster_supcon
+from shortcut_lightning.methods.prusc.prusc_report import PruSCReport, model_reports
+from shortcut_lightning.methods.prusc.supcon import ClusterPenalty
 from shortcut_lightning.methods.prusc.training_data import TrainingData
-from shortcut_lightning.probing.embedding_pass import split_reports
-from shortcut_lightning.probing.model_parts import find_head, find_module
+from shortcut_lightning.probing.model_parts import find_module
+from shortcut_lightning.reporting.rank_zero_log import rank_zero_log
+from shortcut_lightning.stages import Stage
+
+log = logging.getLogger(__name__)
 
 
-class MaskPruning(Callback):
-    """Learns which weights to keep so that an ERM model's spurious clusters break apart (PruSC, seed 000).
+class PruSCPhase(str, Enum):
+    """PruSC's phases (a checkpoint stores these strings)."""
+
+    WAITING = "waiting"
+    LEARNING = "learning"
+    FIXED = "fixed"
+
+
+class MaskPruning(Stage):
+    """Learns which weights to keep so that an ERM model's spurious clusters break apart (PruSC: "Pruning
+    Spurious Correlations", Le et al., TMLR).
 
     At ``start_epoch`` (0: the model as loaded, e.g. ``model.weights=erm.ckpt``) the training split
     is embedded (evaluation transforms) and clustered with cosine k-means (``num_clusters``; no group
@@ -107,11 +130,17 @@ class MaskPruning(Callback):
         groups: train on these group ids only (uses annotations).
         seed: seed of the k-means.
         export: multiply the masks in at the end (plain network, ``pruned.ckpt``).
-        report_splits: splits whose group table is printed before and after.
+        report_splits: splits whose group table is logged before and after.
     """
 
     penalty_name = "prusc"
     stage_label = "PruSC"
+    report_file = "prusc.json"
+    phases = PruSCPhase
+    transitions = ((PruSCPhase.WAITING, PruSCPhase.LEARNING), (PruSCPhase.LEARNING, PruSCPhase.FIXED))
+    start_hooks = ("fit_start", "epoch_start")
+    tested_file = "pruned"
+    uses_annotations = False  # an instance given ``groups`` uses them
     changes_model_at_fit_end = True
 
     def __init__(
@@ -145,205 +174,153 @@ class MaskPruning(Callback):
         export: bool = True,
         report_splits: tuple[str, ...] = ("val", "test"),
     ) -> None:
-        check_arguments(
-            start_epoch=start_epoch, prune_epochs=prune_epochs, finetune_epochs=finetune_epochs,
-            finetune_split=finetune_split, num_clusters=num_clusters, target_density=target_density, mode=mode,
-            split=split, lambda_sparse=lambda_sparse, beta=beta, batchnorm=batchnorm, sparsity=sparsity,
-            cluster_within=cluster_within, finetune_keep=finetune_keep, monitor=monitor,
-        )  # fmt: skip
-        self.start_epoch = start_epoch
-        self.prune_epochs = prune_epochs
-        self.finetune_epochs = finetune_epochs
-        self.finetune_split = finetune_split or split
-        self.num_clusters = num_clusters
-        self.cluster_layer = cluster_layer
-        self.cluster_within = cluster_within
-        self.modules = modules
-        self.lambda_sparse = lambda_sparse
-        self.beta = beta
-        self.temperature = temperature
-        self.gumbel_temperature = gumbel_temperature
-        self.init_logit = init_logit
-        self.mask_lr = mask_lr
-        self.target_density = target_density
-        self.monitor = monitor
-        self.keep_dense = keep_dense
-        self.finetune_keep = finetune_keep
-        self.mode = mode
-        self.split = split
-        self.cluster_balanced = cluster_balanced
-        self.recalibrate_bn = recalibrate_bn
-        self.batchnorm = batchnorm
-        self.sparsity = sparsity
-        self.groups = None if groups is None else [int(g) for g in groups]
-        self.seed = seed
-        self.export = export
-        self.report_splits = tuple(report_splits)
-        self.phase = "waiting"
+        self.config = PruSCConfig.of(locals())  # every argument above, checked
+        super().__init__(start_epoch)
+        self.uses_annotations = self.config.groups is not None
         self.started_epoch: int | None = None
         self.clusters: Tensor | None = None  # cluster of every sample of ``split``, by its index
         self.report: PruSCReport | None = None
-        self._kept = BestStates(monitor, mode, finetune_keep, batchnorm)
-        self._cluster_device: Tensor | None = None
-        self._masks: dict[str, Any] = {}
+        self._best_masks = BestMasks(monitor, mode, statistics=batchnorm == "batch")
+        self._best_weights = BestWeights(monitor if finetune_keep == "best" else None, mode)
+        self._penalty = ClusterPenalty(lambda_sparse, beta, temperature, sparsity)
+        self._masks: dict[str, GumbelSigmoidMask] = {}
         self._optimizer: torch.optim.Optimizer | None = None
         self._optimizer_state: dict[str, Any] | None = None
-        self._reachable: dict[str, Tensor] | None = None
-        self._data = TrainingData()
-        self._model: L.LightningModule | None = None  # the model a checkpoint of this state saves beside it
-
-    @property
-    def uses_annotations(self) -> bool:
-        return self.groups is not None
+        self._reach = SplitReach(split)  # the weights that can read an image pixel
+        self._data = TrainingData(split, cluster_balanced)
 
     @property
     def before_reports(self) -> dict[str, dict[str, Any]]:
         return {} if self.report is None else self.report.before
 
+    @property
+    def best(self) -> dict[str, Any] | None:
+        """With ``monitor``: epoch, score and (until restored) mask logits of the best mask-learning epoch."""
+        return self._best_masks.best
+
     # -- set-up ---------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._prepare_fit(trainer)
-            if self.cluster_layer is not None:  # refused now, not after the epochs before start_epoch
-                find_module(pl_module, self.cluster_layer, "cluster_layer")
+        config = self.config
+        if stage == "fit":  # the data, the strategy and the layer are refused now, not at start_epoch
+            dm = require_group_datamodule(getattr(trainer, "datamodule", None), "MaskPruning")
+            config.check_data(dm)
+            dm.train_on(config.split, groups=config.groups)
+            check_strategy(trainer.strategy, trainer.world_size)
+            if config.cluster_layer is not None:
+                find_module(pl_module, config.cluster_layer, "cluster_layer")
         # masks exist (mode off) before any checkpoint is restored or DDP wraps the model; a checkpoint
         # of this stage that is validated or tested loads its masks (and their mode) into them
-        attach_masks(pl_module, self.modules, self.init_logit, self.gumbel_temperature)
-        self._model = pl_module
-
-    def _prepare_fit(self, trainer: L.Trainer) -> None:
-        """Checks the data and the strategy; points the datamodule at the split and groups to train on."""
-        dm = require_group_datamodule(getattr(trainer, "datamodule", None), "MaskPruning")
-        check_data(dm, self.split, self.finetune_split, self.groups, self.num_clusters)
-        dm.train_on(self.split, groups=self.groups)
-        check_strategy(trainer.strategy, trainer.world_size)
+        attach_masks(pl_module, config.modules, config.init_logit, config.gumbel_temperature)
+        for keeper in (self._best_masks, self._best_weights):
+            keeper.bind(pl_module)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.phase != "waiting":  # resumed: frozen weights, mask modes and the mask optimizer come back
-            self._enter(trainer, pl_module, self.phase, resumed=True)
-        elif trainer.current_epoch >= self.start_epoch:
-            # before the training loader exists: with worker processes it draws its first epoch's order
-            # when it starts, which is before on_train_epoch_start
-            self._start(trainer, pl_module)
-        if self.phase != "waiting":
+        # resume(), or a due start(): before the training loader exists
+        super().on_fit_start(trainer, pl_module)
+        if not self.waiting:
             # a resumed run's epoch is restored after this hook: the split saved with the stage's state
-            self._point_data(trainer, self._data.split or self._split_of(trainer.current_epoch))
+            split = self._data.split or self._split_of(trainer.current_epoch)
+            self._data.point(trainer, split, self.clusters)
 
     # -- phases ---------------------------------------------------------------------------------
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch = trainer.current_epoch
-        if self.phase == "waiting" and epoch >= self.start_epoch:
-            self._start(trainer, pl_module)
-        elif self.phase == "learning" and epoch >= (self.started_epoch or 0) + self.prune_epochs:
-            self._enter(trainer, pl_module, "fixed")
-            self._log_densities(trainer, pl_module)
-        self._data.epoch_started(trainer)
-        if self.phase != "waiting":
-            self._point_data(trainer, self._split_of(epoch))
-        if (self.phase == "learning" and self.batchnorm == "held") or (
-            self.phase == "fixed" and self.finetune_epochs == 0
-        ):
-            hold_batchnorm(pl_module)  # frozen weights: the dense model's statistics, not noisy masks' ones
-
-    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._cluster(trainer, pl_module)
+    def start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Clusters the split and starts learning the masks. Due at ``on_fit_start``, it comes before the training
+        loader exists: with worker processes a loader draws its first epoch's order when it starts."""
+        self.clusters, self.report = cluster_split(trainer, pl_module, self.config)
         self.started_epoch = trainer.current_epoch
-        self._enter(trainer, pl_module, "learning")
-        if self.keep_dense:  # the dense model competes with every mask epoch (and the fine-tuning)
-            self._kept.consider_dense(self.report.before, self._masks, pl_module)
-        if self.prune_epochs == 0:  # no mask learning: the fine-tuning on the clusters alone
-            self._enter(trainer, pl_module, "fixed")
+        self._enter(pl_module, PruSCPhase.LEARNING)
+        if self.config.keep_dense:  # the dense model competes with every mask epoch and with the fine-tuning
+            self._best_masks.consider_dense(self.report.before)
+            self._best_weights.consider_report("before the stage", self.report.before)
+        if self.config.prune_epochs == 0:  # no mask learning: the fine-tuning on the clusters alone
+            self._fix(trainer, pl_module)
 
-    def _point_data(self, trainer: L.Trainer, split: str) -> None:
-        """Trains on ``split`` from the next loader on, cluster-balanced if it is the split that was clustered."""
-        dm = trainer.datamodule
-        balance = split == self.split and self.cluster_balanced
-        weights = (lambda: cluster_balance_weights(self.clusters, dm.train_positions())) if balance else None
-        self._data.point(trainer, split, weights)
+    def resume(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Frozen weights, mask modes and the mask optimizer come back for the restored phase."""
+        self._enter(pl_module, self.phase)
 
-    def _split_of(self, epoch: int) -> str:
-        """The split the trainer draws from in ``epoch`` of the stage: the masks', then the fine-tuning's."""
-        learning = epoch < (self.started_epoch or 0) + self.prune_epochs
-        return self.split if learning else self.finetune_split
-
-    def _enter(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, phase: str, resumed: bool = False
-    ) -> None:
-        masks = model_masks(pl_module)
-        if phase != "fixed" or resumed:  # a kept best state that is the model's is copied before modes change
-            self._kept.materialise(masks, pl_module)
-        else:
-            if restored := self._kept.fix_masks(masks, pl_module):
-                self.report.best = restored
-            if self.target_density is not None:
-                set_density(masks, self.target_density, self._reachable_weights(trainer, pl_module))
-            rank_zero_info(
-                f"PruSC: masks fixed, {density_summary(densities(pl_module, self._reachable_weights(trainer, pl_module)))}"
+    def _enter(self, pl_module: L.LightningModule, phase: PruSCPhase) -> None:
+        """What a phase sets: the masks' mode, the weights frozen (while the masks learn, or without fine-tuning)
+        and the masks' own Adam. A kept best state that is the model's is copied before the modes change."""
+        for keeper in (self._best_masks, self._best_weights):
+            keeper.materialise()
+        learning = phase == PruSCPhase.LEARNING
+        self._masks = model_masks(pl_module)
+        train_weights = not (learning or self.config.finetune_epochs == 0)
+        set_masks_mode(pl_module, self._masks, "learn" if learning else "fixed", train_weights)
+        if learning and self._optimizer is None:
+            self._optimizer = torch.optim.Adam(
+                [m.logits for m in self._masks.values()], lr=self.config.mask_lr
             )
-        freeze_weights = phase == "learning" or self.finetune_epochs == 0
-        logits = {id(m.logits) for m in masks.values()}
-        for param in pl_module.parameters():
-            if id(param) not in logits:
-                param.requires_grad_(not freeze_weights)
-        for mask in masks.values():
-            mask.set_mode("learn" if phase == "learning" else "fixed")
-        self._masks = masks
-        if phase == "learning" and self._optimizer is None:
-            self._optimizer = torch.optim.Adam([m.logits for m in masks.values()], lr=self.mask_lr)
             if self._optimizer_state is not None:  # resumed: Adam's moments continue
                 self._optimizer.load_state_dict(self._optimizer_state)
                 self._optimizer_state = None
-        self.phase = phase
-        if phase == "fixed" and not resumed and self.recalibrate_bn:
-            recalibrate_batchnorm(pl_module, whole_split(trainer.datamodule, self.split),
-                                  "PruSC: BatchNorm statistics of the pruned model", trainer.is_global_zero)  # fmt: skip
-        if phase == "fixed" and not resumed and self.finetune_epochs > 0:
-            # what the masks alone do, before the fine-tuning changes the weights
-            self.report.fixed = self._reports(pl_module, "masks fixed")
-            self._kept.weights.consider_report("with the masks fixed", self.report.fixed, pl_module)
+        self.enter(phase)
 
-    # -- clustering -----------------------------------------------------------------------------
-    def _cluster(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.clusters, found, embedded = cluster_split(
-            trainer, pl_module, self.split, self.num_clusters, self.seed, self.cluster_within, self.cluster_layer,
-            " [uses group annotations: groups]" if self.uses_annotations else "",
-        )  # fmt: skip
-        self._cluster_device = None
-        self.report = PruSCReport(
-            uses_annotations=self.uses_annotations,
-            clusters=cluster_table(found.labels, embedded.target, embedded.group, trainer.datamodule),
-            kmeans_inertia=found.inertia,
-            before=self._reports(pl_module, "before"),
-            parameters=self._parameters(),
-        )
+    def _fix(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Fixes the masks: the best epoch's (with ``monitor``), at ``target_density`` if given; then BatchNorm
+        re-estimated (``recalibrate_bn``) and, before a fine-tuning, what the masks alone do."""
+        config = self.config
+        self._best_weights.materialise()
+        if restored := self._best_masks.restore():
+            self.report.best = restored
+        reach = self._reach(trainer.datamodule, pl_module)
+        if config.target_density is not None:
+            set_density(model_masks(pl_module), config.target_density, reach)
+        rank_zero_log(log, f"PruSC: masks fixed, {density_summary(densities(pl_module, reach))}")
+        self._enter(pl_module, PruSCPhase.FIXED)
+        if config.recalibrate_bn:
+            split = whole_split(trainer.datamodule, config.split)
+            what = "PruSC: BatchNorm statistics of the pruned model"
+            recalibrate_batchnorm(pl_module, split, what, trainer.is_global_zero)
+        if config.finetune_epochs > 0:  # what the masks alone do, before the fine-tuning changes the weights
+            self.report.fixed = model_reports(pl_module, config.report_splits, "masks fixed")
+            self._best_weights.consider_report("with the masks fixed", self.report.fixed)
 
-    def _reports(self, pl_module: L.LightningModule, when: str) -> dict[str, Any]:
-        dm, head = pl_module.trainer.datamodule, find_head(pl_module)
-        return split_reports(pl_module, dm, head, self.report_splits, f"PruSC ({when}):")
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)  # a due start()
+        epoch = trainer.current_epoch
+        if self.phase == PruSCPhase.LEARNING and not self._learning(epoch):
+            self._fix(trainer, pl_module)
+            log_densities(pl_module, self._reach(trainer.datamodule, pl_module))
+        self._data.epoch_started(trainer)
+        if not self.waiting:
+            self._data.point(trainer, self._split_of(epoch), self.clusters)
+        learning, held = self.phase == PruSCPhase.LEARNING, self.config.batchnorm == "held"
+        if (learning and held) or (self.phase == PruSCPhase.FIXED and self.config.finetune_epochs == 0):
+            hold_batchnorm(pl_module)  # frozen weights: the dense model's statistics, not noisy masks' ones
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.waiting:
+            return
+        log_densities(pl_module, self._reach(trainer.datamodule, pl_module))
+        epoch, config = trainer.current_epoch, self.config
+        if epoch >= (self.started_epoch or 0) + config.prune_epochs + config.finetune_epochs - 1:
+            trainer.should_stop = True  # the stage is complete: nothing is left to train
+        elif self._split_of(epoch + 1) != self._data.split:  # before the next epoch's loader is built
+            self._data.point(trainer, self._split_of(epoch + 1), self.clusters)
+
+    def _learning(self, epoch: int) -> bool:
+        """Whether ``epoch`` is one of the stage's mask-learning epochs (or before them)."""
+        return epoch < (self.started_epoch or 0) + self.config.prune_epochs
+
+    def _split_of(self, epoch: int) -> str:
+        """The split the trainer draws from in ``epoch`` of the stage: the masks', then the fine-tuning's."""
+        return self.config.split if self._learning(epoch) else self.config.finetune_on
 
     # -- the loss -------------------------------------------------------------------------------
     def training_penalty(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, outputs: dict[str, Tensor]
     ) -> Tensor | None:
-        if self.phase != "learning":
+        """The penalty seam: ``lambda_sparse * sparsity + beta * SupCon`` over the clusters, while the masks learn."""
+        if self.phase != PruSCPhase.LEARNING:
             return None
-        if "features" not in outputs:
-            raise ShortcutError("MaskPruning needs the penultimate features of the training forward: pass "
-                                "{'features': features, 'logits': logits} to total_penalty in training_step")  # fmt: skip
-        sparsity = sparsity_term(self._masks, self.sparsity)
-        if self._cluster_device is None or self._cluster_device.device != outputs["features"].device:
-            self._cluster_device = self.clusters.to(outputs["features"].device)
-        clusters = self._cluster_device[batch["index"]]
-        supcon = cluster_supcon(outputs["features"], batch["target"], clusters, self.temperature)
-        n = len(batch["target"])
-        pl_module.log("train/prusc/supcon", supcon.detach(), on_step=True, on_epoch=True, batch_size=n)
-        pl_module.log("train/prusc/sparsity", sparsity.detach(), on_step=True, on_epoch=True, batch_size=n)
-        return self.lambda_sparse * sparsity + self.beta * supcon
+        return self._penalty(pl_module, batch, outputs, self._masks, self.clusters)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        self._kept.materialise(
-            self._masks, pl_module
-        )  # the step changes the model: a kept best it is is copied
+        for keeper in (self._best_masks, self._best_weights):
+            keeper.materialise()  # the step changes the model: a kept best it is is copied
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
@@ -354,65 +331,38 @@ class MaskPruning(Callback):
         ranks here (the strategy's ``reduce``). A step with a non-finite gradient (e.g. an AMP
         overflow) is skipped, as the module's optimizer skips it.
         """
-        if self.phase == "learning" and self._optimizer is not None:
+        if self.phase == PruSCPhase.LEARNING and self._optimizer is not None:
             step_mask_logits(trainer, self._masks, self._optimizer)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.phase == "waiting":
-            return
-        self._log_densities(trainer, pl_module)
-        last = (self.started_epoch or 0) + self.prune_epochs + self.finetune_epochs - 1
-        if trainer.current_epoch >= last:  # the stage is complete: nothing is left to train
-            trainer.should_stop = True
-        elif self._split_of(trainer.current_epoch + 1) != self._data.split:
-            self._point_data(trainer, self._split_of(trainer.current_epoch + 1))  # before its loader is built
-
-    def _reachable_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Tensor]:
-        """The conv taps that can read a pixel of the split's images (found once, from one image)."""
-        if self._reachable is None:
-            image = trainer.datamodule.dataset(self.split)[0]["image"]
-            self._reachable = reachable_weights(pl_module, image[None].to(pl_module.device))
-        return self._reachable
-
-    def _log_densities(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for name, value in densities(pl_module, self._reachable_weights(trainer, pl_module)).items():
-            key = name if name.startswith("Prune_") else f"density/{name}"
-            pl_module.log(f"prune/{key}", value, on_epoch=True, rank_zero_only=True)
 
     # -- the best epoch -------------------------------------------------------------------------
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """With ``monitor``: keeps the best mask epoch's logits (``finetune_keep="best"``: the best tuned model)."""
+        """With ``monitor``: a mask epoch, or (``finetune_keep="best"``) a fine-tuning epoch, is a candidate."""
         if trainer.sanity_checking:
             return
-        self._kept.validated(trainer, self.phase, self._masks, pl_module)
-
-    @property
-    def best(self) -> dict[str, Any] | None:
-        """With ``monitor``: epoch, score and (until restored) mask logits of the best mask-learning epoch."""
-        return self._kept.best
+        if self.phase == PruSCPhase.LEARNING:
+            self._best_masks.validated(trainer)
+        elif self.phase == PruSCPhase.FIXED:
+            self._best_weights.validated(trainer)
 
     # -- the end --------------------------------------------------------------------------------
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.phase == "waiting":
-            rank_zero_info(f"PruSC: the fit ended before start_epoch {self.start_epoch}; nothing was pruned")
+        if self.waiting:
+            rank_zero_log(
+                log, f"PruSC: the fit ended before start_epoch {self.start_epoch}; nothing was pruned"
+            )
             return
-        if self.phase == "learning":
-            self._enter(trainer, pl_module, "fixed")
-        self.report.finetune_best = self._kept.weights.restore(pl_module)
-        self.report.densities = densities(pl_module, self._reachable_weights(trainer, pl_module))
-        self.report.after = self._reports(pl_module, "after")
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
-        if self.export:
+        if self.phase == PruSCPhase.LEARNING:
+            self._fix(trainer, pl_module)
+        self.report.finetune_best = self._best_weights.restore()
+        self.report.densities = densities(pl_module, self._reach(trainer.datamodule, pl_module))
+        self.report.after = model_reports(pl_module, self.config.report_splits, "after")
+        if self.config.export:
             bake_masks(pl_module)
             for param in pl_module.parameters():
                 param.requires_grad_(True)
-            if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
-                trainer.save_checkpoint(Path(trainer.checkpoint_callback.dirpath) / "pruned.ckpt")
-        self.report.write(log_dir)
-
-    def _parameters(self) -> dict[str, Any]:
-        names = inspect.signature(MaskPruning.__init__).parameters
-        return {k: getattr(self, k) for k in names if k not in ("self", "report_splits")}
+            if trainer.checkpoint_callback is not None:  # a run that keeps checkpoints (every rank calls)
+                self.save_checkpoint(trainer, "pruned")
+        self.write_report(trainer, self.report.to_dict(), self.report.summary(), self.report.tables())
 
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
@@ -422,26 +372,26 @@ class MaskPruning(Callback):
             checkpoint[PLAIN_WEIGHTS] = {WEIGHT_MASKS: weight_masks(pl_module)}
 
     # -- state ----------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The phase and what resuming it needs; a kept best tensor the model's state holds is a marker, and
-        the mask optimizer's moments are left out once the masks are fixed (nothing steps them again)."""
-        learning = self.phase == "learning" and self._optimizer is not None
+    def extra_state(self) -> dict[str, Any]:
+        """What resuming the phase needs; a kept best tensor the model's state holds is a marker, and the mask
+        optimizer's moments are left out once the masks are fixed (nothing steps them again)."""
+        learning = self.phase == PruSCPhase.LEARNING and self._optimizer is not None
         return {
-            "phase": self.phase,
             "started_epoch": self.started_epoch,
             "clusters": self.clusters,
-            "report": None if self.report is None else self.report.to_dict(),
             "optimizer": self._optimizer.state_dict() if learning else None,
-            **self._kept.state_dict(self._masks, self._model),
+            "best": self._best_masks.state(),
+            "best_weights": self._best_weights.state(),
             "data_split": self._data.split,
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.phase = state_dict.get("phase", "waiting")
-        self.started_epoch = state_dict.get("started_epoch")
-        self.clusters = state_dict.get("clusters")
-        saved = state_dict.get("report")
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.started_epoch = state.get("started_epoch")
+        self.clusters = state.get("clusters")
+        self._optimizer_state = state.get("optimizer")
+        self._best_masks.load(state.get("best"))
+        self._best_weights.load(state.get("best_weights"))
+        self._data.split = state.get("data_split")
+
+    def load_report(self, saved: Any) -> None:
         self.report = PruSCReport.from_dict(saved) if saved else None
-        self._optimizer_state = state_dict.get("optimizer")
-        self._kept.load_state_dict(state_dict)
-        self._data.split = state_dict.get("data_split")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -274,10 +274,10 @@ def density_summary(found: dict[str, float]) -> str:
     return text
 
 
-SPARSITY_FORMS = ("probability", "logit")
+Sparsity = Literal["probability", "logit"]  # the pull towards pruning: see sparsity_term
 
 
-def sparsity_term(masks: dict[str, GumbelSigmoidMask], form: str = "probability") -> Tensor:
+def sparsity_term(masks: dict[str, GumbelSigmoidMask], form: Sparsity = "probability") -> Tensor:
     """The pull towards pruning: the sum of keep probabilities (``probability``, ours; bounded, its gradient
     fades as a logit saturates) or of the logits themselves (``logit``, the released PruSC code; a constant
     pull on every logit, which prunes far more at the same ``lambda_sparse``)."""
@@ -308,6 +308,25 @@ def step_mask_logits(
     if bool(torch.isfinite(flat).all()):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def set_masks_mode(
+    model: nn.Module, masks: dict[str, GumbelSigmoidMask], mode: str, train_weights: bool
+) -> None:
+    """Puts every mask of ``masks`` in ``mode`` and lets every other parameter of ``model`` train, or freezes it."""
+    logits = {id(m.logits) for m in masks.values()}
+    for param in model.parameters():
+        if id(param) not in logits:
+            param.requires_grad_(train_weights)
+    for mask in masks.values():
+        mask.set_mode(mode)
+
+
+def log_densities(pl_module: L.LightningModule, reachable: dict[str, Tensor] | None) -> None:
+    """Logs :func:`densities` as ``prune/density/<layer>`` and ``prune/Prune_f`` (and the other shares)."""
+    for name, value in densities(pl_module, reachable).items():
+        key = name if name.startswith("Prune_") else f"density/{name}"
+        pl_module.log(f"prune/{key}", value, on_epoch=True, rank_zero_only=True)
 
 
 def weight_masks(model: nn.Module) -> dict[str, Tensor]:

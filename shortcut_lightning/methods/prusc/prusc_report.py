@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
 
+import lightning as L
+
 from shortcut_lightning.methods.prusc.masks import density_summary
-from shortcut_lightning.reporting.stage_report import stage_tables, write_stage_report
+from shortcut_lightning.probing.embedding_pass import split_reports
+from shortcut_lightning.probing.model_parts import find_head
+from shortcut_lightning.reporting.stage_report import stage_tables
 
 
 @dataclass
@@ -41,13 +45,24 @@ class PruSCReport:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
-    def write(self, log_dir: Path) -> None:
-        """``prusc.json`` and the printed before/pruned(/tuned) group tables."""
+    def summary(self) -> list[str]:
+        """The line the log shows above the tables: the pruned shares."""
         tag = " [uses group annotations]" if self.uses_annotations else ""
+        return [f"PruSC{tag}: {density_summary(self.densities)}"]
+
+    def tables(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Per split, the group reports before the stage, pruned and (with fine-tuning) tuned."""
         columns = {"before": self.before}
         if self.fixed is not None:  # fine-tuned after the masks were fixed
             columns.update(pruned=self.fixed, tuned=self.after)
         else:
             columns["pruned"] = self.after
-        summary = [f"PruSC{tag}: {density_summary(self.densities)}"]
-        write_stage_report(log_dir, "prusc.json", self.to_dict(), summary, stage_tables(columns))
+        return stage_tables(columns)
+
+
+def model_reports(
+    pl_module: L.LightningModule, splits: Sequence[str], when: str
+) -> dict[str, dict[str, Any]]:
+    """The group report of each of ``splits`` for the model as it is now (``when``: its label in the log)."""
+    dm, head = pl_module.trainer.datamodule, find_head(pl_module)
+    return split_reports(pl_module, dm, head, splits, f"PruSC ({when}):")

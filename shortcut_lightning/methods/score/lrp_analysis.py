@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import lightning as L
@@ -25,6 +26,49 @@ class LRPMasking(NamedTuple):
     dilation: int
     fill: float
     batch_size: int
+
+
+@dataclass
+class SampleAnalysis:
+    """What the LRP look at ``n`` samples for one class found, one row per sample (all on the CPU).
+
+    ``images`` [n,3,H,W] and their relevance ``masks`` [n,1,H,W] (bool); ``activation`` [n,C] the pooled
+    channels of the scored layer on the image; ``relevance`` [n,C] the relevance at that layer and
+    ``embedding`` [n,d] the head's input, both of the masked image; ``kept`` whether the masked image is
+    still predicted the class; ``overlap`` (only where the data has spurious masks) of each relevance mask
+    with the true spurious region.
+    """
+
+    images: Tensor
+    masks: Tensor
+    activation: Tensor
+    relevance: Tensor
+    embedding: Tensor
+    kept: Tensor
+    overlap: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+
+@dataclass
+class LRPProbe:
+    """One mining round's view of the model: the scored ``layer`` (named ``layer_name``), the ``head``, the
+    training split and how relevance masks are made. :meth:`analyse` is what the mining and its selection
+    rules call; the model is the one of this round."""
+
+    model: L.LightningModule
+    dataset: Any
+    layer: nn.Module
+    layer_name: str
+    head: nn.Module
+    settings: LRPMasking
+
+    def analyse(self, indices: list[int], c: int, desc: str) -> SampleAnalysis:
+        """:func:`analyse_samples` of the dataset's samples ``indices`` for class ``c``."""
+        return analyse_samples(
+            self.model, self.dataset, indices, c, self.layer, self.layer_name, self.head, desc, self.settings
+        )
 
 
 def top_by_logit(train: Embeddings, c: int, own: bool, n: int) -> list[int]:
@@ -52,12 +96,12 @@ def analyse_samples(
     head: nn.Module,
     desc: str,
     settings: LRPMasking,
-) -> dict[str, Tensor]:
+) -> SampleAnalysis:
     """LRP masks, masked images and what the model does with them, for the samples ``indices`` and class ``c``.
 
-    Per sample: ``images``, ``masks`` (top ``top_q`` of the input relevance), the channel activation at
+    Per sample: the image, its mask (top ``top_q`` of the input relevance), the channel activation at
     ``layer`` of the image, the relevance at ``layer`` and the embedding of the masked image, whether the
-    masked image keeps class ``c`` (``kept``), and with spurious masks their ``overlap`` with the LRP mask.
+    masked image keeps class ``c``, and with spurious masks their overlap with the LRP mask.
     """
     parts: dict[str, list[Tensor]] = {}
     size = settings.batch_size
@@ -86,4 +130,4 @@ def analyse_samples(
             got["overlap"] = mask_overlap(masks.cpu(), spurious)
         for key, value in got.items():
             parts.setdefault(key, []).append(value)
-    return {k: torch.cat(v) for k, v in parts.items()}
+    return SampleAnalysis(**{k: torch.cat(v) for k, v in parts.items()})

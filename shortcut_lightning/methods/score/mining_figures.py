@@ -1,16 +1,21 @@
-"""Figures of SCORE's mining: the review sheet a person picks ``manual`` indices from, and a 2-D view."""
+"""Figures of SCORE's mining: the review sheet a person picks ``manual`` indices from, a 2-D view, and where
+they are saved."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from shortcut_lightning.data.transforms import denormalize
+from shortcut_lightning.methods.score.lrp_analysis import SampleAnalysis
 from shortcut_lightning.methods.score.spurious_positives import mask_images
 from shortcut_lightning.reporting.figures import new_figure
 from shortcut_lightning.reporting.projection import project_2d
@@ -28,8 +33,9 @@ def review_sheet(
     columns: int = 10,
     fill: float = 0.0,
 ) -> Any:
-    """One tile per sample, a pair as in seed 002's Fig. 2: the original beside its masked image (what the
-    model is shown: pixels outside the relevance mask set to ``fill``), its dataset index, selected ones framed.
+    """One tile per sample, a pair as in Fig. 2 of "Shortcut Mitigation via Spurious-Positive Samples": the
+    original beside its masked image (what the model is shown: pixels outside the relevance mask set to
+    ``fill``), its dataset index, selected ones framed.
 
     The original is shown whole, so that a dark sample stays recognisable to a person choosing ``manual``
     indices. ``images`` [N,3,H,W] normalised, ``masks`` [N,1,H,W] bool, ``indices`` the dataset indices (what
@@ -65,15 +71,16 @@ def review_sheet(
             mosaic[top : top + h + 2 * gap, left : left + cell_w] = FRAME
         mosaic[top + gap : top + gap + h, left + gap : left + gap + w] = tiles[k]
         label = f"{int(indices[k])}" + (f"\n{notes[k]}" if notes else "")
-        ax.text(left + cell_w / 2, top - 1, label, fontsize=6, ha="center", va="bottom",
-                color=FRAME if framed else "black")  # fmt: skip
+        color = FRAME if framed else "black"
+        ax.text(left + cell_w / 2, top - 1, label, fontsize=6, ha="center", va="bottom", color=color)
     ax.imshow(mosaic, interpolation="nearest")
     ax.set_axis_off()
     return figure
 
 
 def masked_embedding_view(panels: dict[str, dict[str, np.ndarray]], method: str = "pca") -> Any:
-    """Per class, a 2-D projection of the top samples' masked-region embeddings (seed 002, Fig. 4).
+    """Per class, a 2-D projection of the top samples' masked-region embeddings (as in Fig. 4 of "Shortcut
+    Mitigation via Spurious-Positive Samples").
 
     ``panels`` maps a class name to ``{"points": [n,2], "selected": bool [n], "spurious": bool [n] or
     absent}``: selected samples are red, the others grey; ground-truth spurious regions (when the data
@@ -86,9 +93,8 @@ def masked_embedding_view(panels: dict[str, dict[str, np.ndarray]], method: str 
         ax.scatter(*points[~selected].T, s=14, c="0.6", label="top sample")
         ax.scatter(*points[selected].T, s=18, c="tab:red", label="selected")
         if "spurious" in panel:
-            truth = panel["spurious"]
-            ax.scatter(*points[truth].T, s=60, facecolors="none", edgecolors="k", linewidths=0.7,
-                       label="mask mostly on spurious region (oracle)")  # fmt: skip
+            ring = {"s": 60, "facecolors": "none", "edgecolors": "k", "linewidths": 0.7}
+            ax.scatter(*points[panel["spurious"]].T, **ring, label="mask mostly on spurious region (oracle)")
         ax.set_title(f"{name}: masked-region embeddings ({method.upper()})", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -98,13 +104,30 @@ def masked_embedding_view(panels: dict[str, dict[str, np.ndarray]], method: str 
     return figure
 
 
-def selection_panel(found: dict[str, Tensor], chosen: list[int], min_overlap: float) -> dict[str, np.ndarray]:
+def selection_panel(found: SampleAnalysis, chosen: list[int], min_overlap: float) -> dict[str, np.ndarray]:
     """A class's panel of :func:`masked_embedding_view`: 2-D points of the masked embeddings, which were selected,
     and (with spurious masks) which overlap the spurious region by ``min_overlap``."""
-    points = project_2d(found["embedding"].numpy(), method="pca")
+    points = project_2d(found.embedding.numpy(), method="pca")
     selected = np.zeros(len(points), dtype=bool)
     selected[chosen] = True
     panel = {"points": points, "selected": selected}
-    if "overlap" in found:
-        panel["spurious"] = (found["overlap"] >= min_overlap).numpy()
+    if found.overlap is not None:
+        panel["spurious"] = (found.overlap >= min_overlap).numpy()
     return panel
+
+
+def save_mining_figures(
+    trainer: L.Trainer, log_dir: Path, sheets: dict[str, Any], panels: dict[str, dict[str, np.ndarray]]
+) -> None:
+    """``masked_embeddings.png`` (of ``panels``) and ``review_<class>.png`` (``sheets``) in ``log_dir``, and
+    both in TensorBoard where the trainer logs there (rank 0 calls it: the figures are drawn on rank 0)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    view = masked_embedding_view(panels)
+    view.savefig(log_dir / "masked_embeddings.png", dpi=100)
+    for name, figure in sheets.items():
+        figure.savefig(log_dir / f"review_{name}.png", dpi=110)
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            for name, figure in sheets.items():
+                logger.experiment.add_figure(f"score/review_{name}", figure, global_step=trainer.global_step)
+            logger.experiment.add_figure("score/masked_embeddings", view, global_step=trainer.global_step)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from shortcut_lightning.errors import ShortcutError
@@ -17,12 +17,23 @@ from shortcut_lightning.methods.score.spurious_positive_mining import SpuriousPo
 from shortcut_lightning.probing.activations import reduce_channels
 from shortcut_lightning.probing.hooks import OutputCapture
 from shortcut_lightning.probing.model_parts import evaluating, find_module, freeze_before
+from shortcut_lightning.reporting.rank_zero_log import rank_zero_log
+from shortcut_lightning.stages import Stage
+
+log = logging.getLogger(__name__)
 
 NORMS = ("l1", "l2")
 REGULARIZE_ON = ("all", "pairs")
 
 
-class NeuronRegularization(Callback):
+class RegularizationPhase(str, Enum):
+    """Plain training before ``start_epoch``, then the penalty."""
+
+    WAITING = "waiting"
+    PENALISING = "penalising"
+
+
+class NeuronRegularization(Stage):
     """Adds ``strength * mean activation of the selected neurons`` to the training loss (SCORE, step 2).
 
     From ``start_epoch`` on, the selected channels of ``layer`` are pooled over space for every sample
@@ -62,20 +73,20 @@ class NeuronRegularization(Callback):
         finetune_from: freeze the parameters registered before this module.
         fresh_optimizer: clear the optimizers' state when the stage starts.
         regularize_on: ``all`` (ours: the training batch) or ``pairs``: the selected spurious-positive samples
-            and their masked images (seed 002, Fig. 2), ``pairs_per_step`` of them per step, in turn, through
-            an extra forward in eval mode; needs the miner in the same trainer.
+            and their masked images (Fig. 2 of "Shortcut Mitigation via Spurious-Positive Samples"),
+            ``pairs_per_step`` of them per step, in turn, through an extra forward in eval mode; needs the
+            miner in the same trainer.
         pairs_per_step: how many of the pairs one step penalises.
     """
 
     penalty_name = "neuron_regularization"
     stage_label = "SCORE fine-tuning"
+    phases = RegularizationPhase
+    transitions = ((RegularizationPhase.WAITING, RegularizationPhase.PENALISING),)
+    start_hooks = ("epoch_start",)  # after a SpuriousPositiveMining listed before it mined at that epoch
     changes_model_at_fit_end = True  # test the fine-tuned model, not the best checkpoint by val accuracy
-    uses_annotations = False
-
-    @property
-    def before_reports(self) -> dict[str, dict[str, Any]]:
-        """Empty: :class:`SpuriousPositiveMining` reports the model it mined."""
-        return {}
+    tested_file = "last"
+    uses_annotations = False  # the miner's selection is what may read annotations
 
     def __init__(
         self,
@@ -113,7 +124,7 @@ class NeuronRegularization(Callback):
             raise ShortcutError(
                 f"mining_file {mining_file} does not exist; give the mining.json of a mining run"
             )
-        self.start_epoch = start_epoch
+        super().__init__(start_epoch)
         self.strength = strength
         self.norm = norm
         self.explicit = (layer, list(neurons) if neurons is not None else None)
@@ -161,30 +172,39 @@ class NeuronRegularization(Callback):
         self._index = None  # built on the first step, on the activations' device
         if self.finetune_from is not None:
             frozen = freeze_before(pl_module, self.finetune_from)
-            rank_zero_info(
-                f"NeuronRegularization: froze {frozen} parameter tensors before {self.finetune_from}"
+            rank_zero_log(
+                log, f"NeuronRegularization: froze {frozen} parameter tensors before {self.finetune_from}"
             )
         if self.fresh_optimizer and not self.optimizer_cleared:
             for optimizer in trainer.optimizers:
                 optimizer.state.clear()
             self.optimizer_cleared = True
-            rank_zero_info("NeuronRegularization: cleared the optimizer state (fresh_optimizer=True)")
-        rank_zero_info(
-            f"NeuronRegularization: penalising neurons {self.neurons} of {self.layer} ({self.norm})"
+            rank_zero_log(log, "NeuronRegularization: cleared the optimizer state (fresh_optimizer=True)")
+        rank_zero_log(
+            log, f"NeuronRegularization: penalising neurons {self.neurons} of {self.layer} ({self.norm})"
         )
 
-    # -- hooks ----------------------------------------------------------------------------------
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """At the start of epoch ``start_epoch``: the neurons, the hook, the freezing and a fresh optimizer."""
+        self._activate(trainer, pl_module)
+        self.enter(RegularizationPhase.PENALISING)
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.current_epoch < self.start_epoch:
-            return
-        if self._capture is None:
+        if self.waiting:
+            super().on_train_epoch_start(trainer, pl_module)
+        elif self._capture is None:  # resumed in the stage: hook and freeze again (the optimizer stays)
             self._activate(trainer, pl_module)
         elif self.explicit[1] is None and self.mining_file is None:  # the miner may have mined again
-            self._pairs = None
-            neurons = self._resolve(trainer)[1]
-            if neurons != self.neurons:
-                self.neurons, self._index, self._pairs = neurons, None, None
-                rank_zero_info(f"NeuronRegularization: now penalising neurons {self.neurons} of {self.layer}")
+            self._follow_miner(trainer)
+
+    def _follow_miner(self, trainer: L.Trainer) -> None:
+        """The neurons of the miner's rounds so far: a new round's are penalised from this epoch on."""
+        self._pairs = None
+        neurons = self._resolve(trainer)[1]
+        if neurons != self.neurons:
+            self.neurons, self._index, self._pairs = neurons, None, None
+            rank_zero_log(log, f"NeuronRegularization: now penalising neurons {self.neurons} of {self.layer}")
 
     def training_penalty(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, outputs: dict[str, Tensor]
@@ -217,11 +237,12 @@ class NeuronRegularization(Callback):
         with evaluating(pl_module):
             pl_module(self._pairs[take])
 
-    def state_dict(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         return {"optimizer_cleared": self.optimizer_cleared}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.optimizer_cleared = bool(state_dict.get("optimizer_cleared", False))
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Also a checkpoint of before the Stage base (no phase: it starts again at ``start_epoch``, as then)."""
+        self.optimizer_cleared = bool(state.get("optimizer_cleared", False))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._capture is not None:

@@ -1,48 +1,49 @@
-"""``SpuriousPositiveMining``: SCORE's search for samples the model gets right for a spurious reason (seed 002)."""
+"""``SpuriousPositiveMining``: SCORE's search for samples the model gets right for a spurious reason
+("Shortcut Mitigation via Spurious-Positive Samples"): its lifecycle. The steps live beside it: the LRP look
+(``lrp_analysis``), the selection rules (``selection_rules``), a round per class (``mining_round``)."""
 
 from __future__ import annotations
 
-import warnings
+import inspect
 from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from shortcut_lightning.data.base import MASK_SOURCES, require_group_datamodule
 from shortcut_lightning.errors import ShortcutError
-from shortcut_lightning.methods.score.lrp_analysis import LRPMasking, analyse_samples, top_by_logit
-from shortcut_lightning.methods.score.mining_figures import (
-    masked_embedding_view,
-    review_sheet,
-    selection_panel,
+from shortcut_lightning.methods.score.lrp_analysis import LRPMasking, LRPProbe
+from shortcut_lightning.methods.score.mining_figures import save_mining_figures
+from shortcut_lightning.methods.score.mining_result import (
+    ORACLE_TAG,
+    MiningResult,
+    MiningRound,
+    SpuriousPairs,
 )
-from shortcut_lightning.methods.score.mining_result import MiningResult, SpuriousPairs
-from shortcut_lightning.methods.score.spurious_positives import (
-    confuser_similarity,
-    neuron_scores,
-    select_neurons,
-)
-from shortcut_lightning.probing.embedding_pass import (
-    Embeddings,
-    collect_embeddings,
-    split_reports,
-)
+from shortcut_lightning.methods.score.mining_round import RoundFindings, RoundMiner
+from shortcut_lightning.methods.score.selection_rules import SELECTIONS, check_manual_indices, selection_rule
+from shortcut_lightning.probing.embedding_pass import collect_embeddings, split_reports
 from shortcut_lightning.probing.layers import find_feature_layer
 from shortcut_lightning.probing.model_parts import find_head, find_module
-from shortcut_lightning.reporting.stage_report import stage_tables, write_stage_report
-from shortcut_lightning.stages import decide_on_rank_zero
+from shortcut_lightning.reporting.stage_report import stage_tables
+from shortcut_lightning.stages import Stage, decide_on_rank_zero
 
-SELECTIONS = ("auto", "oracle", "manual")
+NOT_RECORDED = ("self", "head", "batch_size", "report_splits")  # arguments mining.json's parameters leave out
 
 
-class SpuriousPositiveMining(Callback):
+class MiningPhase(str, Enum):
+    """Before the first round, then mined (later rounds, ``every_n_epochs``, stay mined)."""
+
+    WAITING = "waiting"
+    MINED = "mined"
+
+
+class SpuriousPositiveMining(Stage):
     """Finds spurious-positive samples per class with LRP and scores the neurons they light up (SCORE, step 1).
 
     At ``start_epoch`` (before that epoch trains; 0 mines the model as loaded), per class ``c``: rank
@@ -63,8 +64,9 @@ class SpuriousPositiveMining(Callback):
 
     With ``require_masked_prediction`` a candidate must still be predicted ``c`` from its masked image
     alone. Neuron scores at ``layer``: ``s_j = mean over selected of a_j(x) * relu(R_j(x_masked))``
-    (pooled activation, per-channel relevance); the ``num_neurons`` best (or those above mean +
-    ``z_score`` std) per class, united, are what :class:`NeuronRegularization` penalises.
+    (pooled activation, per-channel relevance; with ``neuron_samples="confusers"`` over the confusers);
+    the ``num_neurons`` best (or those above mean + ``z_score`` std) per class, united, are what
+    :class:`NeuronRegularization` penalises.
 
     ``every_n_epochs`` mines again every that many epochs after ``start_epoch``, on the model as
     fine-tuned so far, and adds the new neurons to the ones already penalised: a shortcut that moves
@@ -73,8 +75,8 @@ class SpuriousPositiveMining(Callback):
 
     Writes ``mining.json`` (indices, neurons and scores, every parameter), ``review_<class>.png`` per
     class (also to TensorBoard), ``masked_embeddings.png`` and ``checkpoints/before_mining.ckpt`` (resume
-    from it to rerun the stage with other choices, e.g. ``manual`` picks from the review sheet); prints the group table of ``report_splits``
-    before fine-tuning. Every rank computes the same selection from the gathered pass.
+    from it to rerun the stage with other choices, e.g. ``manual`` picks from the review sheet); logs the
+    group table of ``report_splits`` before fine-tuning. Rank 0 decides; every rank gets its decision.
 
     Example::
 
@@ -86,9 +88,9 @@ class SpuriousPositiveMining(Callback):
 
     Args:
         start_epoch: the epoch before which mining runs.
-        every_n_epochs: mine again every this many epochs (default: once).
         selection: ``auto``, ``oracle`` or ``manual``.
-        layer: dotted name of the layer whose neurons are scored; default: the block the embedding pools (a ViT: its last block's norm1).
+        layer: dotted name of the layer whose neurons are scored; default: the block the embedding pools
+            (a ViT: its last block's norm1).
         head: dotted name of the head; default: found.
         top_m: top samples per class.
         top_q: share of the pixels kept in a relevance mask.
@@ -104,10 +106,17 @@ class SpuriousPositiveMining(Callback):
         classes: classes to mine (default all).
         composite: LRP composite (:data:`~shortcut_lightning.xai.COMPOSITES`).
         batch_size: samples per LRP batch.
-        report_splits: splits whose group table is printed and saved before fine-tuning.
+        report_splits: splits whose group table is logged and saved before fine-tuning.
+        neuron_samples: whose neurons are scored: the ``selected`` samples or the ``confusers`` (``auto``).
+        every_n_epochs: mine again every this many epochs (default: once).
     """
 
     stage_label = "SCORE"  # how the CLI's before/after table names the stage
+    report_file = "mining.json"
+    phases = MiningPhase
+    transitions = ((MiningPhase.WAITING, MiningPhase.MINED),)
+    start_hooks = ("epoch_start",)  # before the epoch trains, so start_epoch=0 mines the model as loaded
+    changes_model_at_fit_end = False  # NeuronRegularization fine-tunes; mining only reads the model
 
     def __init__(
         self,
@@ -148,8 +157,11 @@ class SpuriousPositiveMining(Callback):
             raise ShortcutError(f"every_n_epochs must be >= 1 (or null: mine once), got {every_n_epochs}")
         if not 0 < top_q <= 1:
             raise ShortcutError(f"top_q must be in (0, 1], got {top_q}")
-        self.start_epoch = start_epoch
+        if neuron_samples not in ("selected", "confusers"):
+            raise ShortcutError(f"neuron_samples must be 'selected' or 'confusers', got {neuron_samples!r}")
+        super().__init__(start_epoch)
         self.selection = selection
+        self.uses_annotations = selection == "oracle"
         self.layer = layer
         self.head = head
         self.top_m = top_m
@@ -167,28 +179,29 @@ class SpuriousPositiveMining(Callback):
         self.composite = composite
         self.batch_size = batch_size
         self.report_splits = tuple(report_splits)
-        if neuron_samples not in ("selected", "confusers"):
-            raise ShortcutError(f"neuron_samples must be 'selected' or 'confusers', got {neuron_samples!r}")
         self.neuron_samples = neuron_samples
         self.every_n_epochs = every_n_epochs
-        self.result: MiningResult | None = None
+        self.report: MiningResult | None = None
         self.pairs: SpuriousPairs | None = None
 
-    stage_label = "SCORE"
-    changes_model_at_fit_end = False  # NeuronRegularization fine-tunes; mining only reads the model
-
+    # -- what the regularization and the CLI read ------------------------------------------------
     @property
-    def uses_annotations(self) -> bool:
-        return self.selection == "oracle"
+    def result(self) -> MiningResult | None:
+        """What the mining found so far (the stage's ``report``); ``None`` before the first round."""
+        return self.report
 
     @property
     def neurons(self) -> list[int] | None:
-        return None if self.result is None else self.result.neurons
+        return None if self.report is None else self.report.neurons
+
+    @property
+    def layer_name(self) -> str | None:
+        return None if self.report is None else self.report.layer
 
     @property
     def before_reports(self) -> dict[str, Any]:
         """Group reports per split of the model as mined, before fine-tuning (the CLI prints them beside the test)."""
-        return {} if self.result is None else self.result.before
+        return {} if self.report is None else self.report.before
 
     def pair_images(self, dm: Any) -> Tensor:
         """The last round's selected samples then their masked images [2n,3,H,W] (evaluation transforms)."""
@@ -198,44 +211,36 @@ class SpuriousPositiveMining(Callback):
             )
         return self.pairs.images(dm.dataset("train"))
 
-    @property
-    def layer_name(self) -> str | None:
-        return None if self.result is None else self.result.layer
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The first round, at the start of epoch ``start_epoch``."""
+        self.mine(trainer, pl_module)
 
-    # -- hooks ----------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch = trainer.current_epoch
-        if self.result is None:
-            if epoch >= self.start_epoch:
-                self.mine(trainer, pl_module)
-        elif self.every_n_epochs is not None and epoch >= self.result.epoch + self.every_n_epochs:
-            self.mine(trainer, pl_module)
+        if self.waiting:
+            super().on_train_epoch_start(trainer, pl_module)
+        elif (
+            self.every_n_epochs is not None
+            and self.report is not None
+            and trainer.current_epoch >= self.report.epoch + self.every_n_epochs
+        ):
+            self.mine(trainer, pl_module)  # a later round, on the model as fine-tuned so far
 
-    def state_dict(self) -> dict[str, Any]:
-        pairs = None if self.pairs is None else self.pairs.state()
-        return {"result": None if self.result is None else self.result.to_dict(), "pairs": pairs}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved, pairs = state_dict.get("result"), state_dict.get("pairs")
-        self.result = None if saved is None else MiningResult.from_dict(saved)
-        self.pairs = None if pairs is None else SpuriousPairs(**pairs)
-
-    # -- mining ---------------------------------------------------------------------------------
     def mine(self, trainer: L.Trainer, pl_module: L.LightningModule) -> MiningResult:
-        """Runs the whole mining on the current model; returns (and keeps) the result.
+        """Runs a whole round on the current model; returns (and keeps) the result.
 
         A later round (``every_n_epochs``) adds its neurons to the earlier rounds' and keeps their
         ``before`` table and ``before_mining.ckpt``: both describe the model before the stage.
         """
-        tag = " [oracle: uses spurious annotations]" if self.uses_annotations else ""
-        earlier = self.result
+        tag = ORACLE_TAG if self.uses_annotations else ""
+        earlier = self.report
         if earlier is None:
             self._save_model_before(trainer)
         dm = require_group_datamodule(getattr(trainer, "datamodule", None), "SpuriousPositiveMining")
         head = find_head(pl_module, self.head)
         dataset = dm.dataset("train")
         classes = list(range(dm.num_classes)) if self.classes is None else [int(c) for c in self.classes]
-        self._check_manual(dataset, classes)
+        check_manual_indices(self.manual_indices, dataset, classes)
         if self.selection == "oracle" and not dataset.has_masks:
             raise ShortcutError(
                 f"selection='oracle' needs spurious-region masks and the train split of {type(dm).__name__} has "
@@ -243,197 +248,103 @@ class SpuriousPositiveMining(Callback):
             )
         layer_name = self.layer or (earlier.layer if earlier is not None else None)
         if layer_name is None:  # the first round finds the layer; later rounds score the same one
-            probe = torch.stack([dataset[i]["image"] for i in range(min(2, len(dataset)))]).to(
-                pl_module.device
-            )
-            layer_name = find_feature_layer(pl_module, head, probe)
-        layer = find_module(pl_module, layer_name, "layer")
+            images = torch.stack([dataset[i]["image"] for i in range(min(2, len(dataset)))])
+            layer_name = find_feature_layer(pl_module, head, images.to(pl_module.device))
+        settings = LRPMasking(self.composite, self.top_q, self.dilation, self.fill, self.batch_size)
+        lrp = LRPProbe(
+            pl_module, dataset, find_module(pl_module, layer_name, "layer"), layer_name, head, settings
+        )
         train = collect_embeddings(  # the ranking reads the logits: no rank keeps the features
             pl_module, dm.dataloader("train"), head, desc=f"SCORE: ranking train{tag}", features="none"
         )
-        figures: dict[str, Any] = {}  # rank 0's, for the report it writes
-        panels: dict[str, dict[str, np.ndarray]] = {}
-
-        def decide() -> tuple[dict[str, Any], list[int], SpuriousPairs]:
-            """The per-class analysis and selection on rank 0 (the broadcast decision of every rank)."""
-            per_class: dict[str, Any] = {}
-            neurons: set[int] = set()
-            pair_indices: list[int] = []
-            pair_masks: list[Tensor] = []
-            for c in classes:
-                name = dm.class_names[c]
-                top = top_by_logit(train, c, own=True, n=self.top_m)
-                pool = top + [i for i in self.manual_indices.get(c, []) if i not in top]
-                found = self._analyse(pl_module, dataset, pool, c, layer, layer_name, head, f"{name}{tag}")
-                confusers: dict[str, Tensor] | None = None
-                if self.selection == "manual":
-                    scores, chosen = None, [pool.index(i) for i in self.manual_indices.get(c, [])]
-                else:
-                    scores, chosen, confusers = self._select(
-                        pl_module, dataset, train, found, c, layer, layer_name, head, tag
-                    )
-                passing = [pool[i] for i in chosen]
-                pair_indices += passing
-                pair_masks.append(found["masks"][chosen])
-                entry: dict[str, Any] = {
-                    "top_indices": top,
-                    "selected_indices": passing,
-                    "masked_prediction_kept": int(found["kept"].sum()),
-                    "selection_scores": None if scores is None else [round(float(s), 5) for s in scores],
-                }
-                if found.get("overlap") is not None:
-                    overlap = found["overlap"][: len(top)]
-                    entry["lrp_mask_overlap_with_spurious_region"] = float(overlap.mean())
-                    if chosen:
-                        hits = found["overlap"][chosen] >= self.oracle_min_overlap
-                        entry["precision_vs_oracle"] = float(hits.float().mean())
-                if chosen:
-                    activation, relevance_ = found["activation"][chosen], found["relevance"][chosen]
-                    if self.neuron_samples == "confusers" and confusers is not None:
-                        activation, relevance_ = confusers["activation"], confusers["relevance"]
-                    s = neuron_scores(activation, relevance_)
-                    picked = select_neurons(s, self.num_neurons, self.z_score)
-                    entry["neurons"] = picked.tolist()
-                    entry["neuron_scores"] = [round(float(s[j]), 6) for j in picked]
-                    neurons.update(picked.tolist())
-                else:
-                    warnings.warn(
-                        f"SCORE mining{tag}: no spurious-positive sample of class {name!r} passed the selection "
-                        f"({self.selection}); no neuron is taken from this class",
-                        stacklevel=3,  # mine(), through decide_on_rank_zero
-                    )
-                    entry["neurons"] = []
-                per_class[name] = entry
-                notes = None if scores is None else [f"{float(v):.2f}" for v in scores]
-                figures[name] = review_sheet(
-                    found["images"], found["masks"], pool, passing,
-                    f"class {name}: top {len(top)} by logit, each beside its masked image (LRP top {self.top_q:.0%}); "
-                    f"framed = selected ({self.selection}){tag}", notes, fill=self.fill,
-                )  # fmt: skip
-                panels[name] = selection_panel(found, chosen, self.oracle_min_overlap)
-            if not neurons:
-                raise ShortcutError(
-                    f"SCORE mining{tag}: no sample passed the {self.selection!r} selection in any class, so there is "
-                    "nothing to regularise. Look at review_<class>.png, then try selection='manual', a larger top_m "
-                    "or top_q, or require_masked_prediction=False"
-                )
-            return per_class, sorted(neurons), SpuriousPairs(pair_indices, torch.cat(pair_masks), self.fill)
-
-        per_class, neurons, self.pairs = decide_on_rank_zero(trainer, decide)
+        miner = self._round_miner(tag)
+        names = {c: dm.class_names[c] for c in classes}
+        found: RoundFindings = decide_on_rank_zero(trainer, lambda: miner.mine(lrp, train, names))
+        self.pairs = found.pairs
         rounds = [
             *([] if earlier is None else earlier.rounds),
-            {"epoch": trainer.current_epoch, "neurons": neurons},
+            MiningRound(trainer.current_epoch, found.neurons),
         ]
-        self.result = MiningResult(
+        self.report = MiningResult(
             selection=self.selection,
             uses_annotations=self.uses_annotations,
             layer=layer_name,
-            neurons=sorted({n for r in rounds for n in r["neurons"]}),
-            classes=per_class,
+            neurons=sorted({n for r in rounds for n in r.neurons}),
+            classes=found.reports,
             before=self._reports(pl_module, dm, head) if earlier is None else earlier.before,
             epoch=trainer.current_epoch,
             rounds=rounds,
             parameters=self._parameters(),
         )
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
-        self._write(trainer, log_dir, self.result, figures, panels)
-        return self.result
+        self.enter(MiningPhase.MINED)
+        self._write(
+            trainer, self.log_dir(trainer), found
+        )  # the log directory is a collective: every rank asks
+        return self.report
 
-    @staticmethod
-    def _save_model_before(trainer: L.Trainer) -> None:
-        """``checkpoints/before_mining.ckpt``: rerun the stage from it (e.g. with ``manual`` picks), no new ERM."""
+    def _round_miner(self, tag: str) -> RoundMiner:
+        """How this round mines each class: the selection rule and the settings, from the arguments."""
+        rule = selection_rule(
+            self.selection,
+            top_m=self.top_m,
+            num_selected=self.num_selected,
+            require_masked_prediction=self.require_masked_prediction,
+            manual_indices=self.manual_indices,
+            oracle_min_overlap=self.oracle_min_overlap,
+            n_confusers=self.n_confusers,
+        )
+        return RoundMiner(
+            rule,
+            selection=self.selection,
+            top_m=self.top_m,
+            manual_indices=self.manual_indices,
+            oracle_min_overlap=self.oracle_min_overlap,
+            neuron_samples=self.neuron_samples,
+            num_neurons=self.num_neurons,
+            z_score=self.z_score,
+            top_q=self.top_q,
+            fill=self.fill,
+            tag=tag,
+        )
+
+    def _save_model_before(self, trainer: L.Trainer) -> None:
+        """``checkpoints/before_mining.ckpt``: rerun the stage from it (e.g. with ``manual`` picks), no new ERM.
+
+        Written where a fit keeps checkpoints (none when checkpointing is off); every rank calls it."""
         checkpoint = getattr(trainer, "checkpoint_callback", None)
         if trainer.state.fn == "fit" and checkpoint is not None and checkpoint.dirpath:
-            trainer.save_checkpoint(Path(checkpoint.dirpath) / "before_mining.ckpt")  # every rank calls it
+            self.save_checkpoint(trainer, "before_mining")
 
-    def _check_manual(self, dataset: Any, classes: list[int]) -> None:
-        for c, indices in self.manual_indices.items():
-            if c not in classes:
-                raise ShortcutError(f"manual_indices names class {c}, which is not mined (classes {classes})")
-            for i in indices:
-                if not 0 <= i < len(dataset):
-                    raise ShortcutError(
-                        f"manual_indices[{c}] lists sample {i}, but the train split has samples 0..{len(dataset) - 1}"
-                    )
-                if int(dataset.targets[i]) != c:
-                    raise ShortcutError(
-                        f"manual_indices[{c}] lists sample {i}, which belongs to class {int(dataset.targets[i])}; "
-                        "list each sample under its own class (see the indices on review_<class>.png)"
-                    )
-
-    def _analyse(
-        self, pl_module: L.LightningModule, dataset: Any, indices: list[int], c: int, layer: nn.Module,
-        layer_name: str, head: nn.Module, desc: str,
-    ) -> dict[str, Tensor]:  # fmt: skip
-        settings = LRPMasking(self.composite, self.top_q, self.dilation, self.fill, self.batch_size)
-        return analyse_samples(pl_module, dataset, indices, c, layer, layer_name, head, desc, settings)
-
-    def _select(
-        self,
-        pl_module: L.LightningModule,
-        dataset: Any,
-        train: Embeddings,
-        found: dict[str, Tensor],
-        c: int,
-        layer: nn.Module,
-        layer_name: str,
-        head: nn.Module,
-        tag: str,
-    ) -> tuple[Tensor, list[int], dict[str, Tensor] | None]:
-        """Selection scores (``auto``, ``oracle``), positions of the selected samples, the confusers' analysis."""
-        n_top = min(self.top_m, len(found["kept"]))
-        candidates = (
-            found["kept"].clone() if self.require_masked_prediction else torch.ones_like(found["kept"])
-        )
-        candidates[n_top:] = False
-        other = None
-        if self.selection == "oracle":
-            scores = found["overlap"]
-            candidates &= scores >= self.oracle_min_overlap
-        else:
-            confusers = top_by_logit(train, c, own=False, n=self.n_confusers)
-            other = self._analyse(
-                pl_module, dataset, confusers, c, layer, layer_name, head, f"{c} confusers{tag}"
-            )
-            scores = confuser_similarity(found["embedding"], other["embedding"])
-        order = [int(i) for i in scores.argsort(descending=True, stable=True) if candidates[i]]
-        return scores, order[: self.num_selected], other
-
-    def _reports(self, pl_module: L.LightningModule, dm: Any, head: nn.Linear) -> dict[str, Any]:
+    def _reports(self, pl_module: L.LightningModule, dm: Any, head: nn.Module) -> dict[str, Any]:
         return split_reports(pl_module, dm, head, self.report_splits, "SCORE (before):")
 
     def _parameters(self) -> dict[str, Any]:
-        keys = ("start_epoch", "selection", "layer", "top_m", "top_q", "dilation", "fill", "num_selected",
-                "manual_indices", "n_confusers", "oracle_min_overlap", "require_masked_prediction", "num_neurons",
-                "z_score", "classes", "composite", "neuron_samples", "every_n_epochs")  # fmt: skip
-        return {k: getattr(self, k) for k in keys}
+        """The arguments ``mining.json`` records (all but where the head is, the LRP batch and the reports)."""
+        names = inspect.signature(SpuriousPositiveMining.__init__).parameters
+        return {k: getattr(self, k) for k in names if k not in NOT_RECORDED}
 
-    # -- output ---------------------------------------------------------------------------------
     @rank_zero_only
-    def _write(
-        self, trainer: L.Trainer, log_dir: Path, result: MiningResult, figures: dict[str, Any], panels: dict
-    ) -> None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        view = masked_embedding_view(panels)
-        view.savefig(log_dir / "masked_embeddings.png", dpi=100)
-        for name, figure in figures.items():
-            figure.savefig(log_dir / f"review_{name}.png", dpi=110)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                for name, figure in figures.items():
-                    logger.experiment.add_figure(
-                        f"score/review_{name}", figure, global_step=trainer.global_step
-                    )
-                logger.experiment.add_figure("score/masked_embeddings", view, global_step=trainer.global_step)
-        tag = " [oracle: uses spurious annotations]" if result.uses_annotations else ""
-        rounds = result.rounds
-        new = f" (round {len(rounds)}: {rounds[-1]['neurons']})" if len(rounds) > 1 else ""
-        summary = [f"SCORE mining{tag} at {result.layer}: neurons {result.neurons}{new}"]
-        for name, entry in result.classes.items():
-            extra = ""
-            if "precision_vs_oracle" in entry:
-                extra = f", precision vs oracle {entry['precision_vs_oracle']:.2f}"
-            summary.append(f"  {name}: selected {entry['selected_indices']}{extra}")
+    def _write(self, trainer: L.Trainer, log_dir: Path, found: RoundFindings) -> None:
+        save_mining_figures(trainer, log_dir, found.sheets, found.panels)
+        result = self.report
         # the table before the stage comes with the first round only
-        tables = stage_tables({"before SCORE": result.before}) if len(rounds) == 1 else None
-        write_stage_report(log_dir, "mining.json", result.to_dict(), summary, tables)
+        tables = stage_tables({"before SCORE": result.before}) if len(result.rounds) == 1 else None
+        self.write_report(trainer, result.to_dict(), result.summary(), tables, log_dir=log_dir)
+
+    # -- resumable state: phase, the result (report) and the last round's pairs -------------------
+    def load_report(self, saved: Any) -> None:
+        self.report = None if saved is None else MiningResult.from_dict(saved)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"pairs": None if self.pairs is None else self.pairs.state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pairs = state.get("pairs")
+        self.pairs = None if pairs is None else SpuriousPairs(**pairs)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "result" in state_dict and "phase" not in state_dict:  # a checkpoint of before the Stage base
+            saved = state_dict["result"]
+            phase = MiningPhase.MINED if saved is not None else MiningPhase.WAITING
+            state_dict = {"phase": phase.value, "report": saved, "pairs": state_dict.get("pairs")}
+        super().load_state_dict(state_dict)

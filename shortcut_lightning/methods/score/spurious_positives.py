@@ -1,4 +1,5 @@
-"""The steps of SCORE's mining (seed 002) as small functions on tensors: masks, selection, neuron scores.
+"""The steps of SCORE's mining ("Shortcut Mitigation via Spurious-Positive Samples") as small functions on
+tensors: masks, selection, neuron scores.
 
 :class:`~shortcut_lightning.callbacks.SpuriousPositiveMining` runs them on a model; they are kept apart
 so each is tested on its own and reusable in a notebook.

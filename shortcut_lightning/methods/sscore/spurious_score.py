@@ -22,7 +22,7 @@ from shortcut_lightning.probing.hooks import OutputCapture
 from shortcut_lightning.probing.layers import find_feature_layer
 from shortcut_lightning.probing.model_parts import evaluating, find_head, find_module
 from shortcut_lightning.reporting.figures import new_figure
-from shortcut_lightning.reporting.stage_report import stage_tables, write_stage_report
+from shortcut_lightning.reporting.stage_report import stage_tables
 from shortcut_lightning.stages import ModelStage, decide_on_rank_zero
 from shortcut_lightning.xai.gradcam import SCALINGS, neuron_gradcam, score_maps
 
@@ -41,7 +41,8 @@ def check_resolution(model: nn.Module, layer: nn.Module, name: str, image: Tenso
 
 
 class SpuriousScore(ModelStage):
-    """Neuron spurious score of seed paper 001 (section 3.3) for every penultimate neuron.
+    """Neuron spurious score for every penultimate neuron (section 3.3 of "An XAI-based Analysis of Shortcut
+    Learning in Neural Networks", Le et al.; below: the XAI-based analysis).
 
     Over ``n_samples`` samples of ``split`` whose spurious mask is not empty: the Grad-CAM map of each
     penultimate neuron at ``layer`` (by default the last block, whose average pool is the embedding:
@@ -50,7 +51,7 @@ class SpuriousScore(ModelStage):
     the samples. Writes ``sscore.csv`` (neuron, score, focus share, head weight norm), ``sscore.json`` (summary:
     the mean over all neurons, over those the head reads, and weighted by the head's absolute weights,
     which is the figure a head refit such as DFR can change; pruning report), a histogram and the mean to TensorBoard, and ``sscore_heatmaps.png``: the maps
-    of a low, a mid and a high s-score neuron over a few images (seed 001, Fig. 4).
+    of a low, a mid and a high s-score neuron over a few images (the XAI-based analysis, Fig. 4).
 
     Two references come with the scores, because a map that covers the whole image scores the mask's share
     of the image: ``uniform_map_score`` (that share, averaged over the samples: what a neuron that looks
@@ -59,15 +60,15 @@ class SpuriousScore(ModelStage):
     together with the focus share may only say that the maps got broader (``bench/sscore_shift.py``
     separates the two).
 
-    ``prune_above``: zero the head weights of neurons scoring above it (seed 001, Table 4) and report
+    ``prune_above``: zero the head weights of neurons scoring above it (the XAI-based analysis, Table 4) and report
     group accuracy before and after on ``report_splits``.
 
     Runs at the end of ``fit``, and in ``validate``/``test`` once before the loop. The samples are the
     same on every DDP rank and the computation deterministic, so every rank gets the same scores.
 
     Args:
-        split: where the samples come from (``train``, as in seed 001).
-        n_samples: samples with a non-empty mask (seed 001: 50).
+        split: where the samples come from (``train``, as in the XAI-based analysis).
+        n_samples: samples with a non-empty mask (the XAI-based analysis: 50).
         alpha: binarisation threshold on the max-scaled map.
         layer: dotted name of the Grad-CAM layer; default: found.
         head: dotted name of the head; default: found.
@@ -75,7 +76,8 @@ class SpuriousScore(ModelStage):
         seed: which samples are drawn.
         interpolation: upsampling of the maps (``bilinear`` or ``nearest``).
         report_splits: splits reported before and after pruning.
-        scaling: how a map is scaled before binarising: ``max`` (divided by its peak, seed 001) or ``minmax``.
+        scaling: how a map is scaled before binarising: ``max`` (divided by its peak, as the XAI-based
+            analysis does) or ``minmax``.
             ``sscore.json``'s ``views`` holds the mean three ways (:func:`mean_views`) under both scalings.
 
     Example::
@@ -110,22 +112,22 @@ class SpuriousScore(ModelStage):
         self.layer = layer
         self.head_path = head
         self.prune_above = prune_above
+        self.changes_model_at_fit_end = prune_above is not None
         self.seed = seed
         self.interpolation = interpolation
         self.report_splits = tuple(report_splits)
         self.scaling = scaling
 
     stage_label = "s-score"
+    report_file = "sscore.json"
+    saves = "sscore"  # with prune_above: the pruned model
     uses_annotations = True  # spurious-region masks
-
-    @property
-    def changes_model_at_fit_end(self) -> bool:
-        return self.prune_above is not None
+    changes_model_at_fit_end = False  # an instance with prune_above prunes the head at the end of fit
 
     @property
     def before_reports(self) -> dict[str, dict[str, Any]]:
         """The model before s-score pruning (empty without ``prune_above``)."""
-        return self.result.get("pruning", {}).get("before", {})
+        return self.report.get("pruning", {}).get("before", {})
 
     # -- what ----------------------------------------------------------------------------------
     def samples(self, dm: Any) -> dict[str, Tensor]:
@@ -194,9 +196,7 @@ class SpuriousScore(ModelStage):
         }
         if self.prune_above is not None:
             report["pruning"] = self._prune(trainer, pl_module, dm, head, scores)
-        self.result = report
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
-        self._write(trainer, log_dir, report, scores, shares, head, batch, all_maps)
+        self._write(trainer, self.log_dir(trainer), report, scores, shares, head, batch, all_maps)
         return report
 
     def _prune(
@@ -260,13 +260,14 @@ class SpuriousScore(ModelStage):
             tables = stage_tables(
                 {"before": report["pruning"]["before"], "pruned": report["pruning"]["after"]}
             )
-        write_stage_report(log_dir, "sscore.json", report, summary, tables)
+        self.write_report(trainer, report, summary, tables, log_dir=log_dir)
 
 
 def mean_views(scores: Tensor, used: Tensor) -> dict[str, float | None]:
-    """The mean s-score three ways: over ``all`` neurons (seed 001's average: a neuron whose map is empty, e.g.
-    one PruSC pruned, scores 0), over the ``head_connected`` ones (``used``: the head reads them), and over all
-    with the disconnected ones counted as 0 (``disconnected_as_zero``: what the classifier can still see)."""
+    """The mean s-score three ways: over ``all`` neurons (the average of the XAI-based analysis: a neuron whose
+    map is empty, e.g. one PruSC pruned, scores 0), over the ``head_connected`` ones (``used``: the head reads
+    them), and over all with the disconnected ones counted as 0 (``disconnected_as_zero``: what the classifier
+    can still see)."""
     return {
         "all": float(scores.mean()),
         "head_connected": float(scores[used].mean()) if used.any() else None,
