@@ -20,9 +20,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto
 
-# the real-photo benchmark (Debian photos, fetched with apt-get download into ~/.cache): data/photos
+# the real-photo benchmark (Debian photos, fetched with apt-get download into ~/.cache): data/photos, and its
+# two variants: data/photos_c100 (no minority training image) and data/photos_patch (ISIC-like colour patch)
 photos: $(STAMP)
 	$(BIN)/shortcut-data photos --out data/photos
+	$(BIN)/shortcut-data photos --variant correlation100 --out data/photos_c100
+	$(BIN)/shortcut-data photos --variant patch --out data/photos_patch
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

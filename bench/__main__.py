@@ -37,6 +37,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "stage": ("bench.stage", "one stage from an ERM checkpoint on the embedded benchmark, outside the CLI"),
     "sscore-shift": ("bench.sscore_shift", "how a stage moved the s-scores: broader maps or another region"),
+    "score-neurons": (
+        "bench.score_neurons",
+        "how many channels SCORE's mining takes, and their s-scores on the oracle masks",
+    ),
 }
 
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -42,15 +44,19 @@ from bench.sklearn_reference import sklearn_reference
 from bench.stage_configs import config_files, config_with
 
 REFERENCE = "DFR (scikit-learn reference)"
+VARIANTS = {"photos": "waterbirds", "photos_c100": "correlation100", "photos_patch": "patch"}  # shortcut-data
 
 
 class _Model:
     """One model's runs: per row the per-seed reports, wall seconds and failures."""
 
-    def __init__(self, label: str, backbone_args: list[str], rows: tuple[str, ...], data: list[str]) -> None:
-        self.label, self.backbone_args, self.rows = label, backbone_args, rows
+    def __init__(
+        self, label: str, backbone_args: list[str], rows: tuple[str, ...], data: list[str], dataset: str
+    ) -> None:
+        self.label, self.backbone_args, self.rows, self.dataset = label, backbone_args, rows, dataset
         self.args = [*data, *backbone_args]
-        self.slug = label.split()[0]
+        # the benchmark's runs keep their folders; a regime's go beside them
+        self.slug = label.split()[0] if dataset == "photos" else f"{dataset}_{label.split()[0]}"
         self.per_seed: dict[str, list[dict[str, Any]]] = {"ERM": [], **{r: [] for r in rows}, REFERENCE: []}
         self.failures: dict[str, dict[int, str]] = {}
         self.seconds: dict[str, list[float]] = {}
@@ -82,6 +88,7 @@ def one_model(
     resume: bool,
     precision: list[str],
     finished_only: bool = False,
+    dataset: str = "photos",
 ) -> dict[str, Any]:
     """ERM and the ``rows`` for every seed; per row: summaries, per-seed reports, wall seconds, failures."""
     model = _Model(
@@ -89,12 +96,13 @@ def one_model(
         backbone_args,
         rows,
         ["--data.root", str(root), "--data.image_size", str(image_size), *precision],
+        dataset,
     )
     reuse = {"reuse": resume or finished_only, "run_missing": not finished_only, "data_seed": False}
     for seed in seeds:
         try:
             report, _, _, sec = run(
-                config_files("photos"), seed, runs / f"{model.slug}_ERM", model.args, **reuse
+                config_files(dataset), seed, runs / f"{model.slug}_ERM", model.args, **reuse
             )
         except NotRun:  # --finished-only: a seed whose ERM has not finished has no rows yet
             for row in ("ERM", *rows):
@@ -115,7 +123,7 @@ def one_model(
 
 def _stage_rows(model: _Model, seed: int, ckpt: str, runs: Path, reuse: dict[str, bool]) -> None:
     """The model's rows of one seed, each from the ERM checkpoint ``ckpt``."""
-    for row, (files, overrides, top, extra) in stage_rows(ckpt).items():
+    for row, (files, overrides, top, extra) in stage_rows(ckpt, model.dataset).items():
         if row not in model.rows:
             continue
         name = f"{model.slug}_{row.replace(' ', '_').replace('(', '').replace(')', '').replace(':', '')}"
@@ -161,7 +169,13 @@ def _reference(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="seed 0, ERM + DFR + SCORE (auto), no resnet18")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
-    parser.add_argument("--root", default="data/photos")
+    parser.add_argument(
+        "--dataset",
+        default="photos",
+        choices=("photos", "photos_c100", "photos_patch"),
+        help="the configs/<dataset>/ folder: the benchmark, or its 100%%-correlation or colour-patch regime",
+    )
+    parser.add_argument("--root", default=None, help="the built benchmark (default data/<dataset>)")
     parser.add_argument("--image-size", type=int, default=None, help="default 128 on a CPU, 224 on a GPU")
     parser.add_argument("--runs", default="runs/bench_photos")
     parser.add_argument("--resume", action="store_true")
@@ -192,16 +206,16 @@ def main(args: argparse.Namespace) -> None:
 
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     image_size = args.image_size or (224 if torch.cuda.is_available() else 128)
-    root = Path(args.root)
+    root = Path(args.root or f"data/{args.dataset}")
     if not (root / "metadata.csv").is_file():
         from shortcut_lightning.data.photos import build_photos
 
-        build_photos(root, seed=0)
+        build_photos(root, seed=0, variant=VARIANTS[args.dataset])
     precision = ["--trainer.precision", resolve_precision(args.precision)]
     # shared by the quick and the full run: with --resume the full run reads the quick one's runs
     runs = Path(args.runs) / f"{image_size}px"
     start = time.perf_counter()
-    all_rows = tuple(stage_rows("").keys())
+    all_rows = tuple(stage_rows("", args.dataset).keys())
     unknown = sorted(set(args.rows or ()) - set(all_rows))
     if unknown:
         raise SystemExit(f"--rows: no row named {unknown}; the rows are {list(all_rows)}")
@@ -219,6 +233,8 @@ def main(args: argparse.Namespace) -> None:
         "model_seeds": {label: m[2] for label, m in models.items()},
     }
     name = "photos_rows" if args.rows else "photos_quick" if args.quick else "photos"
+    if args.dataset != "photos":
+        name = name.replace("photos", args.dataset, 1)
     for label, (backbone_args, model_rows, model_seeds) in models.items():
         found = one_model(
             label,
@@ -231,15 +247,21 @@ def main(args: argparse.Namespace) -> None:
             args.resume,
             precision,
             args.finished_only,
+            args.dataset,
         )
         result["models"][label] = found
         result["wall_s"] = time.perf_counter() - start
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
     command = "make bench-photos-quick" if args.quick else "make bench-photos"
+    if args.rows or args.dataset != "photos":  # what was run, as typed
+        command = shlex.join(["python", "-m", "bench", "photos", *sys.argv[2:]])
     text = markdown(result, command)
     print(text)
-    if not args.no_docs and not args.rows:
+    if not args.no_docs and args.dataset != "photos":  # a regime's section (its markers in docs/results.md)
+        start_marker, end_marker = section(name)
+        write_between(DOC, start_marker, end_marker, f"{start_marker}\n\n{text}\n{end_marker}")
+    elif not args.no_docs and not args.rows:
         start_marker, end_marker = section(name)
         write_between(DOC, start_marker, end_marker, f"{start_marker}\n\n{text}\n{end_marker}")
         if not args.quick:

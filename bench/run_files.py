@@ -21,6 +21,8 @@ def reports(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None, dict[
     ran), the test report of the model before the stage, and the s-score summary."""
     before, sscore = None, None
     report = json.loads((run_dir / "metrics.json").read_text())
+    if (run_dir / "metrics_val.json").is_file():  # the tested model on val: what a variant is chosen by
+        report["val_worst_class"] = json.loads((run_dir / "metrics_val.json").read_text()).get("worst_class")
     for stage_file in STAGE_FILES:
         if (run_dir / stage_file).is_file():
             stage = json.loads((run_dir / stage_file).read_text())

@@ -89,6 +89,8 @@ def _score(args: argparse.Namespace, device: str) -> None:
     _write(f"speed_score_{device}", r)
     print(f"\nSCORE ({args.backbone}, {device})")
     print(f"regularized epoch / ERM epoch   {r['step_ratio']:.3f}  (target <= 1.10)")
+    print(f"  penalty contribution          {r['contribution_ratio']:.3f}")
+    print(f"  penalty masked_logit          {r['masked_logit_ratio']:.3f}")
     mining = f"mining {r['mining_s']:.1f} s / ERM epoch {r['erm_epoch_full_train_s']:.1f} s"
     print(f"{mining} = {r['mining_ratio']:.2f}  (target <= 1)")
 

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from shortcut_lightning.data import Waterbirds
+from shortcut_lightning.data import MetadataDataModule, Waterbirds
+from shortcut_lightning.data.photo_variants import PATCH
 from shortcut_lightning.data.photos import ANIMALS, BACKGROUNDS, PACKAGES, STRIPS, build_photos, main
 from shortcut_lightning.errors import DataError
 
@@ -254,3 +255,115 @@ def test_shortcut_cache_names_the_cache(sources, tmp_path, monkeypatch, capsys):
     assert "test  hoofed_land 2  hoofed_water 2  clawed_land 2  clawed_water 2" in printed
     assert f"wrote {tmp_path / 'out'}" in printed
     assert len(pd.read_csv(tmp_path / "out" / "metadata.csv")) == 36
+
+
+# -- the variants: correlation100 and patch ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def built_c100(sources, tmp_path_factory):
+    return _build(sources, tmp_path_factory.mktemp("c100") / "photos_c100", variant="correlation100")
+
+
+@pytest.fixture(scope="module")
+def built_patch(sources, tmp_path_factory):
+    return _build(sources, tmp_path_factory.mktemp("patch") / "photos_patch", variant="patch")
+
+
+def test_the_variant_is_recorded(built, built_c100, built_patch):
+    records = [json.loads((b / "build.json").read_text()) for b in (built, built_c100, built_patch)]
+    assert [r["variant"] for r in records] == ["waterbirds", "correlation100", "patch"]
+    assert [r["minority"] for r in records] == [0.05, 0.0, None]
+    assert records[2]["patch"]["share"] == 0.5 and records[2]["patch"]["colour"] == list(PATCH["colour"])
+    assert records[2]["counts"]["train"] == {
+        "hoofed_no_patch": 23,
+        "hoofed_patch": 23,
+        "clawed_no_patch": 14,
+        "clawed_patch": 0,
+    }
+
+
+def test_correlation100_has_no_minority_training_image_and_the_waterbirds_val_and_test(built, built_c100):
+    table, waterbirds = pd.read_csv(built_c100 / "metadata.csv"), pd.read_csv(built / "metadata.csv")
+    train = table[table.split == 0]
+    assert len(train) == 60 and (train.y == train.place).all()  # every class on its own place
+    assert (train.y == 0).mean() == pytest.approx(0.77, abs=0.03)
+    held_out = table[table.split > 0].reset_index(drop=True)
+    pd.testing.assert_frame_equal(held_out, waterbirds[waterbirds.split > 0].reset_index(drop=True))
+    for row in held_out.itertuples():  # image for image, the waterbirds build's val and test
+        for name in (row.img_filename, row.mask_filename):
+            assert (built_c100 / name).read_bytes() == (built / name).read_bytes()
+
+
+def test_the_patch_is_on_part_of_one_class_and_val_and_test_are_balanced(built_patch):
+    table = pd.read_csv(built_patch / "metadata.csv")
+    assert list(table.columns) == [*COLUMNS, "background", "patch_box", "patch_on_animal"]
+    train, val, test = (table[table.split == s] for s in (0, 1, 2))
+    assert (train[train.y == 1].place == 0).all()  # never on a clawed training image
+    assert train[train.y == 0].place.mean() == pytest.approx(0.5, abs=0.03)  # on half the hoofed ones
+    for split in (val, test):  # place is the patch flag: the four groups of class x patch
+        assert split.groupby(["y", "place"]).size().tolist() == [4, 4, 4, 4]
+    # the background is no shortcut: half of every class x patch group on land, half on water
+    sizes = table.groupby(["split", "y", "place", "background"]).size().unstack(fill_value=0)
+    assert ((sizes[0] - sizes[1]).abs() <= 1).all()
+
+
+def test_the_patch_masks_mark_the_patch_and_images_without_one_have_none(built_patch):
+    table = pd.read_csv(built_patch / "metadata.csv")
+    patched, bare = table[table.place == 1], table[table.place == 0]
+    assert bare.mask_filename.isna().all() and bare.patch_box.isna().all()
+    assert len(list((built_patch / "masks").iterdir())) == len(patched)  # no mask file without a patch
+    assert patched.patch_on_animal.le(PATCH["max_cover"]).mean() > 0.8  # the animal stays in view
+    for row in patched.itertuples():
+        x0, y0, x1, y1 = map(int, row.patch_box.split())
+        assert (x1 - x0) == (y1 - y0) and 64 / 6 - 1 <= x1 - x0 <= 64 / 5 + 1
+        with (
+            Image.open(built_patch / row.img_filename) as image,
+            Image.open(built_patch / row.mask_filename) as mask_image,
+        ):
+            mask = np.asarray(mask_image) > 127
+            inner = np.asarray(mask_image.filter(ImageFilter.MinFilter(3))) > 127
+            colour = np.abs(np.asarray(image, int) - np.array(PATCH["colour"])).max(axis=2) < 60
+        ys, xs = np.nonzero(mask)
+        assert mask.any() and (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x0, y0, x1, y1)
+        assert colour[inner].all() and not colour[~mask].any()  # the mask covers every patch pixel
+
+
+def test_the_datamodule_reads_the_patch_build_with_its_groups_and_masks(built_patch):
+    dm = MetadataDataModule(
+        root=str(built_patch),
+        image_size=64,
+        batch_size=16,
+        num_workers=0,
+        class_names=["hoofed", "clawed"],
+        spurious_names=["no_patch", "patch"],
+    )
+    assert dm.group_names == ["hoofed_no_patch", "hoofed_patch", "clawed_no_patch", "clawed_patch"]
+    dm.setup("fit")
+    assert dm.group_counts("train").tolist() == [23, 23, 14, 0]
+    assert dm.group_counts("val").tolist() == [4, 4, 4, 4]
+    batch = next(iter(dm.dataloader("val")))
+    marked = batch["mask"].flatten(1).any(dim=1)
+    assert (marked == (batch["spurious"] == 1)).all()  # the spurious region: the patch, where there is one
+    assert batch["mask"][marked].float().mean() == pytest.approx(np.pi / 4 * (11.7 / 64) ** 2, rel=0.4)
+
+
+def test_variant_settings_are_checked(sources, tmp_path):
+    with pytest.raises(DataError, match="unknown: choose one of waterbirds, correlation100, patch"):
+        _build(sources, tmp_path / "x", variant="ninety")
+    with pytest.raises(DataError, match="correlation100 has no minority images"):
+        _build(sources, tmp_path / "x", variant="correlation100", minority=0.05)
+    with pytest.raises(DataError, match="drop minority"):
+        _build(sources, tmp_path / "x", variant="patch", minority=0.05)
+
+
+def test_the_command_builds_a_variant_into_its_own_folder(sources, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    small = ["--image-size", "32", "--n-train", "20", "--n-val", "8", "--n-test", "8"]
+    main(["photos", "--variant", "patch", "--sources", str(sources), *small])
+    printed = capsys.readouterr().out
+    assert "test  hoofed_no_patch 2  hoofed_patch 2  clawed_no_patch 2  clawed_patch 2" in printed
+    assert "wrote data/photos_patch" in printed and "mask_marks: spurious" in printed
+    main(["photos", "--variant", "correlation100", "--sources", str(sources), *small])
+    assert "train hoofed_land 15  hoofed_water 0  clawed_land 0  clawed_water 5" in capsys.readouterr().out
+    assert (tmp_path / "data" / "photos_c100" / "metadata.csv").is_file()

@@ -352,7 +352,7 @@ def test_regularization_arguments_are_checked(tmp_path):
         NeuronRegularization(mining_file=str(tmp_path / "nope.json"))
     with pytest.raises(ShortcutError, match="norm must be"):
         NeuronRegularization(norm="l3")
-    with pytest.raises(ShortcutError, match="regularize_on must be one of all, pairs, got 'batch'"):
+    with pytest.raises(ShortcutError, match="regularize_on must be one of all, pairs, class, got 'batch'"):
         NeuronRegularization(regularize_on="batch")
     with pytest.raises(ShortcutError, match="pairs_per_step must be >= 1"):
         NeuronRegularization(regularize_on="pairs", pairs_per_step=0)

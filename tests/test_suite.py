@@ -364,3 +364,11 @@ def test_one_runner_lists_every_command_and_each_takes_its_options(capsys):
         assert callable(module.main) and module.__doc__
     with pytest.raises(SystemExit, match="no command 'nope'"):
         runner.main(["nope"])
+
+
+def test_score_neurons_counts_what_each_selection_rule_takes():
+    from bench.score_neurons import _counts
+
+    scores = [0.0] * 18 + [1.0, 5.0]  # mean 0.3, std about 1.13: one channel above mean + 1 std and + 2 std
+    assert _counts(scores) == {"num_neurons 10": 10, "z_score 1": 1, "z_score 2": 1, "neuron_share 0.1": 2}
+    assert _counts([0.0, 1.0, 2.0, 3.0])["z_score 1"] == 1

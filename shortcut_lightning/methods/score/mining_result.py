@@ -31,6 +31,7 @@ class ClassReport:
     neuron_scores: list[float] | None = None
     lrp_mask_overlap_with_spurious_region: float | None = None
     precision_vs_oracle: float | None = None
+    layer_scores: list[float] | None = None  # every channel's score: how many a z or a share would take
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON entry, its keys in the order ``mining.json`` has always had."""
@@ -46,6 +47,8 @@ class ClassReport:
         data["neurons"] = list(self.neurons)
         if self.neuron_scores is not None:
             data["neuron_scores"] = list(self.neuron_scores)
+        if self.layer_scores is not None:
+            data["layer_scores"] = list(self.layer_scores)
         return data
 
 
@@ -93,6 +96,20 @@ class MiningResult:
                 "rounds": [MiningRound(**r) for r in rounds],
             }
         )
+
+    def neurons_by_class(self, class_names: list[str]) -> dict[int, list[int]]:
+        """Per class index, the neurons mined for it: its entry's neurons (the last round's), and the neurons of
+        earlier rounds that no class entry names now added to every class, so the classes' union is
+        :attr:`neurons`."""
+        per_class = {
+            class_names.index(name): sorted(entry.neurons)
+            for name, entry in self.classes.items()
+            if entry.neurons and name in class_names
+        }
+        classes = per_class or {c: [] for c in range(max(1, len(class_names)))}
+        named = {n for chosen in per_class.values() for n in chosen}
+        orphans = [n for n in self.neurons if n not in named]
+        return {c: sorted({*chosen, *orphans}) for c, chosen in classes.items()}
 
     def summary(self) -> list[str]:
         """The lines the log shows: the neurons (and the last round's, after the first), each class's picks."""

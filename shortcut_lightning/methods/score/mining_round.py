@@ -84,6 +84,7 @@ class RoundMiner:
     neuron_samples: str
     num_neurons: int | None
     z_score: float | None
+    neuron_share: float | None
     top_q: float
     fill: float
     tag: str = ""
@@ -125,7 +126,7 @@ class RoundMiner:
                 hits = found.overlap[chosen] >= self.oracle_min_overlap
                 report.precision_vs_oracle = float(hits.float().mean())
         if chosen:
-            report.neurons, report.neuron_scores = self._neurons(found, picked)
+            report.neurons, report.neuron_scores, report.layer_scores = self._neurons(found, picked)
         else:
             warnings.warn(
                 f"SCORE mining{self.tag}: no spurious-positive sample of class {name!r} passed the selection "
@@ -141,12 +142,14 @@ class RoundMiner:
         panel = selection_panel(found, chosen, self.oracle_min_overlap)
         return ClassFindings(report, found.masks[chosen], sheet, panel)
 
-    def _neurons(self, found: SampleAnalysis, picked: Selection) -> tuple[list[int], list[float]]:
-        """The selected samples' best neurons and their scores (of the confusers with ``neuron_samples``
-        ``confusers``, where the rule analysed them)."""
+    def _neurons(
+        self, found: SampleAnalysis, picked: Selection
+    ) -> tuple[list[int], list[float], list[float]]:
+        """The selected samples' best neurons, their scores and every channel's (of the confusers with
+        ``neuron_samples`` ``confusers``, where the rule analysed them)."""
         activation, relevance = found.activation[picked.chosen], found.relevance[picked.chosen]
         if self.neuron_samples == "confusers" and picked.confusers is not None:
             activation, relevance = picked.confusers.activation, picked.confusers.relevance
         scores = neuron_scores(activation, relevance)
-        best = select_neurons(scores, self.num_neurons, self.z_score)
-        return best.tolist(), [round(float(scores[j]), 6) for j in best]
+        best = select_neurons(scores, self.num_neurons, self.z_score, self.neuron_share)
+        return best.tolist(), [round(float(scores[j]), 6) for j in best], [round(float(v), 6) for v in scores]

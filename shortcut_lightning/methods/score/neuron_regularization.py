@@ -13,6 +13,14 @@ import torch
 from torch import Tensor
 
 from shortcut_lightning.errors import ShortcutError
+from shortcut_lightning.methods.score.mining_result import MiningResult
+from shortcut_lightning.methods.score.penalty_terms import (
+    PENALTIES,
+    activation_term,
+    contribution_term,
+    masked_logit_term,
+    random_neurons,
+)
 from shortcut_lightning.methods.score.spurious_positive_mining import SpuriousPositiveMining
 from shortcut_lightning.probing.activations import reduce_channels
 from shortcut_lightning.probing.hooks import OutputCapture
@@ -23,7 +31,7 @@ from shortcut_lightning.stages import Stage
 log = logging.getLogger(__name__)
 
 NORMS = ("l1", "l2")
-REGULARIZE_ON = ("all", "pairs")
+REGULARIZE_ON = ("all", "pairs", "class")
 
 
 class RegularizationPhase(str, Enum):
@@ -34,13 +42,21 @@ class RegularizationPhase(str, Enum):
 
 
 class NeuronRegularization(Stage):
-    """Adds ``strength * mean activation of the selected neurons`` to the training loss (SCORE, step 2).
+    """Adds ``strength * penalty on the selected neurons`` to the training loss (SCORE, step 2).
 
-    From ``start_epoch`` on, the selected channels of ``layer`` are pooled over space for every sample
-    of the batch and penalised (``norm="l1"``: mean absolute value, ``"l2"``: mean square) through the
-    penalty seam (:func:`~shortcut_lightning.penalties.total_penalty`), so there is one loss and one
-    backward, correct under DDP and AMP. The activation comes from the training forward itself (a hook),
-    not from an extra pass.
+    From ``start_epoch`` on, through the penalty seam (:func:`~shortcut_lightning.penalties.total_penalty`),
+    so there is one loss and one backward, correct under DDP and AMP. ``penalty`` is what is penalised
+    (``norm="l1"``: mean absolute value, ``"l2"``: mean square; :mod:`.penalty_terms`):
+
+    * ``activation``: the selected channels of ``layer``, pooled over space;
+    * ``contribution``: the selected channels' activation x gradient of the logit of the class they were
+      mined for (explicit ``neurons``: of every class), summed over space: their share of that logit;
+    * ``masked_logit``: the spurious region alone (the pairs' masked images) against a uniform prediction.
+
+    ``regularize_on`` says where: ``all`` (the training batch), ``pairs`` (below) or ``class`` (the batch's
+    samples of the class each neuron was mined for: the class the shortcut is positive for). The activation
+    comes from the training forward itself (a hook), not from an extra pass. ``random_neurons=True`` is the
+    control: as many channels per class as were selected, drawn (``seed``) from the others.
 
     The neurons come from, in this order: ``neurons`` (with ``layer``), ``mining_file`` (a
     ``mining.json`` of an earlier run, so a second run can reuse it), or the
@@ -73,10 +89,12 @@ class NeuronRegularization(Stage):
         finetune_from: freeze the parameters registered before this module.
         fresh_optimizer: clear the optimizers' state when the stage starts.
         regularize_on: ``all`` (ours: the training batch) or ``pairs``: the selected spurious-positive samples
-            and their masked images (Fig. 2 of "Shortcut Mitigation via Spurious-Positive Samples"),
-            ``pairs_per_step`` of them per step, in turn, through an extra forward in eval mode; needs the
-            miner in the same trainer.
+            and their masked images (Fig. 2 of the SCORE paper), ``pairs_per_step`` of them per step, in turn,
+            through an extra forward in eval mode (needs the miner in the same trainer); or ``class``.
         pairs_per_step: how many of the pairs one step penalises.
+        penalty: ``activation``, ``contribution`` or ``masked_logit`` (which needs ``regularize_on="pairs"``).
+        random_neurons: penalise random channels of the same count instead (the control).
+        seed: the random channels' draw.
     """
 
     penalty_name = "neuron_regularization"
@@ -100,7 +118,17 @@ class NeuronRegularization(Stage):
         fresh_optimizer: bool = False,
         regularize_on: str = "all",
         pairs_per_step: int = 16,
+        penalty: str = "activation",
+        random_neurons: bool = False,
+        seed: int = 0,
     ) -> None:
+        if penalty not in PENALTIES:
+            raise ShortcutError(f"penalty must be one of {', '.join(PENALTIES)}, got {penalty!r}")
+        if penalty == "masked_logit" and regularize_on != "pairs":
+            raise ShortcutError(
+                "penalty='masked_logit' penalises the masked images of the spurious-positive pairs: set "
+                f"regularize_on='pairs' (got {regularize_on!r})"
+            )
         if norm not in NORMS:
             raise ShortcutError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
         if regularize_on not in REGULARIZE_ON:
@@ -133,24 +161,35 @@ class NeuronRegularization(Stage):
         self.fresh_optimizer = fresh_optimizer
         self.regularize_on = regularize_on
         self.pairs_per_step = pairs_per_step
+        self.penalty = penalty
+        self.random_neurons = random_neurons
+        self.seed = seed
         self.optimizer_cleared = False
         self.layer: str | None = None
-        self.neurons: list[int] | None = None
+        self.neurons: list[int] | None = None  # the union penalised (after the random draw of the control)
+        self.class_neurons: dict[int, list[int]] = {}  # class -> the neurons mined for it (as penalised)
         self._capture: OutputCapture | None = None
         self._index: Tensor | None = None
+        self._class_index: dict[int, Tensor] = {}
         self._pairs: Tensor | None = None  # regularize_on="pairs": originals then masked images
+        self._pair_classes: Tensor | None = None  # the class each pair image was mined for
         self._miner: SpuriousPositiveMining | None = None
+        self._mined: dict[int, list[int]] = {}  # as resolved, before the control's draw
 
     # -- which neurons --------------------------------------------------------------------------
-    def _resolve(self, trainer: L.Trainer) -> tuple[str, list[int]]:
+    def _resolve(self, trainer: L.Trainer) -> tuple[str, dict[int, list[int]]]:
+        """The layer and, per class, the neurons mined for it (explicit ``neurons``: every class's)."""
         layer, neurons = self.explicit
+        class_names = list(getattr(trainer.datamodule, "class_names", None) or [])
         if neurons is not None:
-            return str(layer), neurons
+            return str(layer), self._every_class(neurons, class_names)
         if self.mining_file is not None:
             mined = json.loads(Path(self.mining_file).read_text())
             if not mined.get("neurons"):
                 raise ShortcutError(f"{self.mining_file} selects no neuron: nothing to regularise")
-            return (layer or mined["layer"]), mined["neurons"]
+            if self.regularize_on != "class" and not mined.get("classes"):
+                return (layer or mined["layer"]), self._every_class(mined["neurons"], class_names)
+            return (layer or mined["layer"]), MiningResult.from_dict(mined).neurons_by_class(class_names)
         miners = [cb for cb in trainer.callbacks if isinstance(cb, SpuriousPositiveMining)]
         if not miners:
             raise ShortcutError(
@@ -163,13 +202,27 @@ class NeuronRegularization(Stage):
                 f"NeuronRegularization and give it start_epoch <= {self.start_epoch}"
             )
         self._miner = miners[0]
-        return str(miners[0].layer_name), list(miners[0].neurons)
+        return str(miners[0].layer_name), miners[0].neurons_by_class(class_names)
+
+    def _every_class(self, neurons: list[int], class_names: list[str]) -> dict[int, list[int]]:
+        if self.regularize_on == "class":
+            raise ShortcutError(
+                "regularize_on='class' needs the class each neuron was mined for: take the neurons from "
+                "SpuriousPositiveMining or a mining_file with classes, not neurons=[...]"
+            )
+        return {c: list(neurons) for c in range(max(1, len(class_names)))}
+
+    def _set_neurons(self, per_class: dict[int, list[int]]) -> None:
+        """The neurons to penalise; the tensors are built (and the control drawn) on the next step."""
+        self.class_neurons, self._mined = per_class, dict(per_class)
+        self.neurons = sorted({n for chosen in per_class.values() for n in chosen})
+        self._index, self._class_index, self._pairs = None, {}, None
 
     def _activate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.layer, self.neurons = self._resolve(trainer)
+        self.layer, per_class = self._resolve(trainer)
+        self._set_neurons(per_class)
         module = find_module(pl_module, self.layer, "layer")
         self._capture = OutputCapture(module)
-        self._index = None  # built on the first step, on the activations' device
         if self.finetune_from is not None:
             frozen = freeze_before(pl_module, self.finetune_from)
             rank_zero_log(
@@ -181,7 +234,9 @@ class NeuronRegularization(Stage):
             self.optimizer_cleared = True
             rank_zero_log(log, "NeuronRegularization: cleared the optimizer state (fresh_optimizer=True)")
         rank_zero_log(
-            log, f"NeuronRegularization: penalising neurons {self.neurons} of {self.layer} ({self.norm})"
+            log,
+            f"NeuronRegularization: penalising neurons {self.neurons} of {self.layer} ({self.penalty}, "
+            f"{self.norm}, on {self.regularize_on})",
         )
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -201,41 +256,80 @@ class NeuronRegularization(Stage):
     def _follow_miner(self, trainer: L.Trainer) -> None:
         """The neurons of the miner's rounds so far: a new round's are penalised from this epoch on."""
         self._pairs = None
-        neurons = self._resolve(trainer)[1]
-        if neurons != self.neurons:
-            self.neurons, self._index, self._pairs = neurons, None, None
+        per_class = self._resolve(trainer)[1]
+        if per_class != self._mined:
+            self._set_neurons(per_class)
             rank_zero_log(log, f"NeuronRegularization: now penalising neurons {self.neurons} of {self.layer}")
+
+    def _place(self, channels: int, device: torch.device) -> None:
+        """First step: check the neurons exist, draw the control's, and put the indices on the device."""
+        if max(self.neurons) >= channels:
+            raise ShortcutError(
+                f"NeuronRegularization: neuron {max(self.neurons)} does not exist in {self.layer}, which "
+                f"has {channels} channels"
+            )
+        if self.random_neurons:
+            try:
+                self.class_neurons = random_neurons(self._mined, channels, self.seed)
+            except ValueError as error:
+                raise ShortcutError(f"NeuronRegularization random_neurons in {self.layer}: {error}") from None
+            self.neurons = sorted({n for chosen in self.class_neurons.values() for n in chosen})
+            rank_zero_log(
+                log, f"NeuronRegularization: the control penalises random neurons {self.class_neurons}"
+            )
+        self._index = torch.tensor(self.neurons, dtype=torch.long, device=device)
+        self._class_index = {
+            c: torch.tensor(chosen, dtype=torch.long, device=device)
+            for c, chosen in self.class_neurons.items()
+        }
 
     def training_penalty(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, outputs: dict[str, Tensor]
     ) -> Tensor | None:
         if self._capture is None or self._capture.value is None:
             return None
+        sample_class = None
         if self.regularize_on == "pairs":  # a forward of the spurious-positive pairs instead of the batch
-            self._forward_pairs(trainer, pl_module)
-        pooled = reduce_channels(self._capture.value)
+            logits, sample_class = self._forward_pairs(trainer, pl_module)
+        else:
+            logits = outputs.get("logits")
+            if self.regularize_on == "class":
+                sample_class = batch["target"]
+        activation = self._capture.value
+        pooled = reduce_channels(activation)
         if self._index is None or self._index.device != pooled.device:  # first step: check and place once
-            if max(self.neurons) >= pooled.shape[1]:
-                raise ShortcutError(
-                    f"NeuronRegularization: neuron {max(self.neurons)} does not exist in {self.layer}, which "
-                    f"has {pooled.shape[1]} channels"
-                )
-            self._index = torch.tensor(self.neurons, dtype=torch.long, device=pooled.device)
+            self._place(pooled.shape[1], pooled.device)
         selected = pooled[:, self._index]
-        value = selected.abs().mean() if self.norm == "l1" else selected.pow(2).mean()
         pl_module.log("score/selected_activation", selected.detach().mean(), on_step=True, on_epoch=True)
-        return self.strength * value
+        if self.penalty == "masked_logit":
+            value = masked_logit_term(logits)
+        elif self.penalty == "contribution":
+            value = contribution_term(activation, logits, self._class_index, sample_class, self.norm)
+        elif self.regularize_on == "class":
+            value = activation_term(activation, self._class_index, sample_class, self.norm)
+        else:  # the union on every row: the stage's original form, bit for bit
+            value = selected.abs().mean() if self.norm == "l1" else selected.pow(2).mean()
+        return None if value is None else self.strength * value
 
-    def _forward_pairs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _forward_pairs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Tensor, Tensor]:
         """``pairs_per_step`` of the pairs, in turn (the same ones on every rank), through the model in eval
-        mode (their masked images must not move BatchNorm's statistics); the capture then holds their layer."""
+        mode (their masked images must not move BatchNorm's statistics); the capture then holds their layer.
+        ``masked_logit`` takes the masked images alone. Returns their logits and the classes they were mined
+        for."""
         if self._pairs is None:
             self._pairs = self._miner.pair_images(trainer.datamodule).to(pl_module.device)
-        n = len(self._pairs)
+            classes = torch.tensor(self._miner.pair_classes(trainer.datamodule), device=pl_module.device)
+            self._pair_classes = classes.repeat(2)  # originals, then their masked images
+        pairs, classes = self._pairs, self._pair_classes
+        if self.penalty == "masked_logit":
+            half = len(pairs) // 2
+            pairs, classes = pairs[half:], classes[half:]
+        n = len(pairs)
         start = (trainer.global_step * self.pairs_per_step) % n
-        take = torch.arange(start, start + min(self.pairs_per_step, n), device=self._pairs.device) % n
+        take = torch.arange(start, start + min(self.pairs_per_step, n), device=pairs.device) % n
         with evaluating(pl_module):
-            pl_module(self._pairs[take])
+            logits = pl_module(pairs[take])
+        return logits, classes[take]
 
     def extra_state(self) -> dict[str, Any]:
         return {"optimizer_cleared": self.optimizer_cleared}

@@ -65,7 +65,8 @@ class SpuriousPositiveMining(Stage):
     With ``require_masked_prediction`` a candidate must still be predicted ``c`` from its masked image
     alone. Neuron scores at ``layer``: ``s_j = mean over selected of a_j(x) * relu(R_j(x_masked))``
     (pooled activation, per-channel relevance; with ``neuron_samples="confusers"`` over the confusers);
-    the ``num_neurons`` best (or those above mean + ``z_score`` std) per class, united, are what
+    the ``num_neurons`` best (or those above mean + ``z_score`` std, or the best ``neuron_share`` of the
+    layer's channels) per class, united, are what
     :class:`NeuronRegularization` penalises.
 
     ``every_n_epochs`` mines again every that many epochs after ``start_epoch``, on the model as
@@ -103,6 +104,7 @@ class SpuriousPositiveMining(Stage):
         require_masked_prediction: keep only candidates still predicted their class when masked.
         num_neurons: neurons selected per class.
         z_score: select by mean + z * std instead of ``num_neurons``.
+        neuron_share: select this share of the layer's channels instead of ``num_neurons`` (e.g. 0.1).
         classes: classes to mine (default all).
         composite: LRP composite (:data:`~shortcut_lightning.xai.COMPOSITES`).
         batch_size: samples per LRP batch.
@@ -135,6 +137,7 @@ class SpuriousPositiveMining(Stage):
         require_masked_prediction: bool = True,
         num_neurons: int | None = 10,
         z_score: float | None = None,
+        neuron_share: float | None = None,
         classes: list[int] | None = None,
         composite: str = "epsilon_plus_flat",
         batch_size: int = 32,
@@ -151,8 +154,14 @@ class SpuriousPositiveMining(Stage):
         for name, value in (("top_m", top_m), ("num_selected", num_selected), ("n_confusers", n_confusers)):
             if value < 1:
                 raise ShortcutError(f"{name} must be >= 1, got {value}")
-        if num_neurons is None and z_score is None:
-            raise ShortcutError("give num_neurons or z_score")
+        if num_neurons is None and z_score is None and neuron_share is None:
+            raise ShortcutError("give num_neurons, z_score or neuron_share")
+        if z_score is not None and neuron_share is not None:
+            raise ShortcutError("give z_score or neuron_share, not both (each replaces num_neurons)")
+        if neuron_share is not None and not 0 < neuron_share <= 1:
+            raise ShortcutError(
+                f"neuron_share must be in (0, 1] (a share of the layer's channels), got {neuron_share}"
+            )
         if every_n_epochs is not None and every_n_epochs < 1:
             raise ShortcutError(f"every_n_epochs must be >= 1 (or null: mine once), got {every_n_epochs}")
         if not 0 < top_q <= 1:
@@ -175,6 +184,7 @@ class SpuriousPositiveMining(Stage):
         self.require_masked_prediction = require_masked_prediction
         self.num_neurons = num_neurons
         self.z_score = z_score
+        self.neuron_share = neuron_share
         self.classes = classes
         self.composite = composite
         self.batch_size = batch_size
@@ -202,6 +212,19 @@ class SpuriousPositiveMining(Stage):
     def before_reports(self) -> dict[str, Any]:
         """Group reports per split of the model as mined, before fine-tuning (the CLI prints them beside the test)."""
         return {} if self.report is None else self.report.before
+
+    def neurons_by_class(self, class_names: list[str]) -> dict[int, list[int]]:
+        """Per class index, the neurons mined for it (:meth:`MiningResult.neurons_by_class`)."""
+        if self.report is None:
+            raise ShortcutError("SpuriousPositiveMining has mined no neuron yet: it mines at its start_epoch")
+        return self.report.neurons_by_class(class_names)
+
+    def pair_classes(self, dm: Any) -> list[int]:
+        """The class each selected sample of :meth:`pair_images` was mined for, in the same order."""
+        names = list(dm.class_names)
+        return [
+            names.index(name) for name, entry in self.report.classes.items() for _ in entry.selected_indices
+        ]
 
     def pair_images(self, dm: Any) -> Tensor:
         """The last round's selected samples then their masked images [2n,3,H,W] (evaluation transforms)."""
@@ -302,6 +325,7 @@ class SpuriousPositiveMining(Stage):
             neuron_samples=self.neuron_samples,
             num_neurons=self.num_neurons,
             z_score=self.z_score,
+            neuron_share=self.neuron_share,
             top_q=self.top_q,
             fill=self.fill,
             tag=tag,

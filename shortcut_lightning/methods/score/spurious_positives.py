@@ -7,6 +7,8 @@ so each is tested on its own and reusable in a notebook.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -43,11 +45,16 @@ def neuron_scores(activations: Tensor, relevance: Tensor) -> Tensor:
     return (activations * relevance.clamp(min=0)).mean(0)
 
 
-def select_neurons(scores: Tensor, k: int | None = 10, z: float | None = None) -> Tensor:
-    """The ``k`` highest-scoring neurons, or (``z`` given) those scoring above mean + z * std."""
+def select_neurons(
+    scores: Tensor, k: int | None = 10, z: float | None = None, share: float | None = None
+) -> Tensor:
+    """The ``k`` highest-scoring neurons; or (``z`` given) those scoring above mean + z * std; or (``share``
+    given) the highest-scoring ``ceil(share * C)`` of the layer's ``C`` channels."""
     if z is not None:
         chosen = (scores > scores.mean() + z * scores.std()).nonzero().flatten()
         return chosen[scores[chosen].argsort(descending=True)]
+    if share is not None:
+        k = max(1, math.ceil(share * len(scores)))
     if k is None or k < 1:
         raise ShortcutError(f"num_neurons must be >= 1 (or give z_score), got {k}")
     if k > len(scores):
