@@ -157,14 +157,24 @@ def test_mining_again_under_ddp_gives_every_rank_the_same_rounds(tmp_path):
 def test_regularizing_the_pairs_under_ddp_keeps_every_rank_in_step(tmp_path):
     """The pair forward runs outside DDP's wrapper, so the ranks stay in step only if each penalises the same
     pairs at the same step (the same selection, the same turn): their parameters must end identical."""
-    from shortcut_lightning.callbacks import NeuronRegularization, SpuriousPositiveMining
+    from shortcut_lightning.callbacks import NeuronRegularization
+
+    rank_0 = regularized_ranks_in_step(
+        tmp_path, NeuronRegularization(strength=5.0, regularize_on="pairs", pairs_per_step=4)
+    )
+    assert rank_0["pairs"]
+
+
+def regularized_ranks_in_step(tmp_path, reg) -> dict:
+    """SCORE's mining and ``reg`` for 2 steps on 2 CPU processes; asserts both ranks end with identical
+    parameters and the same pairs, and returns rank 0's dump (``WeightDump``)."""
+    from shortcut_lightning.callbacks import SpuriousPositiveMining
 
     from helpers import WeightDump
 
     torch.manual_seed(0)
     dm = SyntheticShortcuts(n_train=48, n_val=9, n_test=9, image_size=32, batch_size=8, spurious="patch")
     mining = SpuriousPositiveMining(top_m=6, num_selected=3, n_confusers=3, num_neurons=4, report_splits=())
-    reg = NeuronRegularization(strength=5.0, regularize_on="pairs", pairs_per_step=4)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
@@ -180,9 +190,10 @@ def test_regularizing_the_pairs_under_ddp_keeps_every_rank_in_step(tmp_path):
     )
     trainer.fit(ShortcutClassifier("test_resnet"), datamodule=dm)
     rank_0, rank_1 = (torch.load(tmp_path / f"weights_rank{r}.pt") for r in (0, 1))
-    assert rank_0["pairs"] and rank_1["pairs"] == rank_0["pairs"]
+    assert rank_1["pairs"] == rank_0["pairs"]
     for key, value in rank_0["state"].items():
         torch.testing.assert_close(rank_1["state"][key], value, rtol=0, atol=0, msg=key)
+    return rank_0
 
 
 def _prune(tmp_path, devices: int, max_epochs: int = 1, validate: bool = False, **stage) -> list[dict]:

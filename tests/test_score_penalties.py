@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 
-import lightning as L
 import pytest
 import torch
 
@@ -209,29 +208,10 @@ def test_neurons_by_class_from_the_miner_and_a_mining_file(tmp_path):
 
 def test_the_contribution_penalty_under_ddp_keeps_every_rank_in_step(tmp_path):
     """The penalty's second backward stays inside the one loss DDP all-reduces: both ranks end identical."""
-    from helpers import WeightDump
+    from test_ddp import regularized_ranks_in_step
 
-    torch.manual_seed(0)
-    dm = SyntheticShortcuts(n_train=48, n_val=9, n_test=9, image_size=32, batch_size=8, spurious="patch")
-    mining = SpuriousPositiveMining(top_m=6, num_selected=3, n_confusers=3, num_neurons=4, report_splits=())
     reg = NeuronRegularization(strength=5.0, penalty="contribution", regularize_on="class")
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        callbacks=[WeightDump(str(tmp_path)), mining, reg],
-    )
-    trainer.fit(ShortcutClassifier("test_resnet"), datamodule=dm)
-    rank_0, rank_1 = (torch.load(tmp_path / f"weights_rank{r}.pt") for r in (0, 1))
-    for key, value in rank_0["state"].items():
-        torch.testing.assert_close(rank_1["state"][key], value, rtol=0, atol=0, msg=key)
+    assert regularized_ranks_in_step(tmp_path, reg)["state"]
 
 
 def test_the_contribution_penalty_under_bf16_mixed(tmp_path):
