@@ -13,6 +13,7 @@ scores, and the s-scores of the channels ``num_neurons`` takes against the layer
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -62,7 +63,8 @@ def channel_s_scores(checkpoint: str, dataset: str, image_size: int, n: int = 10
     dm = MetadataDataModule(root=f"data/{dataset}", image_size=image_size, mask_marks=marks)
     dm.setup("fit")
     train = dm.dataset("train")
-    picked = [s for s in (train[i] for i in range(len(train))) if s["mask"].any()][:n]
+    masked = (sample for sample in (train[i] for i in range(len(train))) if sample["mask"].any())
+    picked = list(itertools.islice(masked, n))  # reads images only until n have a mask
     images, masks = torch.stack([s["image"] for s in picked]), torch.stack([s["mask"] for s in picked])
     with torch.no_grad(), OutputCapture(find_module(model, LAYER, "layer")) as capture:
         model(images)

@@ -215,7 +215,7 @@ class NeuronRegularization(Stage):
     def _set_neurons(self, per_class: dict[int, list[int]]) -> None:
         """The neurons to penalise; the tensors are built (and the control drawn) on the next step."""
         self.class_neurons, self._mined = per_class, dict(per_class)
-        self.neurons = sorted({n for chosen in per_class.values() for n in chosen})
+        self.neurons = _union(per_class)
         self._index, self._class_index, self._pairs = None, {}, None
 
     def _activate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -273,7 +273,7 @@ class NeuronRegularization(Stage):
                 self.class_neurons = random_neurons(self._mined, channels, self.seed)
             except ValueError as error:
                 raise ShortcutError(f"NeuronRegularization random_neurons in {self.layer}: {error}") from None
-            self.neurons = sorted({n for chosen in self.class_neurons.values() for n in chosen})
+            self.neurons = _union(self.class_neurons)
             rank_zero_log(
                 log, f"NeuronRegularization: the control penalises random neurons {self.class_neurons}"
             )
@@ -342,3 +342,8 @@ class NeuronRegularization(Stage):
         if self._capture is not None:
             self._capture.remove()
             self._capture = None
+
+
+def _union(per_class: dict[int, list[int]]) -> list[int]:
+    """Every class's neurons together, sorted (what the activation penalty on all samples indexes)."""
+    return sorted({n for chosen in per_class.values() for n in chosen})
