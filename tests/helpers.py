@@ -200,11 +200,13 @@ class FailureRecordingDFR(DeepFeatureReweighting):
             raise
 
 
-def make_trainer(root, callbacks=(), max_epochs: int = 1, **overrides) -> L.Trainer:
-    """The tests' Trainer: CPU, one process, no logger, progress bar or checkpoints unless ``overrides`` say so."""
+def make_trainer(root, callbacks=(), max_epochs: int = 1, devices: int = 1, **overrides) -> L.Trainer:
+    """The tests' Trainer: CPU, no logger, progress bar or checkpoints unless ``overrides`` say so; with
+    ``devices`` above 1, Lightning's DDP in spawned CPU processes (gloo, ``ddp_spawn``)."""
     settings = {
         "accelerator": "cpu",
-        "devices": 1,
+        "devices": devices,
+        **({"strategy": "ddp_spawn"} if devices > 1 else {}),
         "max_epochs": max_epochs,
         "default_root_dir": root,
         "logger": False,

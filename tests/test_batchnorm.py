@@ -98,21 +98,12 @@ def test_unknown_split_names_the_field():
 
 
 def _recalibrated(tmp_path, devices: int) -> dict[str, torch.Tensor]:
-    from helpers import StatisticsSavingBN
+    from helpers import StatisticsSavingBN, make_trainer
 
     torch.manual_seed(0)
     dm = SyntheticShortcuts(n_train=37, n_val=9, n_test=8, image_size=32, batch_size=8)
-    kwargs = {"strategy": "ddp_spawn"} if devices > 1 else {}
     path = tmp_path / "statistics.pt"
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        callbacks=[StatisticsSavingBN(str(path))],
-        **kwargs,
-    )
+    trainer = make_trainer(tmp_path, [StatisticsSavingBN(str(path))], devices=devices)
     trainer.validate(ShortcutClassifier("test_resnet"), datamodule=dm)
     report = json.loads((tmp_path / "bn_recalibration.json").read_text())
     assert report["images"] == 37

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
-import lightning as L
 import pytest
 import torch
 
 from shortcut_lightning import DeepFeatureReweighting, GroupMetrics, ShortcutClassifier, SyntheticShortcuts
+
+from helpers import make_trainer
 
 
 def _validate(tmp_path, devices: int) -> dict:
@@ -16,16 +17,7 @@ def _validate(tmp_path, devices: int) -> dict:
     model = ShortcutClassifier("test_resnet")
     # n_val is odd: ranks get uneven shards, and no sample may be counted twice
     dm = SyntheticShortcuts(n_train=32, n_val=37, n_test=8, image_size=32, batch_size=8)
-    kwargs = {"strategy": "ddp_spawn"} if devices > 1 else {}
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        callbacks=[GroupMetrics(print_table=False)],
-        **kwargs,
-    )
+    trainer = make_trainer(tmp_path, [GroupMetrics(print_table=False)], devices=devices)
     trainer.validate(model, datamodule=dm)
     return json.loads((tmp_path / "metrics.json").read_text())
 
@@ -41,16 +33,7 @@ def _dfr(tmp_path, devices: int) -> tuple[dict, dict]:
     torch.manual_seed(0)
     model = ShortcutClassifier("test_resnet")
     dm = SyntheticShortcuts(n_train=64, n_val=37, n_test=21, image_size=32, batch_size=8)
-    kwargs = {"strategy": "ddp_spawn"} if devices > 1 else {}
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        callbacks=[DeepFeatureReweighting(num_refits=3)],
-        **kwargs,
-    )
+    trainer = make_trainer(tmp_path, [DeepFeatureReweighting(num_refits=3)], devices=devices)
     trainer.validate(model, datamodule=dm)
     return json.loads((tmp_path / "dfr.json").read_text()), torch.load(tmp_path / "dfr_head.pt")
 
@@ -75,15 +58,7 @@ def test_dfr_data_error_on_rank_zero_reaches_every_rank(tmp_path):
     torch.manual_seed(0)
     dm = SyntheticShortcuts(n_train=32, n_val=5, n_test=8, image_size=32, batch_size=4)
     dfr = FailureRecordingDFR(str(tmp_path), num_refits=2, report_splits=())
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        callbacks=[dfr],
-    )
+    trainer = make_trainer(tmp_path, [dfr], devices=2)
     with pytest.raises(Exception, match="sample in the val split"):
         trainer.validate(ShortcutClassifier("test_resnet"), datamodule=dm)
     recorded = {p.name: p.read_text() for p in tmp_path.glob("rank*.txt")}
@@ -97,20 +72,7 @@ def _mine(tmp_path, devices: int) -> dict:
     model = ShortcutClassifier("test_resnet")
     dm = SyntheticShortcuts(n_train=48, n_val=9, n_test=9, image_size=32, batch_size=8, spurious="patch")
     mining = SpuriousPositiveMining(top_m=6, num_selected=3, n_confusers=3, num_neurons=4, report_splits=())
-    kwargs = {"strategy": "ddp_spawn"} if devices > 1 else {}
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        max_epochs=1,
-        limit_train_batches=1,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        callbacks=[mining],
-        **kwargs,
-    )
+    trainer = make_trainer(tmp_path, [mining], devices=devices, limit_train_batches=1, limit_val_batches=0)
     trainer.fit(model, datamodule=dm)
     return json.loads((tmp_path / "mining.json").read_text())
 
@@ -134,18 +96,9 @@ def test_mining_again_under_ddp_gives_every_rank_the_same_rounds(tmp_path):
     mining = SpuriousPositiveMining(
         top_m=6, num_selected=3, n_confusers=3, num_neurons=4, report_splits=(), every_n_epochs=1
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_epochs=2,
-        limit_train_batches=1,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        callbacks=[NeuronDump(str(tmp_path)), mining, NeuronRegularization()],
+    callbacks = [NeuronDump(str(tmp_path)), mining, NeuronRegularization()]
+    trainer = make_trainer(
+        tmp_path, callbacks, max_epochs=2, devices=2, limit_train_batches=1, limit_val_batches=0
     )
     trainer.fit(ShortcutClassifier("test_resnet"), datamodule=dm)
     rank_0, rank_1 = (json.loads((tmp_path / f"neurons_rank{r}.json").read_text()) for r in (0, 1))
@@ -175,19 +128,8 @@ def regularized_ranks_in_step(tmp_path, reg) -> dict:
     torch.manual_seed(0)
     dm = SyntheticShortcuts(n_train=48, n_val=9, n_test=9, image_size=32, batch_size=8, spurious="patch")
     mining = SpuriousPositiveMining(top_m=6, num_selected=3, n_confusers=3, num_neurons=4, report_splits=())
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        callbacks=[WeightDump(str(tmp_path)), mining, reg],
-    )
+    callbacks = [WeightDump(str(tmp_path)), mining, reg]
+    trainer = make_trainer(tmp_path, callbacks, devices=2, limit_train_batches=2, limit_val_batches=0)
     trainer.fit(ShortcutClassifier("test_resnet"), datamodule=dm)
     rank_0, rank_1 = (torch.load(tmp_path / f"weights_rank{r}.pt") for r in (0, 1))
     assert rank_1["pairs"] == rank_0["pairs"]
@@ -207,21 +149,17 @@ def _prune(tmp_path, devices: int, max_epochs: int = 1, validate: bool = False, 
     pruning = MaskPruning(
         prune_epochs=1, num_clusters=4, init_logit=0.2, mask_lr=0.5, report_splits=(), export=False, **stage
     )
-    kwargs = {"strategy": "ddp_spawn_find_unused_parameters_true"} if devices > 1 else {}
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
+    callbacks = (
+        [GroupMetrics(), pruning, MaskDump(str(tmp_path))] if validate else [MaskDump(str(tmp_path)), pruning]
+    )
+    trainer = make_trainer(
+        tmp_path,
+        callbacks,
         max_epochs=max_epochs,
+        devices=devices,
         limit_train_batches=3,
         limit_val_batches=2 if validate else 0,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        callbacks=[GroupMetrics(), pruning, MaskDump(str(tmp_path))]
-        if validate
-        else [MaskDump(str(tmp_path)), pruning],
-        **kwargs,
+        **({"strategy": "ddp_spawn_find_unused_parameters_true"} if devices > 1 else {}),
     )
     trainer.fit(model, datamodule=dm)
     return [torch.load(tmp_path / f"masks_rank{r}.pt") for r in range(devices)]

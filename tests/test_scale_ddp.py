@@ -17,6 +17,8 @@ from lightning.pytorch.callbacks import Callback
 from shortcut_lightning import DeepFeatureReweighting, ShortcutClassifier, SpuriousScore, SyntheticShortcuts
 from shortcut_lightning.probing import embedding_pass
 
+from helpers import make_trainer
+
 
 class HeldRows(Callback):
     """Records, on every rank, the samples and feature rows each embedding pass returned (``held_rank<r>.json``).
@@ -56,16 +58,7 @@ def _prune_and_refit(root, devices: int) -> dict:
         SpuriousScore(n_samples=6, prune_above=0.5, report_splits=("val", "test")),
         DeepFeatureReweighting(num_refits=2, c_grid=(1.0, 0.1), scaler_split=None, report_splits=("test",)),
     ]
-    kwargs = {"strategy": "ddp_spawn"} if devices > 1 else {}
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        default_root_dir=root,
-        logger=False,
-        enable_progress_bar=False,
-        callbacks=[HeldRows(str(root)), *stages],
-        **kwargs,
-    )
+    trainer = make_trainer(root, [HeldRows(str(root)), *stages], devices=devices)
     trainer.validate(model, datamodule=dm)
     held = {r: json.loads((root / f"held_rank{r}.json").read_text()) for r in range(devices)}
     return {
