@@ -16,6 +16,7 @@ GROUP_INFO = {
     "SCORE (masked logit)": "none",
     "SCORE (oracle, contribution)": "train spurious masks",
     "control: SCORE on random neurons": "none",
+    "control: SCORE on random neurons (activation)": "none",
     "control: SCORE at strength 0": "none",
     "s-score pruning": "train spurious masks",
     "AFR": "none",

@@ -73,6 +73,13 @@ def stage_rows(ckpt: str, dataset: str = "photos") -> dict[str, Row]:
             epochs,
             [],
         ),
+        # the same for the original penalty (the variant validation keeps on the photo benchmark)
+        "control: SCORE on random neurons (activation)": (
+            config_files("score"),
+            _regularize(score, {**ACTIVATION, "random_neurons": True}),
+            epochs,
+            [],
+        ),
         "s-score pruning": (config_files("sscore"), {}, no_training, []),
         "AFR": (config_files("afr"), {}, no_training, []),
         # JTT identifies with an early-stopped model (its paper): from ImageNet, 1 ERM epoch, then 2 upsampled

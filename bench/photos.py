@@ -61,8 +61,8 @@ class _Model:
         self.failures: dict[str, dict[int, str]] = {}
         self.seconds: dict[str, list[float]] = {}
 
-    def ran(self, row: str, report: dict[str, Any], seconds: float) -> None:
-        self.per_seed[row].append(report)
+    def ran(self, row: str, seed: int, report: dict[str, Any], seconds: float) -> None:
+        self.per_seed[row].append({**report, "seed": seed})
         self.seconds.setdefault(row, []).append(seconds)
 
     def result(self) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def one_model(
             for row in ("ERM", *rows):
                 model.failures.setdefault(row, {})[seed] = "not run"
             continue
-        model.ran("ERM", report, sec)
+        model.ran("ERM", seed, report, sec)
         erm_dir = next((runs / f"{model.slug}_ERM").glob(f"*/seed{seed}"))
         ckpt = best_checkpoint(erm_dir)
         print(
@@ -141,7 +141,7 @@ def _stage_rows(model: _Model, seed: int, ckpt: str, runs: Path, reuse: dict[str
             report["sscore"] = sscore
         if before:
             report["before"] = before
-        model.ran(row, report, sec)
+        model.ran(row, seed, report, sec)
         print(
             f"[photos] {model.label} {row} seed {seed}: wga {report['wga']:.3f} mean {report['mean']:.3f} "
             f"({sec:.0f} s)",
@@ -162,7 +162,7 @@ def _reference(
     else:
         reference = sklearn_reference(ckpt, backbone, root, image_size)
         cached.write_text(json.dumps(reference))
-    model.ran(REFERENCE, reference, time.perf_counter() - start)
+    model.ran(REFERENCE, seed, reference, time.perf_counter() - start)
     print(f"[photos] {model.label} DFR sklearn reference seed {seed}: wga {reference['wga']:.3f}", flush=True)
 
 
@@ -187,7 +187,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rows",
         nargs="+",
-        help="run these rows only (with ERM); writes bench/results/photos_rows.json, no docs",
+        help="run these rows only (with ERM); writes bench/results/<dataset>_rows.json and that section of "
+        "docs/results.md",
     )
     parser.add_argument(
         "--no-scratch", action="store_true", help="leave out the resnet18-from-scratch contrast"
@@ -258,11 +259,8 @@ def main(args: argparse.Namespace) -> None:
         command = shlex.join(["python", "-m", "bench", "photos", *sys.argv[2:]])
     text = markdown(result, command)
     print(text)
-    if not args.no_docs and args.dataset != "photos":  # a regime's section (its markers in docs/results.md)
+    if not args.no_docs:  # its own section of docs/results.md: the table, a regime's, a --rows run's
         start_marker, end_marker = section(name)
         write_between(DOC, start_marker, end_marker, f"{start_marker}\n\n{text}\n{end_marker}")
-    elif not args.no_docs and not args.rows:
-        start_marker, end_marker = section(name)
-        write_between(DOC, start_marker, end_marker, f"{start_marker}\n\n{text}\n{end_marker}")
-        if not args.quick:
+        if name == "photos":
             write_between(README, *TABLE, f"{TABLE[0]}\n\n{text}\n{TABLE[1]}")

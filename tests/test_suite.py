@@ -372,3 +372,23 @@ def test_score_neurons_counts_what_each_selection_rule_takes():
     scores = [0.0] * 18 + [1.0, 5.0]  # mean 0.3, std about 1.13: one channel above mean + 1 std and + 2 std
     assert _counts(scores) == {"num_neurons 10": 10, "z_score 1": 1, "z_score 2": 1, "neuron_share 0.1": 2}
     assert _counts([0.0, 1.0, 2.0, 3.0])["z_score 1"] == 1
+
+
+def test_validation_chooses_the_score_penalty_on_the_seeds_every_variant_ran():
+    from bench.photos_report import score_choice
+
+    def row(*runs: tuple[int, float]) -> dict:
+        return {"per_seed": [{"seed": s, "val_worst_class": v} for s, v in runs]}
+
+    rows = {
+        "ERM": row((0, 0.9), (1, 0.9)),
+        "SCORE (auto)": row((0, 0.70), (1, 0.80)),
+        "SCORE (contribution)": row((0, 0.84), (1, 0.60)),
+        "SCORE (masked logit)": row((0, 0.73)),  # seed 1 did not run: only seed 0 is compared
+    }
+    text = score_choice({"models": {"efficientnet": rows}})
+    assert "**SCORE (contribution)**" in text and "seeds 0)" in text and "SCORE (auto) 0.700" in text
+    del rows["SCORE (masked logit)"]  # both seeds now: auto's mean 0.750 beats contribution's 0.720
+    assert "**SCORE (auto)**" in score_choice({"models": {"efficientnet": rows}})
+    del rows["SCORE (contribution)"]
+    assert score_choice({"models": {"efficientnet": rows}}) == ""  # one variant: nothing to choose
