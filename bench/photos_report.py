@@ -79,6 +79,8 @@ def table(result: dict[str, Any]) -> str:
     for model, rows in result["models"].items():
         erm = rows["ERM"]
         for row, data in rows.items():
+            if not data["per_seed"] and not data["failed"]:  # a row this run did not ask for (the reference)
+                continue
             sscores = [s["sscore"]["mean"] for s in data["per_seed"] if s.get("sscore")]
             sscore = f"{statistics.mean(sscores):.3f}" if sscores else ""
             wga = _cell(data, "wga", None if row == "ERM" else erm)
