@@ -38,7 +38,8 @@ DEFINITIONS = (
 
 
 def section(name: str) -> tuple[str, str]:
-    """The markers of the photo benchmark's section ``name`` (``photos`` or ``photos_quick``)."""
+    """The markers of the photo benchmark's section ``name`` (``photos``, ``photos_quick``, a regime's, a
+    ``--rows`` run's: ``<dataset>_rows``)."""
     return markers(name, "photos")
 
 
@@ -108,12 +109,10 @@ def markdown(result: dict[str, Any], command: str) -> str:
         "",
         table(result),
         "",
+        *([choice, ""] if (choice := score_choice(result)) else []),
         DEFINITIONS,
         "",
     ]
-    choice = score_choice(result)
-    if choice:
-        lines[-1:-1] = [choice, ""]
     return "\n".join(lines)
 
 
