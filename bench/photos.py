@@ -40,7 +40,7 @@ from bench.environment import environment, resolve_precision
 from bench.photo_rows import QUICK_ROWS, SCRATCH_ROWS, best_checkpoint, stage_rows
 from bench.photos_report import PER_SEED_KEYS, TABLE, markdown, section, summary
 from bench.quality import NotRun, run
-from bench.sklearn_reference import sklearn_reference
+from bench.sklearn_reference import WEIGHTS, sklearn_reference
 from bench.stage_configs import config_files, config_with
 
 REFERENCE = "DFR (scikit-learn reference)"
@@ -157,9 +157,8 @@ def _reference(
     args = model.backbone_args
     backbone = args[args.index("--model.backbone") + 1] if args else "efficientnet_lite0"
     cached = erm_dir / "sklearn_reference.json"
-    if cached.is_file() and reuse:
-        reference = json.loads(cached.read_text())
-    else:
+    reference = json.loads(cached.read_text()) if cached.is_file() and reuse else {}
+    if reference.get("weights") != WEIGHTS:  # absent, or computed with the old 1 / count weights
         reference = sklearn_reference(ckpt, backbone, root, image_size)
         cached.write_text(json.dumps(reference))
     model.ran(REFERENCE, seed, reference, time.perf_counter() - start)

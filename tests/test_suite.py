@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -392,3 +393,15 @@ def test_validation_chooses_the_score_penalty_on_the_seeds_every_variant_ran():
     assert "**SCORE (auto)**" in score_choice({"models": {"efficientnet": rows}})
     del rows["SCORE (contribution)"]
     assert score_choice({"models": {"efficientnet": rows}}) == ""  # one variant: nothing to choose
+
+
+def test_the_scikit_learn_reference_weights_groups_equally_at_mean_one():
+    """The reference DFR's sample weights: each present group the same total, mean 1, so ``C=0.1`` is the
+    regularisation it says (``1 / count`` weights summed to the number of groups and made it ~150x stronger)."""
+    from bench.sklearn_reference import balanced_weights
+
+    groups = np.array([0] * 150 + [1] * 50 + [3] * 10)  # group 2 absent
+    weights = balanced_weights(groups)
+    assert weights.mean() == pytest.approx(1.0)
+    totals = [weights[groups == g].sum() for g in (0, 1, 3)]
+    assert totals == pytest.approx([len(groups) / 3] * 3)
